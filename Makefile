@@ -1,0 +1,41 @@
+# Tandem: `make live` (set up + desktop app), `make test` (set up + whole test suite).
+# Set-up is idempotent: stamps skip what is already done.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+APT_PKGS := espeak-ng libportaudio2 ffmpeg chromium pulseaudio sox
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-dev system live serve test bench clean-setup
+
+system:
+	@bash scripts/system_packages.sh $(APT_PKGS)
+
+$(VENV)/.stamp-runtime: requirements.txt
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.stamp-dev: requirements-dev.txt $(VENV)/.stamp-runtime
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+setup: system $(VENV)/.stamp-runtime
+setup-dev: system $(VENV)/.stamp-dev
+
+live: setup
+	$(VPY) run.py live
+
+serve: setup
+	$(VPY) run.py serve
+
+test: setup-dev
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(VPY) run.py bench
+
+clean-setup:
+	rm -rf $(VENV)

@@ -1,0 +1,75 @@
+"""CAT-style clue aggregator: question-conditioned queries gather clues across what was seen
+and heard (one attention over time-stamped audio AND visual tokens, so clues are cross-modal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .layers import MLP, CrossAttention
+
+
+@dataclass
+class AggregatorOutput:
+    clues: torch.Tensor   # (B, Nc, D)
+    attn: torch.Tensor    # (B, Nc, S) last layer's attention over the context, heads averaged
+
+
+class _AggLayer(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.ln_self, self.self_attn = nn.LayerNorm(d), nn.MultiheadAttention(d, n_head, batch_first=True)
+        self.ln_q, self.q_attn = nn.LayerNorm(d), CrossAttention(d, n_head)
+        self.ln_c, self.c_attn = nn.LayerNorm(d), CrossAttention(d, n_head)
+        self.ln_mlp, self.mlp = nn.LayerNorm(d), MLP(d)
+
+    def forward(self, x, question, q_mask, context, c_mask):
+        h = self.ln_self(x)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        x = x + self.q_attn(self.ln_q(x), question, q_mask)[0]         # condition on the question
+        y, att = self.c_attn(self.ln_c(x), context, c_mask)             # gather clues (cross-modal)
+        x = x + y
+        return x + self.mlp(self.ln_mlp(x)), att
+
+
+class ClueAggregator(nn.Module):
+    def __init__(self, d: int, n_head: int, n_clues: int, n_layers: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(n_clues, d) * 0.02)
+        self.cond = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+        self.layers = nn.ModuleList(_AggLayer(d, n_head) for _ in range(n_layers))
+        self.ln_out = nn.LayerNorm(d)
+
+    def forward(self, question, q_mask, context, c_mask) -> AggregatorOutput:
+        # question (B, Tq, D), q_mask (B, Tq) bool; context (B, S, D), c_mask (B, S) bool
+        qm = q_mask[..., None].to(question.dtype)
+        q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)        # (B, D)
+        x = self.queries[None] + self.cond(q_mean)[:, None]             # (B, Nc, D)
+        att = None
+        for layer in self.layers:
+            x, att = layer(x, question, q_mask, context, c_mask)
+        return AggregatorOutput(self.ln_out(x), att.mean(1))
+
+
+class MeanPoolClues(nn.Module):
+    """Ablation: no aggregator. Clues are the context's mean-pooled features: the visual
+    tokens averaged over time per spatial cell, and the scene audio averaged over time."""
+
+    def __init__(self, d: int, n_cells: int):
+        super().__init__()
+        self.n_cells = n_cells
+        self.proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+
+    def forward(self, question, q_mask, context, c_mask, cell=None) -> AggregatorOutput:
+        # cell (B, S) long: spatial cell of each visual token, -1 for audio tokens
+        B, S, D = context.shape
+        groups = self.n_cells + 1
+        g = torch.where(cell < 0, torch.full_like(cell, self.n_cells), cell)    # (B, S)
+        onehot = nn.functional.one_hot(g, groups).to(context.dtype) * c_mask[..., None].to(context.dtype)
+        sums = onehot.transpose(1, 2) @ context                                 # (B, G, D)
+        counts = onehot.sum(1)[..., None].clamp(min=1)                          # (B, G, 1)
+        clues = self.proj(sums / counts)
+        attn = onehot.transpose(1, 2) / counts                                  # (B, G, S)
+        return AggregatorOutput(clues, attn)

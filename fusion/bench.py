@@ -1,0 +1,182 @@
+"""`python run.py bench`: codec streaming-decode speed, vanilla vs MCTP generation, and the
+latency from the end of a question to the first PCM chunk. Ratios are measured side by side
+in one run; absolute times only mean something with the hardware, which is printed too."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech.constants import SAMPLE_RATE
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    import os
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def bench_codec(codec, device, seconds: float = 4.0, chunk_sizes=(1, 2, 5, 10, 25), repeats: int = 2):
+    codec = codec.to(device)
+    F = int(seconds * codec.frame_rate)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, codec.bins, (1, codec.n_q, F), generator=g).to(device)
+    rows = []
+    with torch.inference_mode():
+        codec.decode(codes[..., :4])  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device); t = time.perf_counter()
+            codec.decode(codes); _sync(device)
+            best = min(best, time.perf_counter() - t)
+        rows.append({"chunk_frames": "offline", "chunk_ms": None, "rtf": seconds / best})
+        for n in chunk_sizes:
+            dec = codec.streaming_decoder(batch=1)
+            best = float("inf")
+            for _ in range(repeats):
+                dec.reset()
+                _sync(device); t = time.perf_counter()
+                for i in range(0, F, n):
+                    dec.decode(codes[..., i:i + n])
+                _sync(device)
+                best = min(best, time.perf_counter() - t)
+            rows.append({"chunk_frames": n, "chunk_ms": 1000 * n / codec.frame_rate, "rtf": seconds / best})
+    return {"codec": codec.spec.name, "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
+            "n_q": codec.n_q, "seconds": seconds, "rows": rows}
+
+
+def bench_generation(model, codec, device, seconds: float = 2.0, repeats: int = 3):
+    from .dummy import random_features
+    from .generator import GenerationOptions, Generator
+    prefix = model.prefix(random_features(model.config, device=device))
+    out = {}
+    for mode in ("vanilla", "mctp"):
+        opts = GenerationOptions(mode=mode, max_text_tokens=6, min_audio_seconds=seconds,
+                                 max_audio_seconds=seconds)
+        gen = Generator(model, codec, opts)
+        list(gen.run(prefix))  # warm-up
+        walls, stats = [], None
+        for _ in range(repeats):
+            _sync(device)
+            stats = list(gen.run(prefix))[-1].stats
+            walls.append(stats.wall_seconds)
+        wall = statistics.median(walls)
+        out[mode] = {
+            "backbone_forwards": stats.backbone_forwards,
+            "backbone_forwards_per_audio_s": stats.backbone_forwards_per_audio_second,
+            "audio_tokens_per_s": stats.audio_tokens / wall,
+            "audio_seconds": stats.audio_seconds,
+            "wall_s": wall,
+            "rtf": stats.audio_seconds / wall,
+        }
+    v, m = out["vanilla"], out["mctp"]
+    out["mctp_speedup_forwards"] = v["backbone_forwards_per_audio_s"] / m["backbone_forwards_per_audio_s"]
+    out["mctp_speedup_wall"] = v["wall_s"] / m["wall_s"]
+    return out
+
+
+def bench_latency(model, codec, device, repeats: int = 5):
+    """End of question -> first PCM chunk, with the scene already encoded as it arrived."""
+    from .generator import GenerationOptions, Generator, PCMChunk
+    from .inputs import SceneEncoder
+    rng = np.random.default_rng(0)
+    enc = SceneEncoder(model)
+    frame = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    seconds = 6.0
+    for i in range(int(seconds * 5)):            # scene: 5 fps frames + 0.2 s audio blocks
+        enc.push_frame(i / 5, frame)
+        enc.push_audio(rng.standard_normal(SAMPLE_RATE // 5).astype(np.float32) * 0.01)
+    gen = Generator(model, codec, GenerationOptions(mode="mctp", max_text_tokens=6,
+                                                    min_audio_seconds=0.5, max_audio_seconds=0.5))
+    lat, parts = [], []
+    for r in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        feats = enc.features(enc.now - 2.0, enc.now)
+        prefix = model.prefix(feats)
+        _sync(device)
+        t_prefix = time.perf_counter() - t0
+        for ev in gen.run(prefix, t0=t0):
+            if isinstance(ev, PCMChunk):
+                _sync(device)
+                if r:  # first run is warm-up
+                    lat.append(time.perf_counter() - t0)
+                    parts.append(t_prefix)
+                break
+    return {"first_pcm_ms_median": 1000 * statistics.median(lat),
+            "first_pcm_ms_min": 1000 * min(lat),
+            "question_encode_and_aggregate_ms": 1000 * statistics.median(parts),
+            "repeats": repeats}
+
+
+def run_bench(model_path: str | None = None, device: str | None = None, json_path: str | None = None,
+              quick: bool = False) -> dict:
+    from speech.codec import build_codec, CODEC_PRESETS
+    from .checkpoint import pick_device
+    from .config import preset
+    from .model import FusionModel
+    dev = pick_device(device)
+    torch.manual_seed(0)
+    report = {"hardware": hardware(dev), "device": str(dev), "torch": torch.__version__}
+    if model_path:
+        from .checkpoint import load_with_codec
+        model, codec = load_with_codec(model_path, device=str(dev))
+        label = str(model_path)
+    else:
+        codec = build_codec(CODEC_PRESETS["demo"])
+        model = FusionModel(preset("demo", codec.spec)).eval()
+        label = "demo preset, random weights"
+    model.to(dev)
+    codec = codec.to(dev)
+    report["model"] = label
+    report["params_m"] = model.num_params() / 1e6
+    report["codec"] = [bench_codec(codec, dev, seconds=2.0 if quick else 4.0)]
+    if not quick:
+        from encodec import EncodecModel
+        from speech.codec import Codec
+        c24 = Codec(EncodecModel.encodec_model_24khz(pretrained=False), n_q=8, name="encodec_24khz (random weights)")
+        report["codec"].append(bench_codec(c24, dev, seconds=4.0))
+    report["generation"] = bench_generation(model, codec, dev, seconds=1.0 if quick else 2.0)
+    report["latency"] = bench_latency(model, codec, dev, repeats=2 if quick else 5)
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"Tandem bench — {r['hardware']} — torch {r['torch']}",
+             f"model: {r['model']} ({r['params_m']:.1f} M params)", ""]
+    for c in r["codec"]:
+        lines.append(f"codec streaming decode: {c['codec']} ({c['sample_rate']} Hz, {c['frame_rate']:.0f} frames/s, "
+                     f"{c['n_q']} codebooks), real-time factor = audio s / wall s")
+        lines.append(f"  {'chunk':>10} {'chunk ms':>9} {'RTF':>8}")
+        for row in c["rows"]:
+            ms = "" if row["chunk_ms"] is None else f"{row['chunk_ms']:.0f}"
+            lines.append(f"  {str(row['chunk_frames']):>10} {ms:>9} {row['rtf']:>8.1f}")
+        lines.append("")
+    g = r["generation"]
+    lines.append("generation, same model and prefix, vanilla vs MCTP:")
+    lines.append(f"  {'mode':>8} {'fwd/audio s':>12} {'audio tok/s':>12} {'wall s':>8} {'RTF':>6}")
+    for mode in ("vanilla", "mctp"):
+        m = g[mode]
+        lines.append(f"  {mode:>8} {m['backbone_forwards_per_audio_s']:>12.1f} {m['audio_tokens_per_s']:>12.0f} "
+                     f"{m['wall_s']:>8.3f} {m['rtf']:>6.2f}")
+    lines.append(f"  MCTP speedup: {g['mctp_speedup_forwards']:.2f}x fewer backbone forwards per audio second, "
+                 f"{g['mctp_speedup_wall']:.2f}x wall clock")
+    lat = r["latency"]
+    lines.append("")
+    lines.append(f"end of question -> first PCM chunk: median {lat['first_pcm_ms_median']:.0f} ms "
+                 f"(min {lat['first_pcm_ms_min']:.0f} ms; question encode + aggregator "
+                 f"{lat['question_encode_and_aggregate_ms']:.0f} ms)")
+    return "\n".join(lines)

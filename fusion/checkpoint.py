@@ -1,0 +1,116 @@
+"""Checkpoints: one safetensors file whose header metadata holds the JSON FusionConfig, the
+codec and the tokenizer the model was trained with. `load_model` is the one loader."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import FusionConfig
+from .model import FusionModel
+
+FORMAT, VERSION = "tandem-fusion", 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not match the codec/tokenizer in use."""
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`None`/"auto": CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def save_model(model: FusionModel, path: str | Path, half: bool = False, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous()
+             for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "version": str(VERSION), "config": model.config.to_json(),
+            "extra": json.dumps(extra or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)  # atomic: a crash mid-save never leaves a half checkpoint
+    return path
+
+
+def read_header(path: str | Path) -> tuple[FusionConfig, dict]:
+    """Config and extra metadata of a checkpoint, without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no fusion checkpoint at {path}: train one with "
+                                "`python run.py train fusion` or pass --model PATH")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for garbage
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint (corrupt or "
+                              f"truncated?): {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a Tandem fusion checkpoint (format={meta.get('format')!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path} has format version {meta['version']}; this Tandem reads "
+                              f"up to {VERSION}: update Tandem")
+    return FusionConfig.from_json(meta["config"]), json.loads(meta.get("extra", "{}"))
+
+
+def check_compatible(config: FusionConfig, codec=None) -> None:
+    """Refuses a codec or tokenizer other than the ones the model was trained with."""
+    from .tokens import get_tokenizer
+    tok = get_tokenizer(config.tokenizer)
+    if tok.encoding.n_vocab != config.n_text:
+        raise CheckpointError(f"tokenizer mismatch: the model was trained with {config.tokenizer} of "
+                              f"{config.n_text} tokens, this one has {tok.encoding.n_vocab}")
+    if codec is not None and codec.spec.fingerprint != config.codec.fingerprint:
+        raise CheckpointError(
+            f"codec mismatch: the model was trained with codec {config.codec.name!r} "
+            f"(fingerprint {config.codec.fingerprint}, {config.codec.n_q}x{config.codec.bins} codes at "
+            f"{config.codec.sample_rate} Hz), but {codec.spec.name!r} (fingerprint "
+            f"{codec.spec.fingerprint}) was given; use the codec the model was trained with")
+
+
+def load_model(path: str | Path, device: str | None = None, codec=None, dtype=None) -> FusionModel:
+    """Loads a fusion checkpoint; refuses a codec/tokenizer mismatch with a clear message."""
+    from safetensors.torch import load_file
+    config, _ = read_header(path)
+    check_compatible(config, codec)
+    dev = pick_device(device)
+    model = FusionModel(config)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: could not read weights (corrupt or truncated?): {e}") from e
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+    model.eval().to(dev)
+    if dtype is None and dev.type == "cuda":
+        dtype = torch.float16  # half precision on GPU
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def load_with_codec(path: str | Path, device: str | None = None, codec_path: str | Path | None = None):
+    """Loads a fusion checkpoint together with the codec it was trained with: the codec named in
+    its config (resolved next to the checkpoint, then as given), or `codec_path`."""
+    from speech.codec import load_codec
+    config, _ = read_header(path)
+    dev = pick_device(device)
+    where = codec_path
+    if where is None:
+        name = config.codec.name
+        beside = Path(path).parent / name
+        where = beside if beside.exists() else name
+    codec = load_codec(where, device=dev)
+    model = load_model(path, device=str(dev), codec=codec)
+    return model, codec

@@ -1,0 +1,216 @@
+"""The fusion model: modality encoders -> projectors with time embeddings -> CAT clue
+aggregator -> backbone LM over [clues][question][reply] -> text head, audio head, MCTP head.
+
+The model only computes; sampling and streaming state live in `fusion.generator`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from speech.constants import AUDIO_FEATURE_RATE
+from speech.whisper_encoder import AudioEncoder
+from vision.encoder import build_vision_encoder
+
+from .aggregator import AggregatorOutput, ClueAggregator, MeanPoolClues
+from .backbone import build_backbone
+from .config import FusionConfig
+from .layers import TimeEmbedding, pool_time
+from .mctp import MCTPHead
+from .tokens import TokenLayout, layout_for
+
+IGNORE = -100
+_QUESTION, _AUDIO, _VISION = 0, 1, 2
+
+
+@dataclass
+class SceneFeatures:
+    """Encoded inputs of one turn (a batch of turns). Times are seconds relative to the end
+    of the question (so mostly negative)."""
+    question: torch.Tensor        # (B, Tq, Da) audio-encoder frames of the question (50 Hz)
+    question_len: torch.Tensor    # (B,) valid frames
+    audio: torch.Tensor           # (B, Sa, Da) scene-audio encoder frames (50 Hz)
+    audio_times: torch.Tensor     # (B, Sa)
+    audio_mask: torch.Tensor      # (B, Sa) bool
+    frames: torch.Tensor          # (B, Fv, N, Dv) per-frame vision tokens
+    frame_times: torch.Tensor     # (B, Fv)
+    frame_mask: torch.Tensor      # (B, Fv) bool
+
+
+@dataclass
+class Prefix:
+    embeds: torch.Tensor          # (B, P, D) [clues][question], right-padded
+    length: torch.Tensor          # (B,) valid prefix positions
+    attn: torch.Tensor            # (B, Nc, S) aggregator attention over the context
+    context_times: torch.Tensor   # (B, S) time of each context token
+    context_kind: torch.Tensor    # (B, S) 1 = scene audio, 2 = video
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    text: torch.Tensor
+    audio: torch.Tensor
+    mctp: list[torch.Tensor]
+    n_text: int
+    n_audio: int
+
+
+class FusionModel(nn.Module):
+    def __init__(self, config: FusionConfig):
+        super().__init__()
+        self.config = c = config
+        self.layout: TokenLayout = layout_for(c)
+        D = c.d_model
+        self.audio_encoder = AudioEncoder(c.audio)
+        self.vision_encoder = build_vision_encoder(c.vision)
+        self.audio_proj = nn.Sequential(nn.Linear(c.audio.n_state, D), nn.GELU(), nn.Linear(D, D))
+        self.vision_proj = nn.Sequential(nn.Linear(c.vision.width, D), nn.GELU(), nn.Linear(D, D))
+        self.time_emb = TimeEmbedding(D, c.time_freqs)
+        self.kind_emb = nn.Embedding(3, D)                     # question / scene audio / video
+        n_cells = c.vision.grid[0] * c.vision.grid[1]
+        self.cell_emb = nn.Embedding(n_cells, D)
+        if c.aggregator == "cat":
+            self.aggregator = ClueAggregator(D, c.n_head, c.n_clues, c.agg_layers)
+        else:
+            self.aggregator = MeanPoolClues(D, n_cells)
+        self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
+        self.backbone = build_backbone(c)
+        self.mctp = MCTPHead(c.mctp_k, D, c.n_head, c.mctp_layers, c.max_seq_len)
+        self.apply(_init)
+
+    # --- encoders (run as inputs arrive) --------------------------------------------------
+    def encode_audio(self, mel: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n_mels, T_mel) log-mel -> (B, ceil(T_mel/2), Da) at 50 Hz."""
+        return self.audio_encoder(mel, lengths)
+
+    def encode_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) preprocessed frames -> (N, cells, Dv)."""
+        return self.vision_encoder(images)
+
+    # --- fusion ---------------------------------------------------------------------------
+    def prefix(self, s: SceneFeatures) -> Prefix:
+        c = self.config
+        B = s.question.shape[0]
+        dev = s.question.device
+        # question tokens, pooled to question_pool
+        qf = pool_time(s.question, c.question_pool)                                  # (B, Tq', Da)
+        qlen = (s.question_len + c.question_pool - 1) // c.question_pool             # (B,)
+        Tq = qf.shape[1]
+        qmask = torch.arange(Tq, device=dev)[None] < qlen[:, None]                   # (B, Tq')
+        q_t = (torch.arange(Tq, device=dev)[None] - qlen[:, None] + 1).float() * (c.question_pool / AUDIO_FEATURE_RATE)
+        question = self.audio_proj(qf) + self.time_emb(q_t) + self.kind_emb.weight[_QUESTION]
+        # context tokens: scene audio and/or video, time-stamped
+        parts, masks, times, kinds, cells = [], [], [], [], []
+        if "audio" in c.modalities and s.audio.shape[1] > 0:
+            af = pool_time(s.audio, c.context_audio_pool)                            # (B, Sa', Da)
+            at = pool_time(s.audio_times[..., None], c.context_audio_pool)[..., 0]
+            am = pool_time(s.audio_mask[..., None].float(), c.context_audio_pool)[..., 0] > 0.5
+            parts.append(self.audio_proj(af) + self.time_emb(at) + self.kind_emb.weight[_AUDIO])
+            masks.append(am), times.append(at)
+            kinds.append(torch.full_like(am, _AUDIO, dtype=torch.long))
+            cells.append(torch.full_like(am, -1, dtype=torch.long))
+        if "vision" in c.modalities and s.frames.shape[1] > 0:
+            _, Fv, N, _ = s.frames.shape
+            vt = s.frame_times[:, :, None].expand(B, Fv, N)                          # (B, Fv, N)
+            v = self.vision_proj(s.frames) + self.time_emb(vt) + self.cell_emb.weight[None, None]
+            parts.append((v + self.kind_emb.weight[_VISION]).reshape(B, Fv * N, -1))
+            masks.append(s.frame_mask[:, :, None].expand(B, Fv, N).reshape(B, -1))
+            times.append(vt.reshape(B, -1))
+            kinds.append(torch.full((B, Fv * N), _VISION, dtype=torch.long, device=dev))
+            cells.append(torch.arange(N, device=dev).repeat(Fv)[None].expand(B, -1))
+        if parts:
+            context, cmask = torch.cat(parts, 1), torch.cat(masks, 1)               # (B, S, D)
+            ctimes, ckind, ccell = torch.cat(times, 1), torch.cat(kinds, 1), torch.cat(cells, 1)
+        else:
+            context = question.new_zeros(B, 0, c.d_model)
+            cmask = torch.zeros(B, 0, dtype=torch.bool, device=dev)
+            ctimes, ckind, ccell = (torch.zeros(B, 0, device=dev), cmask.long(), cmask.long())
+        if isinstance(self.aggregator, MeanPoolClues):
+            agg: AggregatorOutput = self.aggregator(question, qmask, context, cmask, ccell)
+        else:
+            agg = self.aggregator(question, qmask, context, cmask)
+        Nc = agg.clues.shape[1]
+        embeds = torch.cat([agg.clues, question], 1)                                # (B, Nc+Tq', D)
+        return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind)
+
+    # --- heads ----------------------------------------------------------------------------
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.embed.weight[: self.layout.n_text].T                        # (…, n_text)
+
+    def audio_logits(self, h: torch.Tensor, codebook: torch.Tensor | int | None = None) -> torch.Tensor:
+        """(…, D) -> (…, 1 + n_q*bins) scores for [EOA, codes]; masked to `codebook` if given."""
+        logits = h @ self.embed.weight[self.layout.eoa:].T
+        if codebook is not None:
+            allowed = self.layout.audio_mask(logits.device)[codebook]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits
+
+    def codebook_of(self, token: torch.Tensor) -> torch.Tensor:
+        """Codebook index of audio-phase token ids (EOA counts as codebook 0)."""
+        a = (token - self.layout.audio_base).clamp(min=0) // self.layout.bins
+        return torch.where(token == self.layout.eoa, torch.zeros_like(a), a).clamp(max=self.layout.n_q - 1)
+
+    # --- training -------------------------------------------------------------------------
+    def pack(self, prefix: Prefix, reply: torch.Tensor, reply_len: torch.Tensor):
+        """Packs [prefix_b][reply_b] contiguously per item (no padding in the middle, so positions
+        match generation), right-padded. Returns embeds (B, L, D), key mask, targets (B, L)."""
+        B = reply.shape[0]
+        P, R = prefix.length.tolist(), reply_len.tolist()
+        L = max(p + r for p, r in zip(P, R))
+        D = prefix.embeds.shape[-1]
+        tok_emb = self.embed(reply.clamp(min=0))                                    # (B, R, D)
+        embeds = prefix.embeds.new_zeros(B, L, D)
+        targets = torch.full((B, L), IGNORE, dtype=torch.long, device=reply.device)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=reply.device)
+        for b in range(B):
+            p, r = P[b], R[b]
+            embeds[b, :p] = prefix.embeds[b, :p]
+            embeds[b, p:p + r] = tok_emb[b, :r]
+            targets[b, p:p + r - 1] = reply[b, 1:r]
+            mask[b, :p + r] = True
+        return embeds, mask, targets
+
+    def forward(self, s: SceneFeatures, reply: torch.Tensor, reply_len: torch.Tensor,
+                mctp: bool = True) -> Losses:
+        """reply (B, R) token ids `ASSISTANT text EOT audio EOA`, padded; reply_len (B,)."""
+        prefix = self.prefix(s)
+        x, key_mask, targets = self.pack(prefix, reply, reply_len)
+        h = self.backbone(x, 0, None, key_mask)                                     # (B, L, D)
+        text_loss, audio_loss, n_text, n_audio = self._head_losses(h, targets)
+        mctp_losses = []
+        if mctp and len(self.mctp):
+            for k, hk in enumerate(self.mctp.forward_train(h, x, key_mask), start=1):
+                mctp_losses.append(self._head_losses(hk, targets[:, k:], audio_only=True)[1])
+        total = text_loss + audio_loss + sum(mctp_losses)
+        return Losses(total, text_loss, audio_loss, mctp_losses, n_text, n_audio)
+
+    def _head_losses(self, h, targets, audio_only: bool = False):
+        valid = targets != IGNORE
+        is_audio = valid & (targets >= self.layout.eoa)
+        zero = h.sum() * 0.0
+        text_loss = zero
+        is_text = valid & ~is_audio
+        if not audio_only and bool(is_text.any()):
+            text_loss = F.cross_entropy(self.text_logits(h[is_text]), targets[is_text])
+        audio_loss = zero
+        if bool(is_audio.any()):
+            t = targets[is_audio]
+            logits = self.audio_logits(h[is_audio], self.codebook_of(t))
+            audio_loss = F.cross_entropy(logits, t - self.layout.eoa)
+        return text_loss, audio_loss, int(is_text.sum()), int(is_audio.sum())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _init(m: nn.Module):
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)

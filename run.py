@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Tandem command line: live | serve | replay | record | data | train | eval | bench.
+
+Thin by design: it parses arguments and hands over to the package that does the work.
+`python run.py COMMAND --help` describes each command.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "assets/fusion.safetensors"
+
+
+def _not_built(name: str, issue: int):
+    def run(_args):
+        sys.exit(f"`run.py {name}` is not built yet (tracked in issue #{issue}).")
+    return run
+
+
+def cmd_bench(args):
+    from fusion.bench import format_report, run_bench
+    import os
+    model = args.model
+    if model == DEFAULT_MODEL and not os.path.exists(model):
+        print(f"(no trained model at {model}: benchmarking the demo preset with random weights)")
+        model = None
+    report = run_bench(model, device=args.device, json_path=args.json, quick=args.quick)
+    print(format_report(report))
+    if args.json:
+        print(f"\nJSON written to {args.json}")
+
+
+def cmd_data(args):
+    from fusion.data import main
+    opts = {k: v for k, v in dict(n_train_sessions=args.train, n_val_sessions=args.val,
+                                  n_test_sessions=args.test, turns_per_session=args.turns).items()
+            if v is not None}
+    main(args.out, seed=args.seed, workers=args.workers, **opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("bench", help="benchmarks: codec streaming, vanilla vs MCTP, first-audio latency")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="fusion checkpoint (default: %(default)s; "
+                   "the demo preset with random weights when it does not exist)")
+    b.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    b.add_argument("--quick", action="store_true", help="shorter runs (for smoke tests)")
+    b.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("data", help="render the demo world: sessions for val/test, shards for training")
+    d.add_argument("--out", default="data/demo", help="output directory (default: %(default)s)")
+    d.add_argument("--train", type=int, default=None, help="training sessions")
+    d.add_argument("--val", type=int, default=None, help="validation sessions")
+    d.add_argument("--test", type=int, default=None, help="test sessions")
+    d.add_argument("--turns", type=int, default=None, help="turns per session")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--workers", type=int, default=2)
+    d.set_defaults(func=cmd_data)
+
+    for name, issue, text in [("live", 3, "desktop live conversation (Gradio)"),
+                              ("serve", 3, "websocket server + browser client"),
+                              ("replay", 3, "replay a recorded session through the engine"),
+                              ("record", 3, "record a session from the local camera and microphone"),
+                              ("train", 4, "train the codec or the fusion model"),
+                              ("eval", 4, "evaluate on the demo world's test split")]:
+        s = sub.add_parser(name, help=text)
+        s.set_defaults(func=_not_built(name, issue))
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""espeak-ng text-to-speech, used only to generate training and evaluation data.
+
+The user's questions in the demo world are spoken by many espeak-ng voices (see
+`fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE`.
+Needs the `espeak-ng` binary (Debian: `apt-get install espeak-ng`). MBROLA voices are not
+used (they need extra packages and fall back silently without them).
+"""
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+
+from speech.constants import SAMPLE_RATE
+
+TRIM_MARGIN_SECONDS = 0.02     # silence kept before and after the speech when trimming
+TRIM_THRESHOLD_DB = -40.0      # "silence": below this level relative to the peak
+_INSTALL_HELP = "espeak-ng not found: apt-get install espeak-ng"
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One espeak-ng voice: `espeak-ng -v name[+variant] -s rate_wpm -p pitch`."""
+    name: str               # espeak-ng language voice, e.g. "en-us", "en-gb-scotland"
+    variant: str | None     # espeak-ng variant file name, e.g. "f3", "klatt2"; None = plain
+    rate_wpm: int           # words per minute
+    pitch: int              # 0..99, espeak-ng's default is 50
+
+    def __post_init__(self):
+        if not self.name or re.search(r"[\s+]", self.name):
+            raise ValueError(f"Voice.name must be an espeak-ng voice like 'en-us', got "
+                             f"{self.name!r}")
+        if self.variant is not None and (not self.variant or "+" in self.variant
+                                         or re.search(r"\s", self.variant)):
+            raise ValueError(f"Voice.variant must be an espeak-ng variant like 'f3' or None,"
+                             f" got {self.variant!r}")
+        if not 80 <= self.rate_wpm <= 450:
+            raise ValueError(f"Voice.rate_wpm must be in 80..450, got {self.rate_wpm}")
+        if not 0 <= self.pitch <= 99:
+            raise ValueError(f"Voice.pitch must be in 0..99, got {self.pitch}")
+
+    @property
+    def espeak_id(self) -> str:
+        """The `-v` argument: "name" or "name+variant"."""
+        return self.name if self.variant is None else f"{self.name}+{self.variant}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "variant": self.variant, "rate_wpm": self.rate_wpm,
+                "pitch": self.pitch}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Voice":
+        return cls(str(d["name"]), d["variant"], int(d["rate_wpm"]), int(d["pitch"]))
+
+
+AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed
+
+
+def _binary() -> str:
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise RuntimeError(_INSTALL_HELP)
+    return path
+
+
+def _run(args: list[str], stdin: bytes | None = None) -> bytes:
+    try:
+        res = subprocess.run([_binary(), *args], input=stdin, capture_output=True,
+                             check=False, timeout=60)
+    except FileNotFoundError:
+        raise RuntimeError(_INSTALL_HELP) from None
+    if res.returncode != 0:
+        raise RuntimeError(f"espeak-ng {' '.join(args)} failed (exit {res.returncode}): "
+                           f"{res.stderr.decode(errors='replace').strip()}")
+    return res.stdout
+
+
+def parse_wav_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode a 16-bit PCM WAV (as espeak-ng streams it: the data size may be bogus).
+
+    Returns (float32 mono samples in [-1, 1], sample rate).
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a RIFF/WAVE stream")
+    pos, rate, channels, bits = 12, None, None, None
+    while pos + 8 <= len(data):
+        cid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        body = pos + 8
+        if cid == b"fmt ":
+            fmt, channels, rate = struct.unpack("<HHI", data[body:body + 8])
+            bits = struct.unpack("<H", data[body + 14:body + 16])[0]
+            if fmt != 1 or bits != 16:
+                raise ValueError(f"expected 16-bit PCM WAV, got format {fmt}, {bits} bits")
+        elif cid == b"data":
+            if rate is None:
+                raise ValueError("WAV data chunk before fmt chunk")
+            end = min(len(data), body + size)      # streamed: size may exceed what came
+            n = (end - body) // (2 * channels) * (2 * channels)
+            pcm = np.frombuffer(data[body:body + n], "<i2").reshape(-1, channels)
+            return (pcm.astype(np.float32).mean(axis=1) / 32768.0).astype(np.float32), rate
+        pos = body + size + (size & 1)
+    raise ValueError("WAV stream has no data chunk")
+
+
+def trim_silence(x: np.ndarray, sample_rate: int,
+                 margin_s: float = TRIM_MARGIN_SECONDS) -> np.ndarray:
+    """Cut leading/trailing silence, keeping `margin_s` seconds (where there is that much)."""
+    peak = float(np.max(np.abs(x))) if len(x) else 0.0
+    if peak == 0.0:
+        return x[:0]
+    loud = np.flatnonzero(np.abs(x) > peak * 10 ** (TRIM_THRESHOLD_DB / 20))
+    margin = int(round(margin_s * sample_rate))
+    return x[max(0, loud[0] - margin):min(len(x), loud[-1] + 1 + margin)]
+
+
+def synthesize(text: str, voice: Voice, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Speak `text` with `voice`: float32 mono (T,) at `sample_rate`, silence trimmed to
+    ~20 ms at both ends. Deterministic for a given espeak-ng installation."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"synthesize needs non-empty text, got {text!r}")
+    args = ["-v", voice.espeak_id, "-s", str(voice.rate_wpm), "-p", str(voice.pitch),
+            "-b", "1", "--stdout"]
+    x, sr = parse_wav_bytes(_run(args, stdin=text.encode("utf-8")))
+    if sr != sample_rate:
+        from speech.audio import resample
+        x = np.asarray(resample(x, sr, sample_rate), dtype=np.float32)
+    x = trim_silence(x, sample_rate)
+    if len(x) == 0:
+        raise RuntimeError(f"espeak-ng produced no audio for {text!r} with voice "
+                           f"{voice.espeak_id}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _voice_table(kind: str) -> tuple[str, ...]:
+    return tuple(_run([f"--voices={kind}"]).decode("utf-8", "replace").splitlines()[1:])
+
+
+@functools.lru_cache(maxsize=None)
+def list_english_voices() -> tuple[str, ...]:
+    """English espeak-ng voices usable with `-v` (no MBROLA voices), sorted: "en-us", ..."""
+    names = set()
+    for line in _voice_table("en"):
+        cols = line.split()
+        if len(cols) >= 5 and cols[1] != "variant" and cols[1].startswith("en") \
+                and not cols[4].startswith("mb/"):
+            names.add(cols[1])
+    return tuple(sorted(names))
+
+
+@functools.lru_cache(maxsize=None)
+def list_variants() -> tuple[str, ...]:
+    """espeak-ng variant names usable as `name+variant` ("f3", "klatt2", ...), sorted.
+
+    Skips names with spaces (not expressible in `-v`) and the "fast" test variant."""
+    names = set()
+    for line in _voice_table("variant"):
+        m = re.search(r"!v/(.*?)(?:\s{2,}|\s*\(|\s*$)", line)
+        if m and m.group(1) and " " not in m.group(1) and m.group(1) != "fast":
+            names.add(m.group(1))
+    return tuple(sorted(names))
+
+
+@functools.lru_cache(maxsize=16384)
+def _synthesize_cached(text: str, voice: Voice, sample_rate: int) -> np.ndarray:
+    x = synthesize(text, voice, sample_rate)
+    x.setflags(write=False)
+    return x
+
+
+def synthesize_cached(text: str, voice: Voice, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`synthesize`, memoised per process by (text, voice, rate); the array is read-only."""
+    return _synthesize_cached(text, voice, int(sample_rate))

@@ -1,0 +1,249 @@
+"""Fusion model: config, losses, cached generation == full forward, MCTP, checkpoints."""
+import math
+
+import pytest
+import torch
+
+from fusion.checkpoint import CheckpointError, load_model, read_header, save_model
+from fusion.config import FusionConfig, preset
+from fusion.dummy import random_features
+from fusion.generator import (AudioFrame, GenerationDone, GenerationOptions, Generator, PCMChunk,
+                              TextToken)
+from fusion.model import IGNORE, FusionModel
+from speech.codec import build_codec
+
+
+@pytest.fixture(scope="module")
+def codec():
+    torch.manual_seed(0)
+    return build_codec("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(codec):
+    torch.manual_seed(0)
+    return FusionModel(preset("tiny", codec.spec)).eval()
+
+
+def run(gen, prefix):
+    events = list(gen.run(prefix))
+    assert isinstance(events[-1], GenerationDone)
+    return events, events[-1]
+
+
+def reply_tokens(model, done):
+    lay = model.layout
+    toks = [lay.assistant, *done.text_tokens, lay.eot]
+    toks += lay.codes_to_tokens(done.codes).tolist()
+    return torch.tensor(toks)
+
+
+def test_config_round_trip_and_validation(codec):
+    cfg = preset("tiny", codec.spec)
+    assert FusionConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="divisible"):
+        cfg.replace(n_head=3)
+    with pytest.raises(ValueError, match="modalities"):
+        cfg.replace(modalities=("smell",))
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge", codec.spec)
+
+
+def test_losses_backward_and_per_module(model):
+    cfg = model.config
+    feats = random_features(cfg, batch=3)
+    lay = model.layout
+    g = torch.Generator().manual_seed(1)
+    R = 30
+    reply = torch.full((3, R), 0)
+    lens = torch.tensor([30, 22, 26])
+    for b in range(3):
+        text = torch.randint(0, 1000, (3,), generator=g)
+        codes = torch.randint(0, lay.bins, (lay.n_q, (lens[b] - 6) // lay.n_q), generator=g)
+        seq = torch.cat([torch.tensor([lay.assistant]), text, torch.tensor([lay.eot]),
+                         lay.codes_to_tokens(codes), torch.tensor([lay.eoa])])
+        lens[b] = len(seq)
+        reply[b, :len(seq)] = seq
+    model.train()
+    losses = model(feats, reply, lens)
+    model.eval()
+    assert len(losses.mctp) == cfg.mctp_k
+    for v in [losses.text, losses.audio, *losses.mctp]:
+        assert torch.isfinite(v) and v > 0
+    # untrained: audio loss near log(bins) (masked to one codebook)
+    assert abs(losses.audio.item() - math.log(lay.bins)) < 1.0
+    losses.total.backward()
+    assert model.mctp[0].proj.weight.grad is not None
+    assert model.aggregator.queries.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_pack_keeps_positions_contiguous(model):
+    feats = random_features(model.config, batch=2)
+    prefix = model.prefix(feats)
+    reply = torch.tensor([[model.layout.assistant, 5, 6, 7], [model.layout.assistant, 8, 0, 0]])
+    x, mask, targets = model.pack(prefix, reply, torch.tensor([4, 2]))
+    p1 = int(prefix.length[1])
+    assert mask[1].sum() == p1 + 2 and not mask[1, p1 + 2:].any()
+    assert targets[1, p1] == 8 and (targets[1, p1 + 1:] == IGNORE).all()
+    assert torch.equal(x[1, p1 + 1], model.embed.weight[8])
+
+
+def test_backbone_is_causal(model):
+    x = torch.randn(1, 20, model.config.d_model)
+    y = x.clone()
+    y[:, 12:] += 1.0
+    with torch.no_grad():
+        hx, hy = model.backbone(x), model.backbone(y)
+    assert torch.allclose(hx[:, :12], hy[:, :12], atol=1e-6)
+    assert not torch.allclose(hx[:, 12:], hy[:, 12:])
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "mctp"])
+def test_cached_generation_equals_full_forward(model, codec, mode):
+    opts = GenerationOptions(mode=mode, max_text_tokens=4, max_audio_seconds=0.3)
+    gen = Generator(model, codec, opts)
+    prefix = model.prefix(random_features(model.config, seed=3))
+    _, done = run(gen, prefix)
+    lay = model.layout
+    reply = reply_tokens(model, done)
+    assert done.codes.shape[1] >= 1
+    with torch.no_grad():
+        x, mask, _ = model.pack(prefix, reply[None], torch.tensor([len(reply)]))
+        h = model.backbone(x)
+        P = int(prefix.length[0])
+        n_text = len(done.text_tokens) + 1  # text + EOT
+        # every text token is the argmax of the full forward at its position
+        for j in range(n_text):
+            assert int(model.text_logits(h[0, P + j]).argmax()) == int(reply[j + 1])
+        hs = [h] + (model.mctp.forward_train(h, x) if mode == "mctp" else [])
+        audio = reply[1 + n_text:]
+        K1 = len(hs)
+        for i, tok in enumerate(audio.tolist()):
+            k = i % K1                      # which level produced this token
+            p = P + n_text + i - k          # position whose level-k hidden predicts it
+            logits = model.audio_logits(hs[k][0, p], i % lay.n_q)
+            assert int(logits.argmax()) + lay.eoa == tok, (mode, i, k)
+
+
+def test_greedy_and_seeded_sampling_are_deterministic(model, codec):
+    prefix = model.prefix(random_features(model.config, seed=5))
+    for opts in [GenerationOptions(max_text_tokens=3, max_audio_seconds=0.2),
+                 GenerationOptions(temperature=1.0, top_k=20, seed=7, max_text_tokens=3, max_audio_seconds=0.2)]:
+        gen = Generator(model, codec, opts)
+        a, b = run(gen, prefix)[1], run(gen, prefix)[1]
+        assert a.text_tokens == b.text_tokens and torch.equal(a.codes, b.codes)
+    s1 = run(Generator(model, codec, GenerationOptions(temperature=1.0, seed=1, max_text_tokens=6,
+                                                       max_audio_seconds=0.2)), prefix)[1]
+    s2 = run(Generator(model, codec, GenerationOptions(temperature=1.0, seed=2, max_text_tokens=6,
+                                                       max_audio_seconds=0.2)), prefix)[1]
+    assert s1.text_tokens != s2.text_tokens or not torch.equal(s1.codes, s2.codes)
+
+
+def test_mctp_emits_k_plus_one_audio_tokens_per_backbone_forward(model, codec):
+    K = model.config.mctp_k
+    prefix = model.prefix(random_features(model.config, seed=4))
+    stats = {}
+    for mode in ["vanilla", "mctp"]:
+        opts = GenerationOptions(mode=mode, max_text_tokens=2, max_audio_seconds=0.4)
+        stats[mode] = run(Generator(model, codec, opts), prefix)[1].stats
+    for mode, per_step in [("vanilla", 1), ("mctp", K + 1)]:
+        s = stats[mode]
+        audio_forwards = s.backbone_forwards - 1 - s.text_tokens  # minus prefill and text steps
+        # the last step's tokens need no further backbone forward, unless EOA ended the reply
+        assert per_step * audio_forwards <= s.audio_tokens <= per_step * (audio_forwards + 1), (mode, s)
+    assert stats["mctp"].mctp_forwards == K * stats["mctp"].audio_tokens // (K + 1)
+    assert stats["vanilla"].audio_tokens == stats["mctp"].audio_tokens
+
+
+def test_events_stream_text_frames_and_pcm(model, codec):
+    opts = GenerationOptions(max_text_tokens=3, max_audio_seconds=0.3, chunk_frames=2)
+    events, done = run(Generator(model, codec, opts), model.prefix(random_features(model.config)))
+    kinds = [type(e) for e in events]
+    assert kinds.index(TextToken) < kinds.index(AudioFrame) < kinds.index(PCMChunk)
+    pcm = [e for e in events if isinstance(e, PCMChunk)]
+    total = sum(len(e.pcm) for e in pcm)
+    assert total == done.codes.shape[1] * codec.hop_length
+    times = [e.t for e in events]
+    assert times == sorted(times)
+    # streamed PCM equals one offline decode of all the codes
+    import numpy as np
+    full = codec.decode(done.codes[None])[0, 0].numpy()
+    assert np.abs(np.concatenate([e.pcm for e in pcm]) - full).max() < 1e-4
+
+
+def test_generation_options_validation():
+    with pytest.raises(ValueError, match="mode"):
+        GenerationOptions(mode="fast")
+    with pytest.raises(ValueError, match="temperature"):
+        GenerationOptions(temperature=-1)
+
+
+def test_generator_memory_is_preallocated(model, codec):
+    gen = Generator(model, codec, GenerationOptions(max_text_tokens=2, max_audio_seconds=0.2))
+    sizes = (gen.E.data_ptr(), gen.cache.k.data_ptr(), gen.cache.nbytes)
+    prefix = model.prefix(random_features(model.config))
+    for _ in range(3):
+        run(gen, prefix)
+    assert (gen.E.data_ptr(), gen.cache.k.data_ptr(), gen.cache.nbytes) == sizes
+
+
+def test_checkpoint_round_trip_and_mismatch(model, codec, tmp_path):
+    path = save_model(model, tmp_path / "m.safetensors")
+    cfg, _ = read_header(path)
+    assert cfg == model.config
+    loaded = load_model(path, device="cpu", codec=codec)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    other = build_codec("tiny")  # fresh random weights: a different codec
+    with pytest.raises(CheckpointError, match="codec mismatch"):
+        load_model(path, codec=other)
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_model(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage-not-a-header")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(bad)
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        load_model(trunc)
+
+
+def test_tokenizer_mismatch_refused(model, tmp_path):
+    bad = model.config.replace(n_text=1000)
+    m = FusionModel.__new__(FusionModel)  # only the config is read before the refusal
+    torch.nn.Module.__init__(m)
+    m.config = bad
+    path = tmp_path / "tok.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "tandem-fusion", "version": "1",
+                                                          "config": bad.to_json()})
+    with pytest.raises(CheckpointError, match="tokenizer mismatch"):
+        load_model(path)
+
+
+def test_ablation_configs_run(codec):
+    for kw in [dict(aggregator="mean"), dict(modalities=("vision",)), dict(modalities=("audio",))]:
+        m = FusionModel(preset("tiny", codec.spec, **kw)).eval()
+        feats = random_features(m.config, batch=2)
+        p = m.prefix(feats)
+        assert torch.isfinite(p.embeds).all()
+        ev, done = run(Generator(m, codec, GenerationOptions(max_text_tokens=2, max_audio_seconds=0.1)), p)
+        assert done.stats.backbone_forwards > 0
+
+
+def test_hf_backbone_tiny_random(codec):
+    import transformers  # noqa: F401  (a test dependency: requirements-dev.txt)
+    hf = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=2, vocab_size=64, max_position_embeddings=512)
+    m = FusionModel(preset("tiny", codec.spec, backbone="hf", hf_config=hf)).eval()
+    prefix = m.prefix(random_features(m.config))
+    for mode in ["vanilla", "mctp"]:
+        _, done = run(Generator(m, codec, GenerationOptions(mode=mode, max_text_tokens=3, max_audio_seconds=0.2)), prefix)
+        reply = reply_tokens(m, done)
+        with torch.no_grad():
+            x, _, _ = m.pack(prefix, reply[None], torch.tensor([len(reply)]))
+            h = m.backbone(x)
+        P = int(prefix.length[0])
+        assert int(m.text_logits(h[0, P]).argmax()) == int(reply[1])
