@@ -7,14 +7,15 @@ Thin by design: it parses arguments and hands over to the package that does the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 DEFAULT_MODEL = "assets/fusion.safetensors"
 
 
-def _not_built(name: str, issue: int):
+def _not_built(name: str):
     def run(_args):
-        sys.exit(f"`run.py {name}` is not built yet (tracked in issue #{issue}).")
+        sys.exit(f"`run.py {name}` is not built yet in this checkout.")
     return run
 
 
@@ -62,14 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2)
     d.set_defaults(func=cmd_data)
 
-    for name, issue, text in [("live", 3, "desktop live conversation (Gradio)"),
-                              ("serve", 3, "websocket server + browser client"),
-                              ("replay", 3, "replay a recorded session through the engine"),
-                              ("record", 3, "record a session from the local camera and microphone"),
-                              ("train", 4, "train the codec or the fusion model"),
-                              ("eval", 4, "evaluate on the demo world's test split")]:
-        s = sub.add_parser(name, help=text)
-        s.set_defaults(func=_not_built(name, issue))
+    # commands implemented by a module with cheap imports exposing add_arguments(p) and run(args)
+    for name, module, text in [("live", "app.live_cli", "desktop live conversation (Gradio)"),
+                               ("serve", "app.server_cli", "websocket server + browser client"),
+                               ("replay", "app.replay_cli", "replay a recorded session through the engine"),
+                               ("record", "app.record_cli", "record a session from the local camera and microphone"),
+                               ("train", "fusion.train_cli", "train the codec or the fusion model"),
+                               ("eval", "fusion.eval_cli", "evaluate on the demo world's test split")]:
+        s = sub.add_parser(name, help=text, description=text)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            s.set_defaults(func=_not_built(name))
+            continue
+        mod.add_arguments(s)
+        s.set_defaults(func=mod.run)
     return p
 
 

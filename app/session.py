@@ -130,7 +130,7 @@ class SessionWriter:
         self._n_samples = 0
         self._n_frames = 0
         self._last_t = 0.0
-        self._synced_at = 0.0
+        self._synced_at = (0.0, 0.0)            # (audio_seconds, last_t) at the last sync
         self._unsynced_frames: list[Path] = []
         self._closed = False
 
@@ -214,7 +214,9 @@ class SessionWriter:
             self._maybe_sync()
 
     def _maybe_sync(self) -> None:
-        if max(self.audio_seconds, self._last_t) - self._synced_at >= SYNC_SECONDS:
+        audio_at, t_at = self._synced_at        # two clocks: a wild t cannot stall syncing
+        if (self.audio_seconds - audio_at >= SYNC_SECONDS
+                or self._last_t - t_at >= SYNC_SECONDS):
             self._sync()
 
     def _sync(self) -> None:
@@ -225,7 +227,7 @@ class SessionWriter:
         _fsync_path(self.root / "frames")
         os.fsync(self._frames_f.fileno())
         os.fsync(self._events_f.fileno())
-        self._synced_at = max(self.audio_seconds, self._last_t)
+        self._synced_at = (self.audio_seconds, self._last_t)
 
     def flush(self) -> None:
         """Make everything written so far durable now."""

@@ -314,3 +314,279 @@ def sample_voice(rng, rules: SplitRules) -> Voice:
                  int(rng.integers(USER_WPM[0], USER_WPM[1] + 1)),
                  int(rng.integers(USER_PITCH[0], USER_PITCH[1] + 1)))
 
+
+
+# --- sampling ----------------------------------------------------------------------------
+def _ms(rng, lo: float, hi: float) -> int:
+    """Uniform whole milliseconds in [lo, hi] seconds."""
+    return int(rng.integers(round(lo * 1000), round(hi * 1000) + 1))
+
+
+def _sample_background(rng) -> Background:
+    kind = ("flat", "vgrad", "hgrad", "noise")[rng.integers(4)]
+    c0 = _rgb(rng.integers(0, BG_MAX + 1, 3))
+    c1 = _rgb(rng.integers(0, BG_MAX + 1, 3)) if kind.endswith("grad") else c0
+    amp = int(rng.integers(3, 13)) if kind == "noise" else 0
+    return Background(kind, c0, c1, int(rng.integers(2**31)), amp)
+
+
+def _sample_objects(rng, rules: SplitRules) -> tuple[WorldObject, ...]:
+    n = int(rng.integers(1, 4))
+    for _ in range(1000):
+        slots = sorted(int(s) for s in rng.choice(3, n, replace=False))
+        trip = [(list(COLORS)[rng.integers(4)], SHAPES[rng.integers(3)], SLOTS[s])
+                for s in slots]
+        if rules.heldout and rng.random() < rules.heldout_combo_prob:
+            forced = HELDOUT_TRIPLES[rng.integers(len(HELDOUT_TRIPLES))]
+            trip = [x for x in trip if x[2] != forced[2]]
+            if len(trip) == n:
+                trip.pop(int(rng.integers(n)))
+            trip = sorted(trip + [forced], key=lambda x: SLOTS.index(x[2]))
+        elif not rules.heldout and any(x in HELDOUT_TRIPLES for x in trip):
+            continue
+        break
+    objs = []
+    for color, shape, slot in trip:
+        rgb = np.clip(np.array(COLORS[color]) + rng.integers(-COLOR_JITTER, COLOR_JITTER + 1,
+                                                              3), 0, 255)
+        size = round(float(rng.uniform(*SIZE_PX)), 1)
+        y = round(REF_H * (0.5 + float(rng.uniform(-Y_JITTER, Y_JITTER))), 1)
+        objs.append(WorldObject(shape, color, slot, _rgb(rgb), size, y))
+    return tuple(objs)
+
+
+def _run_ms(rng, n: int) -> tuple[list[tuple[int, int]], int]:
+    """A run of n beep-like events: [(offset_ms, dur_ms)], total length in ms."""
+    out, t = [], 0
+    for i in range(n):
+        t += _ms(rng, *BEEP_GAP) if i else 0
+        d = _ms(rng, *BEEP_DUR)
+        out.append((t, d))
+        t += d
+    return out, t
+
+
+def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -> TurnSpec:
+    qtype = QTYPE_IDS[rng.integers(len(QTYPE_IDS))]
+    target = ("yes.", "no.")[rng.integers(2)] if qtype in YES_NO_QTYPES else None
+    for _ in range(10_000):
+        objects = _sample_objects(rng, rules)
+        if qtype in SOUND_QTYPES:
+            sound = True
+        else:
+            sound = rng.random() >= (0.25 if qtype == "count_beeps" else 0.4)
+        n_beeps = int(rng.integers(1, 4)) if sound else 0
+        sound_slot = objects[rng.integers(len(objects))].slot if sound else None
+        freq = round(float(rng.uniform(*(HIGH_HZ if rng.random() < 0.5 else LOW_HZ))), 1)
+        level = round(float(rng.uniform(*BEEP_DBFS)), 2)
+        draft = Scene(_sample_background(rng), objects,
+                      tuple(Beep(0.0, 0.25, freq, level) for _ in range(n_beeps)), (),
+                      sound_slot)
+        cands = [q for q in candidate_questions(draft, qtype)
+                 if target is None or q.answer == target]
+        if cands:
+            break
+    else:
+        raise AssertionError(f"no scene found for {qtype} -> {target}")
+    question = _pick_balanced(rng, cands)
+    audio = synth(question.text, voice, sample_rate)
+    q0_ms = t_scene_ms + _ms(rng, *SCENE_SECONDS)
+    t_q0 = q0_ms / 1000
+    t_q1 = t_q0 + len(audio) / sample_rate
+    lo_ms = max(t_scene_ms, int(np.ceil((t_q1 - CONTEXT_SECONDS) * 1000))) + \
+        round(EVENT_MARGIN * 1000)
+    hi_ms = q0_ms - round(EVENT_MARGIN * 1000)
+    others = [o.slot for o in objects if o.slot != sound_slot]
+    distract = bool(others) and rng.random() < (0.4 if sound else 0.25)
+    d_slot = others[rng.integers(len(others))] if distract else None
+    n_d = int(rng.integers(1, 4)) if distract else 0
+    for attempt in range(400):
+        b_run, b_len = _run_ms(rng, n_beeps)
+        d_run, d_len = _run_ms(rng, n_d if attempt < 200 else 0)
+        sep = _ms(rng, 0.15, 0.6) if b_run and d_run else 0
+        total = b_len + sep + d_len
+        if total == 0 or total <= hi_ms - lo_ms:
+            break
+    else:
+        raise RuntimeError(f"question {question.text!r} by {voice} lasts "
+                           f"{len(audio) / sample_rate:.2f} s: too long for its beeps to fit "
+                           f"the {CONTEXT_SECONDS} s context; use a faster voice")
+    start = lo_ms + int(rng.integers(0, max(0, hi_ms - lo_ms - total) + 1))
+    b_start, d_start = (start, start + b_len + sep)
+    if rng.random() < 0.5 and b_run and d_run:
+        b_start, d_start = start + d_len + sep, start
+    beeps = tuple(Beep((b_start + o) / 1000, d / 1000, freq, level) for o, d in b_run)
+    pulses = []
+    for slot, run, s0 in ((sound_slot, b_run, b_start), (d_slot, d_run, d_start)):
+        scale = round(float(rng.uniform(*PULSE_SCALE)), 3)
+        bright = int(rng.integers(PULSE_BRIGHTEN[0], PULSE_BRIGHTEN[1] + 1))
+        pulses += [Pulse(slot, (s0 + o) / 1000, d / 1000, scale, bright) for o, d in run]
+    scene = Scene(draft.background, objects, beeps,
+                  tuple(sorted(pulses, key=lambda p: p.t0)), sound_slot)
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    limit = 20 * np.log10(0.9 * rms / float(np.max(np.abs(audio))))   # peak at 0.9
+    dbfs = float(np.clip(base_dbfs + rng.uniform(-1.5, 1.5), *SPEECH_DBFS))
+    speech_noise = None if rng.random() < 0.3 else round(float(rng.uniform(
+        *SPEECH_NOISE_BELOW_DB)), 2)
+    t_next = (int(np.ceil(t_q1 * 1000)) + _ms(rng, *ANSWER_SILENCE)) / 1000
+    return TurnSpec(scene, t_scene_ms / 1000, question, voice, t_q0, t_q1, t_next,
+                    round(min(dbfs, limit), 2), speech_noise)
+
+
+def sample_session(rng, n_turns: int, split_rules: SplitRules, synth=None,
+                   sample_rate: int = SAMPLE_RATE) -> SessionSpec:
+    """Sample one session of `n_turns` turns, synthesising each question to time it.
+
+    `synth(text, voice, sample_rate) -> float32` defaults to the memoised espeak-ng
+    `synthesize_cached`; `question_audio(spec)` gets the same audio back for rendering.
+    """
+    if n_turns < 1:
+        raise ValueError(f"n_turns must be >= 1, got {n_turns}")
+    synth = synth or synthesize_cached
+    seed = int(rng.integers(2**31))
+    voice = sample_voice(rng, split_rules)
+    voice_per_turn = rng.random() < 0.15          # some sessions: several speakers
+    base_dbfs = float(rng.uniform(*SPEECH_DBFS))
+    t_ms, turns = _ms(rng, 0.2, 1.0), []
+    for _ in range(n_turns):
+        v = sample_voice(rng, split_rules) if voice_per_turn else voice
+        turn = _sample_turn(rng, split_rules, v, t_ms, base_dbfs, synth, sample_rate)
+        turns.append(turn)
+        t_ms = round(turn.t_next * 1000)
+    noise = None if rng.random() < 0.25 else round(
+        min(t.speech_dbfs for t in turns) - float(rng.uniform(*NOISE_BELOW_SPEECH_DB)), 2)
+    return SessionSpec(tuple(turns), turns[-1].t_next, noise, seed)
+
+
+def question_audio(spec: SessionSpec, synth=None,
+                   sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+    """The question speech of each turn (as `sample_session` synthesised it)."""
+    synth = synth or synthesize_cached
+    return [synth(t.question.text, t.voice, sample_rate) for t in spec.turns]
+
+
+# --- rendering ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _background_image(bg: Background, w: int, h: int) -> np.ndarray:
+    c0, c1 = np.array(bg.color0[::-1], np.float32), np.array(bg.color1[::-1], np.float32)
+    img = np.broadcast_to(c0, (h, w, 3)).astype(np.float32)
+    if bg.kind == "vgrad":
+        a = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+        img = c0 * (1 - a) + c1 * a + np.zeros((1, w, 1), np.float32)
+    elif bg.kind == "hgrad":
+        a = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
+        img = c0 * (1 - a) + c1 * a + np.zeros((h, 1, 1), np.float32)
+    elif bg.kind == "noise":
+        img = img + np.random.default_rng(bg.noise_seed).integers(
+            -bg.noise_amp, bg.noise_amp + 1, (h, w, 3))
+    elif bg.kind != "flat":
+        raise ValueError(f"unknown background kind {bg.kind!r}")
+    out = np.clip(np.rint(img), 0, BG_MAX).astype(np.uint8)
+    out.setflags(write=False)
+    return out
+
+
+def _draw(img, shape: str, cx: float, cy: float, d: float, bgr) -> None:
+    import cv2
+    s = 16                                            # cv2 fixed-point shift of 4 bits
+    if shape == "circle":
+        cv2.circle(img, (round(cx * s), round(cy * s)), round(d / 2 * s), bgr, -1,
+                   cv2.LINE_AA, 4)
+        return
+    if shape == "square":
+        pts = [(cx - d / 2, cy - d / 2), (cx + d / 2, cy - d / 2), (cx + d / 2, cy + d / 2),
+               (cx - d / 2, cy + d / 2)]
+    elif shape == "triangle":                         # equilateral, pointing up
+        hh = d * np.sqrt(3) / 2
+        pts = [(cx, cy - hh / 2), (cx + d / 2, cy + hh / 2), (cx - d / 2, cy + hh / 2)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    cv2.fillPoly(img, [np.round(np.array(pts) * s).astype(np.int32)], bgr, cv2.LINE_AA, 4)
+
+
+def active_pulse(scene: Scene, slot: str, t: float) -> Pulse | None:
+    """The pulse of the object in `slot` at time t (t0 <= t < t0 + dur), if any."""
+    return next((p for p in scene.pulses if p.slot == slot and p.t0 <= t < p.t0 + p.dur),
+                None)
+
+
+def scene_at(spec: SessionSpec, t: float) -> tuple[int, Scene | None]:
+    """(turn index, scene) on screen at t; (-1, None) before the first scene."""
+    i = bisect.bisect_right([tr.t_scene for tr in spec.turns], t) - 1
+    return i, (spec.turns[i].scene if i >= 0 else None)
+
+
+def render_frame(world, t: float, size: tuple[int, int] = DEMO_FRAME_SIZE) -> np.ndarray:
+    """The camera frame at time t of a `SessionSpec` or a `Scene`: BGR uint8 (H, W, 3)."""
+    w, h = int(size[0]), int(size[1])
+    if isinstance(world, SessionSpec):
+        _, scene = scene_at(world, t)
+        if scene is None:                              # before the first scene: empty stage
+            return _background_image(world.turns[0].scene.background, w, h).copy()
+    elif isinstance(world, Scene):
+        scene = world
+    else:
+        raise TypeError(f"render_frame takes a SessionSpec or a Scene, got "
+                        f"{type(world).__name__}")
+    img = _background_image(scene.background, w, h).copy()
+    k = min(w / REF_W, h / REF_H)
+    for o in scene.objects:
+        p = active_pulse(scene, o.slot, t)
+        rgb = np.clip(np.array(o.rgb) + (p.brighten if p else 0), 0, 255)
+        _draw(img, o.shape, SLOT_X[o.slot] * w, o.y_px / REF_H * h,
+              o.size_px * k * (p.scale if p else 1.0), tuple(int(c) for c in rgb[::-1]))
+    return img
+
+
+def beep_wave(beep: Beep, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """One beep: sine at `freq`, peak `level_dbfs`, 10 ms linear fades; float64 (T,)."""
+    m = int(round(beep.dur * sample_rate))
+    x = np.sin(2 * np.pi * beep.freq * np.arange(m) / sample_rate) * 10 ** (
+        beep.level_dbfs / 20)
+    nf = int(round(BEEP_FADE * sample_rate))
+    ramp = np.arange(1, nf + 1) / nf
+    x[:nf] *= ramp
+    x[m - nf:] *= ramp[::-1]
+    return x
+
+
+def _colored_noise(rng, n: int, rms: float, sample_rate: int) -> np.ndarray:
+    alpha = float(rng.uniform(0.0, 1.5))              # 0 white .. 1 pink .. 1.5 reddish
+    m = 1 << max(0, n - 1).bit_length()              # power of two: fast FFT
+    spec = np.fft.rfft(rng.standard_normal(m))
+    f = np.maximum(np.fft.rfftfreq(m, 1 / sample_rate), 50.0)
+    x = np.fft.irfft(spec * f ** (-alpha / 2), m)[:n]
+    return x * (rms / max(float(np.sqrt(np.mean(x * x))), 1e-12))
+
+
+def render_audio(spec: SessionSpec, question_audio: list[np.ndarray],
+                 sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The microphone signal of a session: beeps + question speech (at its t_q0, scaled to
+    `speech_dbfs`, light noise on it) + background noise. float32 (T,) in [-1, 1]."""
+    if len(question_audio) != len(spec.turns):
+        raise ValueError(f"question_audio has {len(question_audio)} utterances for "
+                         f"{len(spec.turns)} turns; pass question_audio(spec)")
+    n = int(round(spec.duration * sample_rate))
+    out = np.zeros(n, np.float64)
+    for i, (turn, q) in enumerate(zip(spec.turns, question_audio)):
+        for b in turn.scene.beeps:
+            x, a = beep_wave(b, sample_rate), int(round(b.t0 * sample_rate))
+            out[a:a + len(x)] += x[:max(0, n - a)]
+        q = np.asarray(q, np.float64)
+        want = (turn.t_q1 - turn.t_q0) * sample_rate
+        if q.ndim != 1 or abs(len(q) - want) > 1:
+            raise ValueError(f"question_audio[{i}] has shape {q.shape}, the spec expects "
+                             f"{want:.0f} samples; synthesise it with the turn's voice at "
+                             f"{sample_rate} Hz (question_audio(spec, sample_rate=...))")
+        rms = float(np.sqrt(np.mean(q * q)))
+        seg = q * (10 ** (turn.speech_dbfs / 20) / max(rms, 1e-12))
+        if turn.speech_noise_db is not None:
+            rng = np.random.default_rng([spec.seed, 2, i])
+            seg = seg + rng.standard_normal(len(q)) * 10 ** (
+                (turn.speech_dbfs - turn.speech_noise_db) / 20)
+        a = int(round(turn.t_q0 * sample_rate))
+        out[a:a + len(seg)] += seg[:max(0, n - a)]
+    if spec.noise_level is not None:
+        out += _colored_noise(np.random.default_rng([spec.seed, 1]), n,
+                              10 ** (spec.noise_level / 20), sample_rate)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)

@@ -64,28 +64,20 @@ class CodecConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ratios, list):  # from JSON
             object.__setattr__(self, "ratios", tuple(self.ratios))
-        ints = ("sample_rate", "channels", "n_filters", "dimension", "n_residual_layers", "lstm",
-                "n_q", "bins")
-        for name in ints:
+        minimum = {"sample_rate": 1, "channels": 1, "n_filters": 1, "dimension": 1,
+                   "n_residual_layers": 0, "lstm": 0, "n_q": 1, "bins": 2}
+        for name, low in minimum.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"CodecConfig.{name} must be an int, got {value!r}")
-        if self.sample_rate <= 0:
-            raise ValueError(f"CodecConfig.sample_rate must be > 0 Hz, got {self.sample_rate}")
-        if self.channels not in (1, 2):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"CodecConfig.{name} must be an int >= {low}, got {value!r}")
+        if self.channels > 2:
             raise ValueError(f"CodecConfig.channels must be 1 (mono) or 2, got {self.channels}")
-        for name in ("n_filters", "dimension", "n_q"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CodecConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("n_residual_layers", "lstm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"CodecConfig.{name} must be >= 0, got {getattr(self, name)}")
         if (not isinstance(self.ratios, tuple) or not self.ratios
                 or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1
                            for r in self.ratios)):
             raise ValueError("CodecConfig.ratios must be a non-empty tuple of ints >= 1 "
                              f"(upsampling ratios of the decoder), got {self.ratios!r}")
-        if self.bins < 2 or self.bins & (self.bins - 1):
+        if self.bins & (self.bins - 1):
             raise ValueError(f"CodecConfig.bins must be a power of 2 >= 2 (EnCodec stores "
                              f"log2(bins) bits per code), got {self.bins}")
         if not isinstance(self.causal, bool):
@@ -338,6 +330,7 @@ def build_codec(config: CodecConfig | str) -> Codec:
         name, config = config, CODEC_PRESETS[config]
     if not isinstance(config, CodecConfig):
         raise TypeError(f"build_codec takes a CodecConfig or a preset name, got {config!r}")
+    name = next((k for k, v in CODEC_PRESETS.items() if v == config), name)
     return Codec(build_model(config, name), config.n_q, name=name, config=config)
 
 

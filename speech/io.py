@@ -232,9 +232,12 @@ class _DeviceSource(AudioSource):
                 if left is not None and left <= 0:
                     break
                 d._cond.wait(left)
+            if d._closed:
+                return None
             if d._in_q:
                 return d._in_q.popleft()
-            return None if d._closed else _EMPTY
+        d._check_alive()
+        return _EMPTY
 
     def close(self) -> None:
         self._dev.close()
@@ -278,17 +281,26 @@ class DuplexDevice:
     """Microphone + speaker through PortAudio. Mic blocks go to a bounded queue (the oldest
     is dropped when full, counted in `stats`); the speaker plays from a preallocated ring
     buffer (silence on underrun). `.source` and `.sink` are the two ends; closing either
-    closes the device. One duplex stream when both rates agree, else two streams."""
+    closes the device.
+
+    By default the mic and the speaker are two PortAudio streams, which works with every
+    host API. `duplex=True` uses one full-duplex stream (sample-synchronous in and out, for
+    hardware devices; needs equal rates). PortAudio's ALSA duplex stream stops after a few
+    blocks on PulseAudio's ALSA plugin, so it is opt-in; a stopped stream makes
+    `source.read` raise AudioDeviceError instead of waiting forever."""
 
     def __init__(self, input_device=None, output_device=None, input_rate: int = SAMPLE_RATE,
                  output_rate: int = SAMPLE_RATE, block_seconds: float = 0.02,
                  input_queue_seconds: float = 2.0, output_buffer_seconds: float = 60.0,
-                 latency="low"):
+                 latency="low", duplex: bool = False):
         if not (block_seconds > 0 and input_queue_seconds >= block_seconds
                 and output_buffer_seconds > 0):
             raise ValueError("need block_seconds > 0, input_queue_seconds >= block_seconds, "
                              f"output_buffer_seconds > 0; got {block_seconds}, "
                              f"{input_queue_seconds}, {output_buffer_seconds}")
+        if duplex and input_rate != output_rate:
+            raise ValueError(f"duplex=True needs input_rate == output_rate, got {input_rate} "
+                             f"and {output_rate}; use duplex=False (two streams)")
         sd = _sd()
         self.input_rate, self.output_rate = int(input_rate), int(output_rate)
         self.input_device = _resolve(sd, input_device, "input")
@@ -303,7 +315,7 @@ class DuplexDevice:
         out_block = max(1, int(round(block_seconds * self.output_rate)))
         common = dict(dtype="float32", latency=latency)
         try:
-            if self.input_rate == self.output_rate:
+            if duplex:
                 self._streams = [sd.Stream(
                     samplerate=self.input_rate, blocksize=in_block, channels=(1, 1),
                     device=(self.input_device, self.output_device), callback=self._duplex_cb,
@@ -349,6 +361,11 @@ class DuplexDevice:
     def _duplex_cb(self, indata, outdata, frames, time_info, status) -> None:
         self._in_cb(indata, frames, time_info, status)
         self._out_cb(outdata, frames, time_info, status)
+
+    def _check_alive(self) -> None:
+        if self._started and not self._closed and not all(s.active for s in self._streams):
+            raise AudioDeviceError("the sound device stream stopped (PortAudio error or device "
+                                   "unplugged); close this DuplexDevice and open a new one")
 
     def start(self) -> "DuplexDevice":
         if self._closed:

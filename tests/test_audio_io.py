@@ -139,13 +139,24 @@ def _record(src, seconds):
     return np.concatenate(got)
 
 
+def _wait_for_input(src, timeout=10.0):
+    """PulseAudio's null-sink monitor starts delivering ~2 s after the streams open."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if src.read(timeout=0.5).size:
+            return
+    pytest.fail(f"no microphone audio within {timeout} s")
+
+
 @pytest.mark.parametrize("output_rate", [SR, 24_000])
 def test_duplex_device_loopback_through_a_null_sink(pulse_null_sink, output_rate):
     """A tone played to the speaker comes back on the mic (the sink's monitor); clear()
     silences the rest of a long reply within the sound server's latency."""
     dev = pulse_null_sink.device
     with DuplexDevice(dev, dev, input_rate=SR, output_rate=output_rate) as d:
-        _record(d.source, 0.3)                                  # let the streams settle
+        _wait_for_input(d.source)
+        silence = _record(d.source, 0.3)
+        assert np.abs(silence).max() < 0.01
         d.sink.write(tone(1000, 0.6, sr=output_rate))
         rec = _record(d.source, 1.5)
         loud = np.abs(rec) > 0.1
@@ -163,6 +174,18 @@ def test_duplex_device_loopback_through_a_null_sink(pulse_null_sink, output_rate
         _record(d.source, 0.4)                                  # server-side latency drains
         rec = _record(d.source, 1.0)
         assert np.abs(rec).max() < 0.01, np.abs(rec).max()      # 4 s of tone never played
+        assert d.stats["dropped_input_blocks"] == 0, d.stats
     assert d.source.read() is None
     with pytest.raises(AudioDeviceError):
         d.sink.write(np.zeros(10, np.float32))
+
+
+def test_a_stopped_stream_is_reported_not_waited_on(pulse_null_sink):
+    dev = pulse_null_sink.device
+    with pytest.raises(ValueError, match="duplex=False"):
+        DuplexDevice(dev, dev, output_rate=24_000, duplex=True)
+    with DuplexDevice(dev, dev) as d:
+        d._streams[0].abort()                                   # the mic stream dies
+        with pytest.raises(AudioDeviceError, match="stopped"):
+            while True:
+                d.source.read(timeout=0.2)

@@ -16,6 +16,16 @@ from speech.streaming_codec import StreamingDecoder
 N_FRAMES = 150
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Many tiny ops per chunk: one intra-op thread is fastest, and avoids spinning threads on
+    a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Codec:
     torch.manual_seed(0)
@@ -66,6 +76,8 @@ def test_presets_and_config_validation():
         CodecConfig(norm="time_group_norm")
     with pytest.raises(ValueError, match="unknown codec config keys"):
         CodecConfig.from_dict({"sample_rate": 16000, "hop": 320})
+    assert build_codec(CODEC_PRESETS["tiny"]).spec.name == "tiny"
+    assert build_codec(CodecConfig(**{**tiny_cfg.to_dict(), "n_q": 2})).spec.name == "custom"
     with pytest.raises(ValueError, match="unknown codec preset"):
         build_codec("huge")
 
@@ -234,3 +246,21 @@ def test_pretrained_24khz_without_network(tmp_path, monkeypatch):
     assert "network" in message and "encodec_model_24khz()" in message
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "encodec_24khz-d7cc33bc.th") \
         in message
+
+
+def test_pretrained_24khz_from_torch_hub_cache(causal24, tmp_path, monkeypatch):
+    """The real loader reads a file already in the torch hub cache (random weights here, same
+    format as the downloaded checkpoint), at 6 kbps = 8 codebooks unless told otherwise."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(causal24.model.state_dict(), cache / "encodec_24khz-d7cc33bc.th")
+    codec = load_codec("encodec_24khz")
+    assert (codec.name, codec.sample_rate, codec.frame_rate, codec.n_q, codec.bins) == (
+        "encodec_24khz", 24000, 75.0, 8, 1024)
+    assert codec.config is None and codec.spec.fingerprint == causal24.spec.fingerprint
+    codes = random_codes(codec, 10, seed=7)
+    assert torch.equal(codec.decode(codes), causal24.decode(codes))
+    assert load_codec("encodec_24khz", bandwidth=1.5).n_q == 2
+    with pytest.raises(ValueError, match="only project codecs"):
+        save_codec(codec, tmp_path / "out")
