@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 import numpy as np
+import torch
 
 from fusion.generator import GenerationOptions, Generator, PCMChunk, TextToken, GenerationDone
 from fusion.inputs import SceneEncoder
@@ -113,6 +114,15 @@ class SceneProcessor(Processor):
         yield frame
 
 
+@dataclass
+class ContextAttention:
+    """The aggregator's attention of one turn's prefix, summed over clues (for display)."""
+    turn: int
+    weights: np.ndarray       # (S,) attention on each context token
+    times: np.ndarray         # (S,) token time, s relative to the end of the question
+    kinds: np.ndarray         # (S,) 1 = scene audio, 2 = video
+
+
 class ReplyProcessor(Processor):
     """Starts a reply at each TurnEnd; stops it on Interrupt. Emits TextOut/AudioOut/TurnDone
     through `emit` (from the worker thread when threaded)."""
@@ -125,15 +135,16 @@ class ReplyProcessor(Processor):
         self._thread: threading.Thread | None = None
         self.active_turn = 0            # turn whose reply is being generated (0: none)
         self.playback_end = -1.0        # session s when the current reply's audio ends
+        self.last_attention: ContextAttention | None = None  # of the latest reply's prefix
 
     def replying(self, t: float) -> bool:
         return self.active_turn != 0 or t < self.playback_end
 
     def process(self, frame):
-        yield frame
         if isinstance(frame, Interrupt):
-            self.cancel()
-        elif isinstance(frame, TurnEnd):
+            self.cancel()               # before the Interrupt goes out: no audio after it
+        yield frame
+        if isinstance(frame, TurnEnd):
             self.cancel()
             q0 = max(0.0, frame.speech_start - self.opts.question_pad)
             feats = self.scene.features(q0, min(frame.speech_end, self.scene.now))
@@ -171,7 +182,11 @@ class ReplyProcessor(Processor):
                 self.emit(frame)
                 return True
         try:
-            prefix = self.agent.model.prefix(feats)
+            with torch.inference_mode():
+                prefix = self.agent.model.prefix(feats)
+            self.last_attention = ContextAttention(
+                turn.turn, prefix.attn[0].sum(0).float().cpu().numpy(),
+                prefix.context_times[0].float().cpu().numpy(), prefix.context_kind[0].cpu().numpy())
             for ev in self.generator.run(prefix, t0=wall0):
                 if cancel.is_set():
                     break
@@ -214,7 +229,7 @@ class Engine:
     def __init__(self, agent: Agent, on_output: Callable[[Frame], None],
                  options: EngineOptions = EngineOptions(), recorder=None):
         self.agent, self.options, self.on_output = agent, options, on_output
-        self.scene = SceneEncoder(agent.model)
+        self.scene = SceneEncoder(agent.model, max_fps=2 * options.sampler_fps)
         self._emit_lock = threading.Lock()
         self.reply = ReplyProcessor(agent, self.scene, options, self._emit)
         self.processors: list[Processor] = []
@@ -231,12 +246,18 @@ class Engine:
         return self.scene.now
 
     def push(self, frame: Frame) -> None:
-        frames = [frame]
-        for p in self.processors:
-            frames = [out for f in frames for out in p.process(f)]
-        for f in frames:
+        # Depth first: each derived frame is emitted as soon as it leaves the last processor,
+        # so SpeechEnd/TurnEnd go out before the reply they start (no reply_text first).
+        for f in self._run(frame, 0):
             if not isinstance(f, (AudioIn, VideoIn, Control)):
                 self._emit(f)
+
+    def _run(self, frame: Frame, i: int):
+        if i == len(self.processors):
+            yield frame
+            return
+        for out in self.processors[i].process(frame):
+            yield from self._run(out, i + 1)
 
     def push_audio(self, pcm: np.ndarray) -> None:
         self.push(AudioIn(self.now, np.asarray(pcm, np.float32)))

@@ -119,18 +119,17 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     """Presets: `tiny` (tests, builds in milliseconds), `demo` (the shipped default),
     `pretrained` (real Whisper encoder dims, a Hugging Face LM backbone, EnCodec 24 kHz codes:
     pass `audio=AudioEncoderConfig.from_whisper_dims(...)` and `hf_model=...`)."""
-    from speech.whisper_encoder import AUDIO_ENCODER_PRESETS
     from vision.encoder import VISION_PRESETS
     if name == "tiny":
-        base = dict(audio=AUDIO_ENCODER_PRESETS["tiny"], vision=VISION_PRESETS["tiny"], d_model=64,
+        base = dict(audio=AudioEncoderConfig.preset("tiny"), vision=VISION_PRESETS["tiny"], d_model=64,
                     n_layer=2, n_head=2, n_clues=4, agg_layers=1, max_seq_len=320, time_freqs=8,
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
     elif name == "demo":
-        base = dict(audio=AUDIO_ENCODER_PRESETS["demo"], vision=VISION_PRESETS["demo"], d_model=256,
+        base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":
-        base = dict(audio=AUDIO_ENCODER_PRESETS["demo"], vision=VISION_PRESETS["demo"], d_model=512,
+        base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=512,
                     n_layer=0, n_head=8, backbone="hf", n_clues=32, agg_layers=2, max_seq_len=1024,
                     mctp_k=3, mctp_layers=1)
     else:

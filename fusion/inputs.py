@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from speech.constants import (AUDIO_FEATURE_RATE, SAMPLE_RATE, SCENE_CHUNK_SAMPLES,
-                              SCENE_CHUNK_SECONDS)
+from speech.constants import (AUDIO_FEATURE_RATE, SAMPLE_RATE, SAMPLER_FPS,
+                              SCENE_CHUNK_SAMPLES, SCENE_CHUNK_SECONDS)
 from speech.whisper_encoder import log_mel
 from vision.encoder import preprocess
 from vision.ring import TimedRing
@@ -26,7 +26,8 @@ class SceneEncoder:
     sizes (the session clock is the count of samples pushed); `push_frame` takes one BGR frame
     with its session time. `features(q_t0, q_t1)` assembles one turn's inputs."""
 
-    def __init__(self, model: FusionModel, history_seconds: float | None = None):
+    def __init__(self, model: FusionModel, history_seconds: float | None = None,
+                 max_fps: float = 2 * SAMPLER_FPS):
         self.model = model
         c = model.config
         p = next(model.parameters())
@@ -34,7 +35,7 @@ class SceneEncoder:
         self.history = history_seconds or (c.context_seconds + 4.0)
         n_chunks = int(np.ceil(self.history / SCENE_CHUNK_SECONDS)) + 1
         self.audio_ring = TimedRing(n_chunks * _FEATS_PER_CHUNK, (c.audio.n_state,), self.dtype, self.device)
-        self.frame_ring = TimedRing(int(self.history * 30) + 1, (c.vision.n_tokens, c.vision.width),
+        self.frame_ring = TimedRing(int(self.history * max_fps) + 1, (c.vision.n_tokens, c.vision.width),
                                     self.dtype, self.device)
         # raw audio kept for the question and the current partial chunk: a fixed ring too
         self._pcm = np.zeros(int(self.history * SAMPLE_RATE) + SCENE_CHUNK_SAMPLES, np.float32)
@@ -46,9 +47,15 @@ class SceneEncoder:
         return self.samples / SAMPLE_RATE
 
     def reset(self):
+        self.reset_to(0)
+
+    def reset_to(self, sample: int):
+        """Forgets everything and restarts the clock at `sample` (a chunk boundary): offline
+        use skips stretches of a session that no turn needs."""
+        assert sample % SCENE_CHUNK_SAMPLES == 0, (sample, SCENE_CHUNK_SAMPLES)
         self.audio_ring.clear()
         self.frame_ring.clear()
-        self.samples = self._encoded = 0
+        self.samples = self._encoded = sample
 
     # --- input ------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -27,7 +27,7 @@ class WhisperASR:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         name = str(name_or_path)
-        fix = f"or pass --asr-model PATH"
+        fix = "or pass --asr-model PATH"
         if name in whisper._MODELS:
             cached = whisper_checkpoint_path(name).is_file()
             offline = os.environ.get("TANDEM_OFFLINE", "") not in ("", "0")

@@ -10,9 +10,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from speech.constants import PCM16_MAX, SAMPLE_RATE
+
+
+def _is_tensor(x) -> bool:  # without importing torch (keeps file/device tools light)
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
 
 
 class AudioFileError(ValueError):
@@ -23,12 +26,13 @@ class AudioFileError(ValueError):
 def resample(x, sr_in: int, sr_out: int):
     """Resample `(T,)` or `(T, C)` audio from `sr_in` to `sr_out` Hz (torchaudio's
     band-limited sinc). Returns the input's type (numpy float32 or Tensor)."""
+    import torch
     import torchaudio.functional as AF
 
     for name, sr in (("sr_in", sr_in), ("sr_out", sr_out)):
         if int(sr) != sr or sr <= 0:
             raise ValueError(f"{name} must be a positive integer sample rate in Hz, got {sr!r}")
-    is_np = not torch.is_tensor(x)
+    is_np = not _is_tensor(x)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if is_np else x
     if t.ndim not in (1, 2):
         raise ValueError(f"resample takes (T,) or (T, C) audio, got shape {tuple(t.shape)}")
@@ -44,7 +48,7 @@ def to_mono(x):
         return x
     if x.ndim != 2:
         raise ValueError(f"to_mono takes (T,) or (T, C) audio, got shape {tuple(x.shape)}")
-    if torch.is_tensor(x):
+    if _is_tensor(x):
         return x.mean(dim=1)
     return x.mean(axis=1, dtype=np.float64).astype(np.float32)
 
@@ -52,7 +56,7 @@ def to_mono(x):
 def float_to_pcm16(x) -> np.ndarray:
     """Float audio in [-1, 1] -> int16. Out-of-range values are clipped (never wrapped);
     NaN and +-inf become 0."""
-    a = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    a = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
     a = np.nan_to_num(a.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     return np.rint(np.clip(a, -1.0, 1.0) * PCM16_MAX).astype(np.int16)
 
@@ -89,7 +93,7 @@ def check_pcm(x, sample_rate: int, expected_rate: int = SAMPLE_RATE, name: str =
                          "convert PCM16 with speech.audio.pcm16_to_float")
     if shape[0] == 0:
         raise ValueError(f"{name}: audio is empty (0 samples); pass at least one sample")
-    finite = torch.isfinite(x).all().item() if torch.is_tensor(x) else np.isfinite(x).all()
+    finite = x.isfinite().all().item() if _is_tensor(x) else np.isfinite(x).all()
     if not finite:
         raise ValueError(f"{name}: audio contains NaN or inf; clean it first, e.g. "
                          "np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)")
@@ -165,16 +169,17 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     if ch < 1 or rate < 1:
         raise AudioFileError(f"{path}: WAV header has {ch} channels at {rate} Hz")
     if trusted:
-        try:
-            x, sr = sf.read(str(path), dtype="float32", always_2d=False)
-            return np.ascontiguousarray(x, dtype=np.float32), int(sr)
+        try:  # PCM16 via int16 so that both paths use pcm16_to_float's scale
+            pcm16 = sf.info(str(path)).subtype == "PCM_16"
+            x, sr = sf.read(str(path), dtype="int16" if pcm16 else "float32", always_2d=False)
+            x = pcm16_to_float(x) if pcm16 else np.ascontiguousarray(x, dtype=np.float32)
+            return x, int(sr)
         except Exception as e:  # libsndfile rejects it: fall back to our own parser
             if not ((tag, bits) in ((_PCM, 16), (_FLOAT, 32))):
                 raise AudioFileError(f"{path}: unreadable WAV ({e})") from e
-    if (tag, bits) == (_PCM, 16):
-        dtype, scale = np.dtype("<i2"), 1.0 / PCM16_MAX
-    elif (tag, bits) == (_FLOAT, 32):
-        dtype, scale = np.dtype("<f4"), 1.0
+    is_pcm16 = (tag, bits) == (_PCM, 16)
+    if is_pcm16 or (tag, bits) == (_FLOAT, 32):
+        dtype = np.dtype("<i2" if is_pcm16 else "<f4")
     else:
         raise AudioFileError(f"{path}: unfinalised WAV in format tag {tag} / {bits} bit; only "
                              "PCM16 and float32 can be recovered (re-encode with sox or ffmpeg)")
@@ -183,9 +188,8 @@ def read_wav(path) -> tuple[np.ndarray, int]:
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(n * frame)
-    x = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize).astype(np.float32)
-    if scale != 1.0:
-        x *= np.float32(scale)
+    x = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
+    x = pcm16_to_float(x.astype(np.int16)) if is_pcm16 else x.astype(np.float32)
     return (x if ch == 1 else x.reshape(-1, ch)), int(rate)
 
 

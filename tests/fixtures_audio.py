@@ -42,7 +42,9 @@ def pulse_null_sink(tmp_path_factory):
     default source that sink's monitor. PortAudio reaches it through ALSA's `pulse` device
     (libasound2-plugins, a dependency of Debian's pulseaudio); PULSE_SERVER points the
     plugin at it for the session. Works as root: the daemon runs in user mode (--system=false)
-    and only warns about root; `-n` skips default.pa (no hardware probing in containers)."""
+    and only warns about root; `-n` skips default.pa (no hardware probing in containers).
+    A `pacat` playing silence keeps the null sink rendering in 20 ms blocks: without a
+    low-latency client it renders ~2 s blocks and a new recorder gets nothing for ~1.6 s."""
     exe = shutil.which("pulseaudio")
     if exe is None or shutil.which("pactl") is None:
         pytest.fail("pulseaudio is not installed: run `make system` "
@@ -70,6 +72,10 @@ def pulse_null_sink(tmp_path_factory):
                      ("set-default-source", "tandem_null.monitor")):
             r = _pactl(server, *args)
             assert r.returncode == 0, (args, r.stderr)
+        keeper = subprocess.Popen(
+            ["pacat", "--playback", "--raw", "--latency-msec=20", "--rate=16000",
+             "--channels=1", "--format=s16le", "-d", "tandem_null", "/dev/zero"],
+            env=dict(env, PULSE_SERVER=server), stderr=subprocess.DEVNULL)
         old = os.environ.get("PULSE_SERVER")
         os.environ["PULSE_SERVER"] = server
         if "sounddevice" in sys.modules:  # PortAudio listed devices before the server ran
@@ -77,6 +83,9 @@ def pulse_null_sink(tmp_path_factory):
             list_devices(refresh=True)
         yield PulseNullSink(server, "tandem_null", "tandem_null.monitor", "pulse", log)
     finally:
+        if "keeper" in locals():
+            keeper.terminate()
+            keeper.wait(timeout=10)
         if "old" in locals():
             if old is None:
                 os.environ.pop("PULSE_SERVER", None)

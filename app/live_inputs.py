@@ -1,0 +1,280 @@
+"""Other front ends of a live conversation, sharing `app.live.LiveSession`'s state, and helpers:
+
+- `BrowserDevices`: the browser's webcam and microphone (Gradio streaming) feeding an
+  Engine when the app runs on another machine; the reply is pulled back as one output chunk
+  per microphone chunk (`PullSink`), so the browser's audio stream plays at real time.
+- `demo_replay`: a recorded session (app/session.py) played through `LocalDevices` at real
+  time: its mic.wav stands in for the microphone and its frames for the camera.
+- `StreamResampler` (chunked resampling), `attention_series` (attention for a plot),
+  `probe_devices` (what is missing on this machine).
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import io
+import math
+import threading
+import time
+import wave
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from speech.constants import SAMPLE_RATE
+from speech.io import AudioSink
+
+from .live import LiveOptions, LiveSession, LocalDevices
+
+
+class StreamResampler:
+    """Resamples a stream chunk by chunk with the same result as resampling it whole
+    (torchaudio's sinc), delayed by `pad` input samples of look-ahead; `flush` ends it."""
+
+    def __init__(self, sr_in: int, sr_out: int, pad: int = 64):
+        g = math.gcd(int(sr_in), int(sr_out))
+        self.sr_in, self.sr_out, self.a, self.b = int(sr_in), int(sr_out), sr_in // g, sr_out // g
+        self.pad = -(-pad // self.a) * self.a          # whole blocks of `a` input samples
+        self._buf = np.zeros(self.pad, np.float32)     # left context: zeros, as offline
+
+    def feed(self, x: np.ndarray) -> np.ndarray:
+        from speech.audio import resample
+        if self.sr_in == self.sr_out:
+            return np.asarray(x, np.float32)
+        self._buf = np.concatenate([self._buf, np.asarray(x, np.float32)])
+        ready = (len(self._buf) - 2 * self.pad) // self.a * self.a   # samples with full context
+        if ready <= 0:
+            return np.zeros(0, np.float32)
+        y = resample(self._buf[:ready + 2 * self.pad], self.sr_in, self.sr_out)
+        k = self.pad // self.a * self.b
+        out = y[k:k + ready // self.a * self.b]
+        self._buf = self._buf[ready:]
+        return out
+
+    def flush(self) -> np.ndarray:
+        tail = len(self._buf) - self.pad
+        out = self.feed(np.zeros(2 * self.pad + self.a, np.float32))
+        return out[:int(round(tail * self.sr_out / self.sr_in))]
+
+
+class PullSink(AudioSink):
+    """A speaker played by pulling: `pull(n)` returns the next n samples, silence where
+    nothing is queued. Holds at most `max_seconds` (the oldest audio is dropped beyond)."""
+
+    def __init__(self, sample_rate: int, max_seconds: float = 60.0):
+        self.sample_rate = int(sample_rate)
+        self._q: collections.deque[np.ndarray] = collections.deque()
+        self._n, self._max = 0, int(max_seconds * self.sample_rate)
+        self._lock = threading.Lock()
+        self.played_samples = 0        # reply samples pulled (silence not counted)
+
+    def write(self, pcm) -> None:
+        x = np.asarray(pcm, np.float32).reshape(-1).copy()
+        with self._lock:
+            self._q.append(x)
+            self._n += len(x)
+            while self._n > self._max:             # drop the oldest samples
+                extra, head = self._n - self._max, self._q[0]
+                if len(head) <= extra:
+                    self._q.popleft()
+                    self._n -= len(head)
+                else:
+                    self._q[0] = head[extra:]
+                    self._n -= extra
+
+    def pull(self, n: int) -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        got = 0
+        with self._lock:
+            while got < n and self._q:
+                head = self._q[0]
+                k = min(n - got, len(head))
+                out[got:got + k] = head[:k]
+                got += k
+                if k == len(head):
+                    self._q.popleft()
+                else:
+                    self._q[0] = head[k:]
+            self._n -= got
+            self.played_samples += got
+        return out
+
+    def queued_seconds(self) -> float:
+        return self._n / self.sample_rate
+
+    def clear(self) -> None:
+        with self._lock:
+            self._q.clear()
+            self._n = 0
+
+
+def _mic_float(pcm: np.ndarray) -> np.ndarray:
+    """Gradio microphone data: int16 (T,) or (T, C), or float -> mono float32."""
+    x = np.asarray(pcm)
+    x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32)
+    return x.mean(axis=1) if x.ndim == 2 else x.reshape(-1)
+
+
+def wav_bytes(sample_rate: int, pcm16: np.ndarray) -> bytes:
+    """A mono PCM16 WAV file in memory (what a streaming gr.Audio output takes)."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(np.asarray(pcm16, "<i2").tobytes())
+    return buf.getvalue()
+
+
+class BrowserDevices(LiveSession):
+    """Microphone chunks and webcam frames from a browser (any thread; pushes are
+    serialised) into an Engine; `push_mic` returns as much reply audio as the chunk lasted."""
+
+    def __init__(self, agent, options: LiveOptions = LiveOptions()):
+        super().__init__(agent, options)
+        self._push_lock = threading.Lock()
+        self._rs: StreamResampler | None = None
+        self._open_engine(PullSink(agent.output_rate))
+        self._closed = False
+        self.status = "listening (browser devices)"
+
+    @property
+    def running(self) -> bool:
+        return not self._closed
+
+    def push_mic(self, sample_rate: int, pcm: np.ndarray) -> tuple[int, np.ndarray]:
+        """(sr, int16 or float PCM, mono or (T, C)) -> (output rate, int16 reply PCM of the
+        same duration; silence where the agent is not speaking)."""
+        from speech.audio import float_to_pcm16
+        if self._closed:
+            raise RuntimeError("this browser session is closed; start a new one")
+        x = _mic_float(pcm)
+        with self._push_lock:
+            if self._rs is None or self._rs.sr_in != int(sample_rate):
+                self._rs = StreamResampler(int(sample_rate), SAMPLE_RATE)
+            y = self._rs.feed(x)
+            if y.size:
+                self.engine.push_audio(y)
+        n = int(round(len(x) * self.agent.output_rate / int(sample_rate)))
+        return self.agent.output_rate, float_to_pcm16(self.sink.pull(n))
+
+    def push_frame(self, rgb: np.ndarray) -> None:
+        """One webcam frame, (H, W, 3) uint8 RGB (RGBA is cut to RGB)."""
+        if self._closed:
+            return
+        bgr = np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., 2::-1])
+        with self._push_lock:
+            self.engine.push_frame(bgr)
+        self.set_preview(bgr)
+
+    def stop(self) -> None:
+        self._closed = True
+        self.engine.close()
+        self.sink.clear()
+        self._set_status("stopped")
+
+
+class SessionCamera:
+    """A recorded session's frames as a camera: `latest()` is the last frame due at the
+    time since `start()` (decoded once, on demand)."""
+
+    def __init__(self, session):
+        self.session = session
+        self._t0: float | None = None
+        self._cache: tuple[int, object] | None = None
+
+    def start(self) -> "SessionCamera":
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> None:
+        self._t0 = None
+
+    def latest(self):
+        from vision.camera import Frame
+        if self._t0 is None or not self.session.frames:
+            return None
+        frames = self.session.frames
+        i = bisect.bisect_right(frames, time.monotonic() - self._t0, key=lambda f: f.t) - 1
+        if i < 0:
+            return None
+        if self._cache is None or self._cache[0] != i:
+            self._cache = (i, Frame(self.session.frames[i].t, self.session.read_frame(i), i))
+        return self._cache[1]
+
+
+def demo_sessions(*roots) -> list[Path]:
+    """Session directories (those holding a session.json) directly under `roots`."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if root.is_dir():
+            found += sorted(p for p in root.iterdir() if (p / "session.json").is_file())
+    return found
+
+
+def demo_replay(agent, session_dir, options: LiveOptions = LiveOptions(), sink=None) -> LocalDevices:
+    """A LocalDevices replaying `session_dir` at real time. The reply plays on `sink`; by
+    default the local speaker, or a `MemorySink` (its `.audio` for a player) when there is
+    none. Not started."""
+    from speech.io import AudioDeviceError, DuplexDevice, FileSource, MemorySink
+    from .session import load_session
+    session = load_session(session_dir)
+    if not (Path(session_dir) / "mic.wav").is_file():
+        raise FileNotFoundError(f"{session_dir} has no mic.wav: a demo replay needs the audio")
+    speaker_note = None
+    if sink is None:
+        try:
+            dev = DuplexDevice(options.input_device, options.output_device,
+                               output_rate=agent.output_rate).start()
+            sink = dev.sink
+        except AudioDeviceError as e:
+            sink = MemorySink(agent.output_rate, clock=time.monotonic)
+            speaker_note = f"No speaker: the reply is shown as an audio player. ({e})"
+    live = LocalDevices(agent, replace(options, camera=None),
+                        source=FileSource(Path(session_dir) / "mic.wav", realtime=True), sink=sink,
+                        camera=SessionCamera(session) if session.frames else None)
+    if speaker_note:
+        live.notice(speaker_note)
+    return live
+
+
+def attention_series(att) -> list[tuple[str, float, float]]:
+    """(modality, t, weight) per distinct context time: video tokens of one frame and audio
+    tokens of one instant are summed. `t` is seconds relative to the end of the question."""
+    if att is None or len(att.weights) == 0:
+        return []
+    out = []
+    for kind, name in ((2, "video"), (1, "audio")):
+        sel = att.kinds == kind
+        if not sel.any():
+            continue
+        times, inv = np.unique(np.round(att.times[sel], 3), return_inverse=True)
+        sums = np.bincount(inv, weights=att.weights[sel], minlength=len(times))
+        out += [(name, float(t), float(w)) for t, w in zip(times, sums)]
+    return out
+
+
+def probe_devices(options: LiveOptions) -> list[str]:
+    """Notices for what is missing locally (no microphone / speaker / camera), [] if all is
+    there. Opens and closes each device once; never raises."""
+    from speech.io import AudioDeviceError, DuplexDevice
+    from vision.camera import Camera, CameraError
+    notes = []
+    try:
+        DuplexDevice(options.input_device, options.output_device).close()
+    except AudioDeviceError as e:
+        notes.append(f"No usable microphone/speaker on this machine: {e}")
+    except Exception as e:  # a broken sound stack must not take the app down
+        notes.append(f"The sound card could not be opened: {e!r}")
+    if options.camera is not None:
+        try:
+            cam = Camera(options.camera, open_timeout=3.0)
+            cam.start()
+            cam.stop()
+        except CameraError as e:
+            notes.append(f"No camera: {e}")
+    return notes
+
+

@@ -1,0 +1,240 @@
+"""The browser websocket protocol (DESIGN.md, "Websocket protocol"): pure functions.
+
+Every message is binary: the first byte is the kind, the rest the payload.
+
+| kind | direction | payload |
+| 0 handshake | both | JSON object (see below) |
+| 1 audio in | client -> server | PCM16 little-endian mono at the handshake's input_rate |
+| 2 video in | client -> server | one JPEG frame |
+| 3 audio out | server -> client | PCM16 little-endian mono at the handshake's output_rate |
+| 4 event | both | JSON object with a "type" |
+| 5 error | server -> client | JSON object {"code": CODE, "message": text} |
+
+Handshake. The client opens with {"protocol": 1, "input_rate": 16000, "token": "..."}
+("input_rate" defaults to 16000, "token" is needed only when the server was started with
+one). The server answers {"protocol": 1, "session": id, "input_rate": rate accepted,
+"output_rate": codec rate, "model": name}.
+
+Input rate: the server accepts any integer input_rate within [MIN_INPUT_RATE,
+MAX_INPUT_RATE] and resamples to 16 kHz itself (`PCMInput`, a streaming resampler whose
+chunked output equals offline resampling); anything else is refused with "bad_handshake".
+The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling is the
+usual case.
+
+Client events: {"type": "control", "action": "interrupt" | "reset"}.
+Server events: "speech_start", "speech_end", "turn_start", "reply_text", "interrupt",
+"turn_end", "metrics", "shutdown" (see app/server.py for their fields).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MIN_INPUT_RATE, MAX_INPUT_RATE = 8_000, 48_000
+
+
+class Kind(IntEnum):
+    HANDSHAKE = 0
+    AUDIO_IN = 1
+    VIDEO_IN = 2
+    AUDIO_OUT = 3
+    EVENT = 4
+    ERROR = 5
+
+
+CLIENT_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO_IN, Kind.VIDEO_IN, Kind.EVENT})
+SERVER_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO_OUT, Kind.EVENT, Kind.ERROR})
+JSON_KINDS = frozenset({Kind.HANDSHAKE, Kind.EVENT, Kind.ERROR})
+
+# Error codes (kind 5 "code")
+BAD_MESSAGE = "bad_message"          # empty, or a text frame where binary is required
+UNKNOWN_KIND = "unknown_kind"
+WRONG_DIRECTION = "wrong_direction"  # e.g. a client sending "audio out"
+BAD_JSON = "bad_json"                # not UTF-8 JSON, or not a JSON object
+BAD_AUDIO = "bad_audio"              # odd-length PCM16
+BAD_VIDEO = "bad_video"              # not a (whole) JPEG
+TOO_LARGE = "too_large"              # over the per-kind size limit
+BAD_HANDSHAKE = "bad_handshake"      # missing/invalid handshake fields, or not first
+BAD_EVENT = "bad_event"              # unknown event type or control action
+UNAUTHORIZED = "unauthorized"        # token missing or wrong (the server then closes)
+BUSY = "busy"                        # max_sessions reached (the server then closes)
+TIMEOUT = "timeout"                  # no handshake in time (the server then closes)
+TOO_MANY_ERRORS = "too_many_errors"  # the server gave up on a client (then closes)
+INTERNAL = "internal"                # a server-side failure for this session
+
+# Per-kind payload limits (bytes); the websocket max_size caps whole messages above these.
+DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
+                  Kind.AUDIO_IN: 2 * MAX_INPUT_RATE,        # 1 s of PCM16 at the top rate
+                  Kind.AUDIO_OUT: 2 * MAX_INPUT_RATE * 4,
+                  Kind.VIDEO_IN: 2 * 1024 * 1024}
+CONTROL_ACTIONS = ("interrupt", "reset")
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; `code` is one of the error codes above."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def payload(self) -> dict:
+        return {"code": self.code, "message": self.message}
+
+
+def encode(kind: int, payload) -> bytes:
+    """One message: dict payloads (kinds 0/4/5) become UTF-8 JSON; bytes-like payloads and
+    int16 numpy arrays (kinds 1/2/3) are sent as they are (int16 as little-endian)."""
+    kind = Kind(kind)
+    if kind in JSON_KINDS:
+        if not isinstance(payload, dict):
+            raise TypeError(f"kind {kind.name} takes a dict payload, got {type(payload).__name__}")
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    elif isinstance(payload, np.ndarray):
+        if payload.dtype != np.int16:
+            raise TypeError(f"audio arrays must be int16 (speech.audio.float_to_pcm16), got {payload.dtype}")
+        body = payload.astype("<i2", copy=False).tobytes()
+    else:
+        body = bytes(payload)
+    return bytes((kind,)) + body
+
+
+def _is_jpeg(b: bytes) -> bool:
+    return len(b) >= 4 and b[:3] == b"\xff\xd8\xff" and b.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+
+
+def decode(message, sender: str = "client", limits: dict | None = None):
+    """Parse one message from `sender` ("client": what a server receives; "server": what a
+    client receives) -> (Kind, payload): a dict for JSON kinds, bytes otherwise.
+    Raises ProtocolError(code, message) for anything malformed."""
+    if sender not in ("client", "server"):
+        raise ValueError(f"sender must be 'client' or 'server', got {sender!r}")
+    if isinstance(message, str):
+        raise ProtocolError(BAD_MESSAGE, "text frames are not part of the protocol: send binary "
+                                         "messages whose first byte is the kind")
+    message = bytes(message)
+    if not message:
+        raise ProtocolError(BAD_MESSAGE, "empty message: the first byte must be the kind (0-5)")
+    try:
+        kind = Kind(message[0])
+    except ValueError:
+        raise ProtocolError(UNKNOWN_KIND, f"unknown message kind {message[0]}: kinds are 0-5") from None
+    allowed = CLIENT_KINDS if sender == "client" else SERVER_KINDS
+    if kind not in allowed:
+        raise ProtocolError(WRONG_DIRECTION, f"kind {int(kind)} ({kind.name.lower()}) is never sent "
+                                             f"by a {sender}")
+    body = message[1:]
+    limit = (limits or DEFAULT_LIMITS).get(kind)
+    if limit is not None and len(body) > limit:
+        raise ProtocolError(TOO_LARGE, f"{kind.name.lower()} payload of {len(body)} bytes is over "
+                                       f"the {limit}-byte limit for that kind")
+    if kind in JSON_KINDS:
+        try:
+            obj = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is not UTF-8 JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload must be a JSON object, "
+                                          f"got {type(obj).__name__}")
+        if kind == Kind.EVENT and not isinstance(obj.get("type"), str):
+            raise ProtocolError(BAD_EVENT, 'events need a string "type"')
+        return kind, obj
+    if kind in (Kind.AUDIO_IN, Kind.AUDIO_OUT):
+        if len(body) % 2:
+            raise ProtocolError(BAD_AUDIO, f"PCM16 needs an even number of bytes, got {len(body)}: "
+                                           "a sample was split; send whole samples")
+        return kind, body
+    if not _is_jpeg(body):
+        raise ProtocolError(BAD_VIDEO, f"video payload of {len(body)} bytes is not a whole JPEG "
+                                       "(must start with FF D8 FF and end with FF D9)")
+    return kind, body
+
+
+# --- handshake ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientHello:
+    protocol: int
+    input_rate: int
+    token: str | None
+
+
+def parse_client_handshake(obj: dict) -> ClientHello:
+    """Validate the client's handshake object; raises ProtocolError(BAD_HANDSHAKE)."""
+    version = obj.get("protocol", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise ProtocolError(BAD_HANDSHAKE, f"protocol version {version!r} is not supported; this "
+                                           f"server speaks version {PROTOCOL_VERSION}")
+    rate = obj.get("input_rate", 16_000)
+    if (not isinstance(rate, int) or isinstance(rate, bool)
+            or not MIN_INPUT_RATE <= rate <= MAX_INPUT_RATE):
+        raise ProtocolError(BAD_HANDSHAKE, f"input_rate must be an integer number of Hz within "
+                                           f"[{MIN_INPUT_RATE}, {MAX_INPUT_RATE}], got {rate!r}")
+    token = obj.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(BAD_HANDSHAKE, "token must be a string")
+    return ClientHello(version, rate, token)
+
+
+def server_handshake(session: str, input_rate: int, output_rate: int, model: str) -> dict:
+    return {"protocol": PROTOCOL_VERSION, "session": session, "input_rate": int(input_rate),
+            "output_rate": int(output_rate), "model": model}
+
+
+def error(code: str, message: str) -> bytes:
+    return encode(Kind.ERROR, {"code": code, "message": message})
+
+
+def event(type: str, **fields) -> bytes:
+    return encode(Kind.EVENT, {"type": type, **fields})
+
+
+# --- input audio ----------------------------------------------------------------------------
+class PCMInput:
+    """Turns kind-1 payloads at `rate` into 16 kHz float32, streaming: the concatenated output
+    equals `speech.audio.resample` of the whole stream exactly; output whose filter still
+    needs input that has not arrived (< 1 ms) is held back until it does (or `flush`)."""
+
+    def __init__(self, rate: int, out_rate: int = 16_000):
+        from math import ceil, gcd
+        self.rate, self.out_rate = int(rate), int(out_rate)
+        g = gcd(self.rate, self.out_rate)
+        self.si, self.so = self.rate // g, self.out_rate // g    # resample's reduced rates
+        # torchaudio's windowed sinc reaches `width` input samples each side (exactly zero
+        # beyond), for its default lowpass_filter_width=6 and rolloff=0.99
+        self.width = ceil(6 * self.si / (min(self.si, self.so) * 0.99)) + 1
+        self._buf = np.zeros(0, np.float32)   # input from absolute sample _i0 (a multiple of si)
+        self._i0 = 0
+        self._n_out = 0                       # output samples emitted
+
+    def push(self, payload: bytes) -> np.ndarray:
+        from speech.audio import pcm16_to_float
+        x = pcm16_to_float(payload)
+        if self.rate == self.out_rate:
+            return x
+        self._buf = np.concatenate([self._buf, x])
+        return self._emit(final=False)
+
+    def flush(self) -> np.ndarray:
+        return np.zeros(0, np.float32) if self.rate == self.out_rate else self._emit(final=True)
+
+    def _emit(self, final: bool) -> np.ndarray:
+        from speech.audio import resample
+        si, so = self.si, self.so
+        n_in = self._i0 + len(self._buf)                       # absolute input samples
+        # offline output length is ceil(n_in * so / si); output j sits at input j * si / so
+        end = -(-n_in * so // si) if final else max(0, (n_in - self.width) * so // si)
+        if end <= self._n_out:
+            return np.zeros(0, np.float32)
+        o0 = self._i0 // si * so                              # output index of _buf[0]
+        y = resample(self._buf, self.rate, self.out_rate)
+        out = y[self._n_out - o0:end - o0]
+        assert len(out) == end - self._n_out, (len(out), end, self._n_out)
+        self._n_out = end
+        keep = max(0, (end * si // so - self.width - 1) // si * si)   # left context to keep
+        if keep > self._i0:
+            self._buf, self._i0 = self._buf[keep - self._i0:], keep
+        return np.ascontiguousarray(out, np.float32)

@@ -1,0 +1,345 @@
+"""Replay a recorded session through the same Engine that runs live sessions.
+
+Default: as fast as possible on a virtual clock (`threaded=False`: each reply is generated
+inline at its end-of-turn decision and its audio stamped decision + compute time, so the
+latencies are compute latencies). `realtime=True`: the threaded engine, input paced at the
+recorded speed on the wall clock.
+
+Writes OUT/report.json, OUT/summary.txt, OUT/agent.wav (the agent's voice on the session
+timeline), OUT/turns/turn_NNN.wav (each reply as generated) and OUT/timeline.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import string
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from speech.constants import SAMPLE_RATE
+
+from .agent import Agent
+from .engine import Engine, EngineOptions
+from .frames import (AudioOut, Frame, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
+                     TurnEnd, TurnMetrics)
+from .session import Session, SessionWriter, load_session
+
+CHUNK = SAMPLE_RATE // 50      # 20 ms of microphone audio per push
+
+
+@dataclass
+class TurnResult:
+    turn: int
+    speech_start: float               # session s: the user's speech (VAD)
+    speech_end: float
+    decision: float                   # session s: end-of-turn decision
+    first_audio: float | None         # session s: first reply audio sample out
+    response_latency: float | None    # first_audio - speech_end
+    compute_latency: float | None     # first audio chunk ready - decision (wall s)
+    generation_rtf: float | None      # reply audio s / generation wall s
+    reply_seconds: float              # reply audio generated
+    played_seconds: float             # of it, placed on the timeline before a cut
+    text: str
+    tokens: list[str]
+    audio_file: str | None            # "turns/turn_001.wav" (codec rate), None: no audio
+    interrupted: bool
+    interrupted_at: float | None      # session s where the reply was cut
+    backbone_forwards: int
+    question: str | None = None       # ground truth (demo-world "question" events)
+    expected: str | None = None
+    correct: bool | None = None
+
+
+@dataclass
+class ReplayReport:
+    session: str
+    out_dir: str
+    model: str
+    mode: str
+    realtime: bool
+    hardware: str
+    duration: float                   # session s
+    wall_seconds: float
+    turns: list[TurnResult]
+    summary: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Collector:
+    """on_output: keeps what the engine said (from any thread)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.speech: list[list[float | None]] = []          # [start, end] VAD spans
+        self.ends: dict[int, TurnEnd] = {}
+        self.tokens: dict[int, list[str]] = {}
+        self.chunks: dict[int, list[AudioOut]] = {}
+        self.metrics: dict[int, TurnMetrics] = {}
+        self.interrupts: list[Interrupt] = []
+
+    def __call__(self, f: Frame) -> None:
+        with self.lock:
+            if isinstance(f, SpeechStart):
+                self.speech.append([f.t, None])
+            elif isinstance(f, SpeechEnd) and self.speech and self.speech[-1][1] is None:
+                self.speech[-1][1] = f.t
+            elif isinstance(f, TurnEnd):
+                self.ends[f.turn] = f
+            elif isinstance(f, TextOut):
+                self.tokens.setdefault(f.turn, []).append(f.token)
+            elif isinstance(f, AudioOut):
+                self.chunks.setdefault(f.turn, []).append(f)
+            elif isinstance(f, TurnDone):
+                self.metrics[f.metrics.turn] = f.metrics
+            elif isinstance(f, Interrupt):
+                self.interrupts.append(f)
+
+
+def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
+           options: EngineOptions | None = None, progress: bool = True,
+           record=None) -> ReplayReport:
+    """Replays `session_dir` through an Engine running `agent`; writes the outputs to
+    `out_dir` (see the module doc) and, with `record=DIR`, records the replay as a new
+    session. `options.threaded` follows `realtime`."""
+    from .recorder import EVENT_TYPES, Recorder
+    session = load_session(session_dir)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
+    (out / "turns").mkdir(parents=True, exist_ok=True)
+    for old in (out / "turns").glob("turn_*.wav"):
+        old.unlink()
+    options = replace(options or EngineOptions(), threaded=realtime)
+    recorder = None
+    if record is not None:
+        recorder = Recorder(SessionWriter(record, meta={
+            "source": "replay", "replay_of": str(session.root), "model": agent.name}))
+        for ev in session.events:  # ground truth travels with the recording
+            if ev["type"] not in EVENT_TYPES:
+                recorder.write_event(ev["t"], **{k: v for k, v in ev.items() if k != "t"})
+    col = _Collector()
+    engine = Engine(agent, col, options, recorder=recorder)
+    wall0 = time.perf_counter()
+    try:
+        _feed(engine, session, realtime, progress)
+        engine.wait_idle()
+    finally:
+        engine.close()
+    wall = time.perf_counter() - wall0
+
+    sr = agent.output_rate
+    turns, track = _timeline(col, session, sr, out)
+    _match_questions(turns, session.events)
+    report = ReplayReport(
+        session=str(session.root), out_dir=str(out), model=agent.name,
+        mode=options.generation.mode, realtime=realtime, hardware=hardware(agent),
+        duration=session.duration, wall_seconds=wall, turns=turns,
+        summary=summarize(turns, session), warnings=list(session.warnings))
+    _write_wav(out / "agent.wav", track, sr)
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    text = format_summary(report)
+    (out / "summary.txt").write_text(text + "\n")
+    if progress:
+        print(text)
+    from .replay_plot import plot_timeline
+    plot_timeline(out / "timeline.png", session, col.speech, turns, track, sr)
+    return report
+
+
+def _feed(engine: Engine, s: Session, realtime: bool, progress: bool) -> None:
+    """Mic audio in 20 ms chunks with each frame pushed once the clock reaches its t."""
+    from tqdm import tqdm
+    audio, frames = s.audio, s.frames
+    wall0 = time.perf_counter()
+
+    def pace(t: float) -> None:
+        if realtime and (d := wall0 + t - time.perf_counter()) > 0:
+            time.sleep(d)
+
+    def push_frames_until(t: float, fi: int) -> int:
+        while fi < len(frames) and frames[fi].t <= t:
+            pace(frames[fi].t)
+            engine.push_frame(s.read_frame(fi), t=frames[fi].t)
+            fi += 1
+        return fi
+
+    fi, done = 0, 0.0
+    with tqdm(total=round(s.duration, 2), unit="s", disable=not progress, leave=False,
+              desc="replay", bar_format="{desc} {bar} {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+        for a in range(0, len(audio), CHUNK):
+            fi = push_frames_until(a / SAMPLE_RATE, fi)
+            b = min(a + CHUNK, len(audio))
+            pace(b / SAMPLE_RATE)
+            engine.push_audio(audio[a:b])
+            if b / SAMPLE_RATE - done >= 0.25 or b == len(audio):
+                bar.update(round(b / SAMPLE_RATE - done, 2))
+                done = round(b / SAMPLE_RATE, 2)
+        push_frames_until(float("inf"), fi)    # frames after the end of the audio
+
+
+def _timeline(col: _Collector, s: Session, sr: int, out: Path):
+    """Per-turn results and the agent's voice on the session timeline (codec rate).
+
+    A reply plays chunk after chunk from its first chunk's t (a chunk never starts before its
+    t, nor before the previous one ended); it is cut at an Interrupt of its turn and at the
+    next end-of-turn decision (the engine cancels the old reply there)."""
+    ids = sorted(set(col.ends) | set(col.metrics))
+    placed, results = {}, []
+    for k in ids:
+        pos, segs = 0, []
+        for c in col.chunks.get(k, []):
+            pos = max(int(round(c.t * sr)), pos)
+            segs.append((pos, c.pcm))
+            pos += len(c.pcm)
+        placed[k] = segs
+    total = int(round(s.duration * sr))
+    ends = [segs[-1][0] + len(segs[-1][1]) for segs in placed.values() if segs]
+    track = np.zeros(max([total, *ends]), np.float32)
+    for i, k in enumerate(ids):
+        segs, m, te = placed[k], col.metrics.get(k), col.ends.get(k)
+        cuts = [f.t for f in col.interrupts if f.turn == k]
+        if i + 1 < len(ids) and ids[i + 1] in col.ends:
+            cuts.append(col.ends[ids[i + 1]].t)
+        natural = segs[-1][0] + len(segs[-1][1]) if segs else None
+        cut = min((int(round(t * sr)) for t in cuts
+                   if natural is not None and t * sr < natural), default=None)
+        played = 0
+        for pos, pcm in segs:
+            n = len(pcm) if cut is None else max(0, min(len(pcm), cut - pos))
+            track[pos:pos + n] = pcm[:n]
+            played += n
+        audio_file = None
+        if segs:
+            audio_file = f"turns/turn_{k:03d}.wav"
+            _write_wav(out / audio_file, np.concatenate([p for _, p in segs]), sr)
+        tokens = col.tokens.get(k, [])
+        interrupted = cut is not None or bool(m and m.interrupted)
+        results.append(TurnResult(
+            turn=k,
+            speech_start=m.speech_start if m else te.speech_start,
+            speech_end=m.speech_end if m else te.speech_end,
+            decision=m.decision if m else te.t,
+            first_audio=m.first_audio if m else None,
+            response_latency=m.response_latency if m else None,
+            compute_latency=m.compute_latency if m else None,
+            generation_rtf=m.generation_rtf if m else None,
+            reply_seconds=sum(len(p) for _, p in segs) / sr, played_seconds=played / sr,
+            text=m.text if m else "".join(tokens), tokens=tokens, audio_file=audio_file,
+            interrupted=interrupted,
+            interrupted_at=(cut / sr if cut is not None else
+                            min((f.t for f in col.interrupts if f.turn == k), default=None)
+                            if interrupted else None),
+            backbone_forwards=m.backbone_forwards if m else 0))
+    return results, track
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed: "The Red circle." -> "the red circle"."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _match_questions(turns: list[TurnResult], events: list[dict]) -> None:
+    """Each turn gets the ground-truth question whose speech span overlaps it most."""
+    qs = [e for e in events if e["type"] == "question" and isinstance(e.get("t_end"), (int, float))]
+    for r in turns:
+        best, overlap = None, 0.0
+        for q in qs:
+            o = min(r.speech_end, q["t_end"]) - max(r.speech_start, q["t"])
+            if o > overlap:
+                best, overlap = q, o
+        if best is not None:
+            r.question, r.expected = best.get("text"), best.get("answer")
+            if isinstance(r.expected, str):
+                r.correct = normalize_text(r.text) == normalize_text(r.expected)
+
+
+def _stats(values) -> dict | None:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return None
+    return {"mean": float(v.mean()), "median": float(np.median(v)),
+            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max())}
+
+
+def summarize(turns: list[TurnResult], s: Session) -> dict:
+    questions = [e for e in s.events if e["type"] == "question"]
+    scored = [r for r in turns if r.correct is not None]
+    return {
+        "turns": len(turns),
+        "replies_with_audio": sum(r.first_audio is not None for r in turns),
+        "interrupted": sum(r.interrupted for r in turns),
+        "response_latency": _stats(r.response_latency for r in turns),
+        "compute_latency": _stats(r.compute_latency for r in turns),
+        "generation_rtf": _stats(r.generation_rtf for r in turns),
+        "reply_seconds": sum(r.reply_seconds for r in turns),
+        "played_seconds": sum(r.played_seconds for r in turns),
+        "questions": len(questions),
+        "scored_turns": len(scored),
+        "correct": sum(bool(r.correct) for r in scored),
+        "accuracy": (sum(bool(r.correct) for r in scored) / len(questions)) if questions else None,
+    }
+
+
+def hardware(agent: Agent) -> str:
+    import torch
+    dev = next(agent.model.parameters()).device
+    if dev.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(dev)}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+
+
+def _f(x, spec=".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(r: ReplayReport) -> str:
+    clock = "real time" if r.realtime else "virtual clock"
+    lines = [f"replay of {r.session}", f"model {r.model} ({r.mode}, {clock}) on {r.hardware}",
+             f"session {r.duration:.1f} s replayed in {r.wall_seconds:.1f} s wall", "",
+             f"{'turn':>4} {'speech_end':>10} {'first_audio':>11} {'response':>8} "
+             f"{'compute':>7} {'rtf':>5} {'reply_s':>7}  text"]
+    for t in r.turns:
+        note = " [interrupted]" if t.interrupted else ""
+        if t.expected is not None:
+            note += f"  expected {t.expected!r} {'ok' if t.correct else 'WRONG'}"
+        text = t.text if len(t.text) <= 40 else t.text[:37] + "..."
+        lines.append(f"{t.turn:>4} {t.speech_end:>10.2f} {_f(t.first_audio):>11} "
+                     f"{_f(t.response_latency):>8} {_f(t.compute_latency):>7} "
+                     f"{_f(t.generation_rtf, '.1f'):>5} {t.reply_seconds:>7.2f}  {text!r}{note}")
+    if not r.turns:
+        lines.append("   (no turns: no user speech was detected)")
+    s = r.summary
+    lines.append("")
+    for key, label in (("response_latency", "response latency"), ("compute_latency", "compute latency")):
+        st = s[key]
+        lines.append(f"{label:<17} " + ("-" if st is None else
+                     f"mean {st['mean']:.3f} s  median {st['median']:.3f} s  p90 {st['p90']:.3f} s"))
+    lines.append(f"turns {s['turns']}, interrupted {s['interrupted']}, reply audio "
+                 f"{s['reply_seconds']:.1f} s (played {s['played_seconds']:.1f} s)")
+    if s["questions"]:
+        lines.append(f"ground truth: {s['correct']} of {s['questions']} questions answered "
+                     f"correctly (accuracy {s['accuracy']:.2f})")
+    return "\n".join(lines)
+
+
+def _write_wav(path: Path, x: np.ndarray, sr: int) -> None:
+    import soundfile as sf
+    sf.write(str(path), np.clip(x, -1.0, 1.0), sr, subtype="PCM_16", format="WAV")

@@ -1,0 +1,54 @@
+"""`python run.py replay SESSION`: replay a recorded session through the engine.
+
+Cheap imports only at module level (run.py imports this to build its parser).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("session", metavar="SESSION", help="a session directory (run.py record, the "
+                   "browser or live app, run.py data, or another program writing the format)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default: out/replay-<session name>)")
+    p.add_argument("--realtime", action="store_true",
+                   help="replay at the recorded pace on the threaded engine (default: as fast "
+                        "as possible on a virtual clock; latencies are then compute latencies)")
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="fusion checkpoint (default: the shipped assets/fusion.safetensors)")
+    p.add_argument("--random", action="store_true",
+                   help="an untrained demo-preset agent (random weights), to try the plumbing")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
+                   help="audio generation: one token per backbone step, or MCTP (default)")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="also record the replayed session into DIR (a new session directory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> None:
+    from .session import SessionError
+    session = Path(args.session)
+    out = Path(args.out) if args.out else Path("out") / f"replay-{session.resolve().name}"
+    if args.random and args.model:
+        sys.exit("error: pass either --model PATH or --random, not both")
+    from .agent import load_agent, random_agent
+    from .engine import EngineOptions, with_generation
+    from .replay import replay
+    from .session import load_session
+    try:
+        load_session(session)   # a bad directory fails before the model loads
+        agent = random_agent("demo", device=args.device) if args.random else \
+            load_agent(args.model, device=args.device)
+        if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
+            raise FileExistsError(f"--record {args.record} is not empty; choose a new directory")
+        options = with_generation(EngineOptions(), mode=args.mode)
+    except (SessionError, FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    report = replay(session, out, agent, realtime=args.realtime, options=options,
+                    progress=not args.no_progress, record=args.record)
+    print(f"\nwrote {out}/report.json, summary.txt, agent.wav, timeline.png and "
+          f"{sum(t.audio_file is not None for t in report.turns)} turn WAVs in {out}/turns"
+          + (f"; recorded the replay to {args.record}" if args.record else ""))

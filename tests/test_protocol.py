@@ -1,0 +1,130 @@
+"""app.protocol: encode/decode round trips, every kind of bad input, the streaming resampler."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app import protocol as P
+from app.protocol import Kind, ProtocolError, decode, encode
+
+JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 20 + b"\xff\xd9"
+
+
+def real_jpeg() -> bytes:
+    import cv2
+    ok, buf = cv2.imencode(".jpg", np.full((24, 32, 3), 90, np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+@pytest.mark.parametrize("kind,payload,sender", [
+    (Kind.HANDSHAKE, {"protocol": 1, "input_rate": 16000, "token": "s3cret"}, "client"),
+    (Kind.HANDSHAKE, {"protocol": 1, "session": "ab12", "input_rate": 16000, "output_rate": 24000,
+                      "model": "random-tiny"}, "server"),
+    (Kind.EVENT, {"type": "control", "action": "interrupt"}, "client"),
+    (Kind.EVENT, {"type": "reply_text", "text": "un café ☕", "turn": 3}, "server"),
+    (Kind.ERROR, {"code": "busy", "message": "try later"}, "server"),
+])
+def test_json_round_trip(kind, payload, sender):
+    msg = encode(kind, payload)
+    assert msg[0] == kind
+    json.loads(msg[1:].decode("utf-8"))                 # the payload is plain UTF-8 JSON
+    assert decode(msg, sender) == (kind, payload)
+
+
+def test_binary_round_trips():
+    pcm = np.array([0, 1, -1, 32767, -32768, 1234], np.int16)
+    msg = encode(Kind.AUDIO_IN, pcm)
+    assert msg == b"\x01" + pcm.astype("<i2").tobytes()
+    kind, body = decode(msg, "client")
+    assert kind == Kind.AUDIO_IN and np.array_equal(np.frombuffer(body, "<i2"), pcm)
+    assert decode(encode(Kind.AUDIO_OUT, pcm), "server") == (Kind.AUDIO_OUT, pcm.tobytes())
+    jpeg = real_jpeg()
+    assert decode(encode(Kind.VIDEO_IN, jpeg), "client") == (Kind.VIDEO_IN, jpeg)
+    assert decode(bytearray(encode(Kind.AUDIO_IN, b"")), "client") == (Kind.AUDIO_IN, b"")
+
+
+def test_encode_refuses_wrong_payload_types():
+    with pytest.raises(TypeError):
+        encode(Kind.EVENT, b"{}")
+    with pytest.raises(TypeError):
+        encode(Kind.AUDIO_OUT, np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        encode(9, b"")
+    with pytest.raises(ValueError):                     # NaN is not JSON
+        encode(Kind.EVENT, {"type": "metrics", "x": float("nan")})
+
+
+@pytest.mark.parametrize("message,sender,code", [
+    (b"", "client", P.BAD_MESSAGE),
+    ("\x04{}", "client", P.BAD_MESSAGE),                # a text frame
+    (b"\x06abc", "client", P.UNKNOWN_KIND),
+    (b"\xff", "client", P.UNKNOWN_KIND),
+    (b"\x03\x00\x00", "client", P.WRONG_DIRECTION),      # audio out from a client
+    (b"\x05{}", "client", P.WRONG_DIRECTION),
+    (b"\x01\x00\x00\x00", "server", P.WRONG_DIRECTION),  # audio in from a server
+    (b"\x02" + JPEG, "server", P.WRONG_DIRECTION),
+    (b"\x04{not json", "client", P.BAD_JSON),
+    (b"\x04\xff\xfe", "client", P.BAD_JSON),             # not UTF-8
+    (b"\x00[1, 2]", "client", P.BAD_JSON),               # JSON, but not an object
+    (b"\x00", "client", P.BAD_JSON),                     # empty JSON payload
+    (b"\x04{\"action\": \"reset\"}", "client", P.BAD_EVENT),  # no "type"
+    (b"\x01\x00\x00\x00", "client", P.BAD_AUDIO),        # odd-length PCM
+    (b"\x03\x00", "server", P.BAD_AUDIO),
+    (b"\x02", "client", P.BAD_VIDEO),
+    (b"\x02GIF89a...", "client", P.BAD_VIDEO),
+    (b"\x02" + JPEG[:-2], "client", P.BAD_VIDEO),        # truncated: no end marker
+])
+def test_bad_messages(message, sender, code):
+    with pytest.raises(ProtocolError) as e:
+        decode(message, sender)
+    assert e.value.code == code
+    assert e.value.message and e.value.payload() == {"code": code, "message": e.value.message}
+
+
+def test_per_kind_limits():
+    limits = {**P.DEFAULT_LIMITS, Kind.AUDIO_IN: 8}
+    assert decode(b"\x01" + bytes(8), "client", limits)[0] == Kind.AUDIO_IN
+    with pytest.raises(ProtocolError) as e:
+        decode(b"\x01" + bytes(10), "client", limits)
+    assert e.value.code == P.TOO_LARGE and "10 bytes" in e.value.message
+    big = b"\x04" + json.dumps({"type": "x", "pad": "a" * 20000}).encode()
+    with pytest.raises(ProtocolError, match="limit"):
+        decode(big, "client")
+    with pytest.raises(ValueError):
+        decode(b"\x01", "browser")
+
+
+def test_client_handshake():
+    h = P.parse_client_handshake({"protocol": 1})
+    assert (h.protocol, h.input_rate, h.token) == (1, 16000, None)
+    h = P.parse_client_handshake({"protocol": 1, "input_rate": 48000, "token": "t"})
+    assert (h.input_rate, h.token) == (48000, "t")
+    for bad in ({"protocol": 2}, {"protocol": True}, {"input_rate": 7999}, {"input_rate": 96000},
+                {"input_rate": 16000.5}, {"input_rate": "16000"}, {"token": 123}):
+        with pytest.raises(ProtocolError) as e:
+            P.parse_client_handshake(bad)
+        assert e.value.code == P.BAD_HANDSHAKE
+    hs = P.server_handshake("abc", 16000, 24000, "demo")
+    assert hs == {"protocol": 1, "session": "abc", "input_rate": 16000, "output_rate": 24000,
+                  "model": "demo"}
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 44100, 48000])
+def test_pcm_input_chunked_equals_offline(rate):
+    from speech.audio import float_to_pcm16, pcm16_to_float, resample
+    rng = np.random.default_rng(rate)
+    x = float_to_pcm16(rng.uniform(-0.5, 0.5, rate + 123).astype(np.float32))
+    ref = resample(pcm16_to_float(x.tobytes()), rate, 16000)
+    conv, outs, i = P.PCMInput(rate), [], 0
+    while i < len(x):
+        n = int(rng.integers(1, rate // 25))             # up to 40 ms per message
+        outs.append(conv.push(x[i:i + n].tobytes()))
+        i += n
+    early = np.concatenate(outs)
+    y = np.concatenate([early, conv.flush()])
+    assert len(y) == len(ref)
+    np.testing.assert_allclose(y, ref, atol=1e-5)
+    assert len(ref) - len(early) <= 0.002 * 16000        # holds back at most ~2 ms
