@@ -32,12 +32,13 @@ def find_checkpoints(assets: Path = ROOT / "assets") -> list[str]:
 
 class LiveController:
     """App-wide state (a desktop app: one conversation at a time). `audio_factory(agent)`
-    returns a (source, sink) pair to use instead of the sound card (tests, headless demos)."""
+    returns a (source, sink) pair to use instead of the sound card (tests, headless demos);
+    `agents` preloads agents by model choice (e.g. {RANDOM: agent})."""
 
     def __init__(self, options: LiveOptions = LiveOptions(), *, model: str | None = None,
                  device: str | None = None, random_preset: str = "demo",
                  audio_factory=None, sessions_dir: Path = ROOT / "assets" / "sessions",
-                 notices: list[str] | None = None):
+                 notices: list[str] | None = None, agents: dict | None = None):
         self.options, self.device, self.random_preset = options, device, random_preset
         self.audio_factory, self.sessions_dir = audio_factory, Path(sessions_dir)
         self.models = find_checkpoints() + [RANDOM]
@@ -47,7 +48,7 @@ class LiveController:
         self.device_notices = list(notices or [])
         self.session: LiveSession | None = None
         self.kind = ""                  # "local" | "browser" | "demo"
-        self._agents: dict[str, object] = {}
+        self._agents: dict[str, object] = dict(agents or {})   # loaded agents by model choice
         self._lock = threading.Lock()
         self._message = ""              # the last start/stop outcome, shown under the buttons
 
@@ -160,7 +161,7 @@ class LiveController:
             return ""
         lines = "\n".join(f"- {n}" for n in notes)
         hint = f"\n\n{ALT_HINT}" if self.device_notices else ""
-        return f"### ⚠️ Devices\n{lines}{hint}"
+        return f"### ⚠️ Notes\n{lines}{hint}"
 
     def status_markdown(self, snap: LiveSnapshot | None) -> str:
         if snap is None:
@@ -170,7 +171,7 @@ class LiveController:
             f" · last response latency **{m.response_latency * 1000:.0f} ms**")
         err = f"\n\n❌ {snap.error}" if snap.error else ""
         return (f"**Status:** {snap.status} ({self.kind}) · session clock {snap.clock:.1f} s · "
-                f"{len(snap.metrics)} turns{last}\n\n{self._message}{err}")
+                f"turns: {len(snap.metrics)}{last}\n\n{self._message}{err}")
 
     @staticmethod
     def chat_messages(snap: LiveSnapshot | None) -> list[dict]:

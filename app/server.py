@@ -100,11 +100,10 @@ class Server:
     async def shutdown(self, reason: str = "the server is shutting down") -> None:
         if self._ws is None or self._closing:
             return
-        self._closing = True
-        self._ws.close(close_connections=False)      # stop accepting new connections
+        self._closing = True                         # from now on handshakes are refused
         await asyncio.gather(*(s.shutdown(reason) for s in list(self.sessions.values())),
                              return_exceptions=True)
-        self._ws.close(close_connections=True)       # anything still half-open
+        self._ws.close()          # stop listening; close what is left (clients mid-handshake)
         await self._ws.wait_closed()
         log.info("server stopped")
 

@@ -89,13 +89,13 @@ class ClientSession:
             raise
 
     async def shutdown(self, reason: str) -> None:
-        """Server shutdown: tell the client, then close the connection (run() then cleans up)."""
+        """Server shutdown: tell the client and close the connection; run() then processes
+        what was received, closes the engine and finishes the recording."""
         try:
             await self.ws.send(P.event("shutdown", message=reason))
             await self.ws.close(1001, "shutdown")
-        except Exception:
+        except ConnectionClosed:
             pass
-        await self.close()
 
     async def close(self) -> None:
         """Stop the engine and finish the recording (idempotent)."""

@@ -74,6 +74,10 @@ def codec_sentences(seed: int, n_train: int, n_eval: int) -> tuple[list[str], li
         pool |= {f"no, the {c} {s} was silent.", f"it was the {c} {s}.",
                  f"the {c} {s} beeped.", f"I heard the {c} {s}."}
         pool |= {f"a {c} {s} and a {c2} {s2}." for c2, s2 in cs if (c2, s2) != (c, s)}
+        pool |= {f"a {c} {s}, a {c2} {s2} and a {c3} {s3}." for c2, s2 in cs
+                 for c3, s3 in cs if len({(c, s), (c2, s2), (c3, s3)}) == 3}
+        pool |= {f"I see a {c} {s} on the {p} and a {c2} {s2} on the {p2}." for p in W.SLOTS
+                 for c2, s2 in cs for p2 in W.SLOTS if p2 != p}
     pool |= {f"I heard {n} {hl} beeps." for n in ("two", "three") for hl in ("high", "low")}
     pool |= {f"there are {n} objects." for n in ("two", "three")}
     answers = list(W.all_answer_texts())

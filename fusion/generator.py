@@ -175,7 +175,8 @@ class Generator:
 
         # audio phase: each backbone step gives one token; MCTP mode adds K more
         done = False
-        while not done and len(frames) < max_frames:
+        room = E.shape[0] - (len(m.mctp) if o.mode == "mctp" else 0)  # a step writes E[pos:pos+K+1]
+        while not done and len(frames) < max_frames and pos < room:
             b = pos - 1
             new: list[int] = []
             logits = m.audio_logits(H[0, b], len(audio) % lay.n_q)

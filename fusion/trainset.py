@@ -30,12 +30,12 @@ BEEP_CLASSES = ("none", "low", "high")
 def question_vocab() -> list[str]:
     words = set()
     for _, (_, q, _) in W.QTYPES.items():
-        words.update(_words(q.replace("{c}", "").replace("{s}", "").replace("{p}", "")))
+        words.update(words_of(q.replace("{c}", "").replace("{s}", "").replace("{p}", "")))
     words.update(W.COLORS), words.update(W.SHAPES), words.update(W.SLOTS)
     return sorted(words)
 
 
-def _words(text: str) -> list[str]:
+def words_of(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 

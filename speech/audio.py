@@ -134,7 +134,8 @@ def _parse_wav(path: Path):
             if cid == b"fmt ":
                 raw = f.read(min(csize, 40))
                 if len(raw) < 16:
-                    raise AudioFileError(f"{path}: WAV 'fmt ' chunk is truncated ({len(raw)} bytes)")
+                    raise AudioFileError(
+                        f"{path}: WAV 'fmt ' chunk is truncated ({len(raw)} bytes)")
                 tag, ch, sr, _, align, bits = struct.unpack("<HHIIHH", raw[:16])
                 if tag == _EXTENSIBLE and len(raw) >= 26:
                     tag = struct.unpack("<H", raw[24:26])[0]
@@ -146,8 +147,9 @@ def _parse_wav(path: Path):
                 trusted = csize != _UNKNOWN and end <= size and (csize > 0 or riff_ok)
                 if trusted and not riff_ok and end < size:
                     # header updated at the last flush, samples appended after it (crash)
-                    f.seek(end + (csize & 1))
-                    trusted = _looks_like_chunk(f.read(8), size - end)
+                    after = end + (csize & 1)
+                    f.seek(after)
+                    trusted = _looks_like_chunk(f.read(8), size - after)
                 return fmt, body, (csize if trusted else size - body), trusted
             pos = body + csize + (csize & 1)
     what = "no 'fmt ' chunk" if fmt is None else "no 'data' chunk"

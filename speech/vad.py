@@ -73,9 +73,9 @@ def _load_silero():
 
 @contextmanager
 def _one_thread():
-    """Silero's tiny per-window ops run ~10x slower with intra-op threads on a busy CPU (the
-    package sets torch threads to 1 process-wide on import; we restore that and narrow it
-    to VAD calls, on the calling thread only)."""
+    """Silero's tiny per-window ops run ~10x slower with intra-op threads on a busy CPU.
+    The package sets torch threads to 1 process-wide on import; `_load_silero` undoes that
+    and this narrows it to VAD calls on the calling thread."""
     n = torch.get_num_threads()
     if n == 1:
         yield

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -54,19 +53,21 @@ def pulse_null_sink(tmp_path_factory):
     server = f"unix:{sock}"
     env = dict(os.environ, XDG_RUNTIME_DIR=str(d), HOME=str(d), PULSE_RUNTIME_PATH=str(run_dir))
     env.pop("PULSE_SERVER", None)
-    cmd = [exe, "--daemonize=yes", "--system=false", "--exit-idle-time=-1", "-n",
-           "--use-pid-file=yes", f"--log-target=file:{log}",
+    cmd = [exe, "--daemonize=no", "--system=false", "--exit-idle-time=-1", "-n",
+           "--use-pid-file=no", f"--log-target=file:{log}",
            "-L", f"module-native-protocol-unix auth-anonymous=1 socket={sock}",
            "-L", "module-null-sink sink_name=tandem_null rate=48000"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30)
-    if r.returncode != 0:
-        pytest.fail(f"pulseaudio did not start ({r.returncode}): {r.stderr}\n"
-                    f"{log.read_text() if log.exists() else ''}")
-    pid = int((run_dir / "pid").read_text().split()[0])
+    # a child in the foreground (not --daemonize): terminated and reaped by this fixture
+    with open(d / "stderr", "wb") as err:
+        daemon = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    keeper, old = None, os.environ.get("PULSE_SERVER")
     try:
-        for _ in range(100):
-            if _pactl(server, "info").returncode == 0:
-                break
+        deadline = time.monotonic() + 20
+        while _pactl(server, "info").returncode != 0:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"pulseaudio did not start (exit {daemon.poll()}): "
+                            f"{(d / 'stderr').read_text()}\n"
+                            f"{log.read_text() if log.exists() else ''}")
             time.sleep(0.1)
         for args in (("set-default-sink", "tandem_null"),
                      ("set-default-source", "tandem_null.monitor")):
@@ -76,22 +77,24 @@ def pulse_null_sink(tmp_path_factory):
             ["pacat", "--playback", "--raw", "--latency-msec=20", "--rate=16000",
              "--channels=1", "--format=s16le", "-d", "tandem_null", "/dev/zero"],
             env=dict(env, PULSE_SERVER=server), stderr=subprocess.DEVNULL)
-        old = os.environ.get("PULSE_SERVER")
         os.environ["PULSE_SERVER"] = server
         if "sounddevice" in sys.modules:  # PortAudio listed devices before the server ran
             from speech.io import list_devices
             list_devices(refresh=True)
         yield PulseNullSink(server, "tandem_null", "tandem_null.monitor", "pulse", log)
     finally:
-        if "keeper" in locals():
-            keeper.terminate()
-            keeper.wait(timeout=10)
-        if "old" in locals():
-            if old is None:
-                os.environ.pop("PULSE_SERVER", None)
-            else:
-                os.environ["PULSE_SERVER"] = old
-        os.kill(pid, signal.SIGTERM)  # the daemon this fixture started, by its pid
+        if old is None:
+            os.environ.pop("PULSE_SERVER", None)
+        else:
+            os.environ["PULSE_SERVER"] = old
+        for proc in (keeper, daemon):
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
 
 
 def synth_speech(text: str, out_dir: Path, name: str) -> np.ndarray:

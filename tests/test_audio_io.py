@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from speech.io import (AudioDeviceError, DuplexDevice, FileSource, MemorySink, W
 from tests.fixtures_audio import pulse_null_sink  # noqa: F401  (pytest fixture)
 
 SR = 16_000
+ROOT = Path(__file__).parents[1]
 
 
 def tone(freq, seconds, sr=SR, amp=0.5):
@@ -99,13 +101,18 @@ def test_missing_portaudio_names_the_package(tmp_path):
             print("ERR", e)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                       timeout=60, cwd=str(ROOT))
     assert "ERR PortAudio not found: apt-get install libportaudio2" in r.stdout, r.stderr
 
 
 def test_no_sound_server_means_no_default_device_with_a_helpful_message(tmp_path):
+    # no sound server: PortAudio sees no devices here; a machine with a real sound card
+    # still has one, so there PortAudio's "no device" (-1) is set as the default instead
     code = textwrap.dedent("""
-        from speech.io import DuplexDevice, AudioDeviceError
+        from speech.io import DuplexDevice, AudioDeviceError, list_devices
+        if list_devices():
+            import sounddevice
+            sounddevice.default.device = (-1, -1)
         try:
             DuplexDevice()
         except AudioDeviceError as e:
@@ -114,7 +121,7 @@ def test_no_sound_server_means_no_default_device_with_a_helpful_message(tmp_path
     env = {"PATH": "/usr/bin:/bin", "PULSE_SERVER": f"unix:{tmp_path}/nothing-here",
            "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, env=env, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+                       timeout=60, env=env, cwd=str(ROOT))
     assert "ERR no default input device" in r.stdout, (r.stdout, r.stderr)
     assert "--input-device/--output-device" in r.stdout and "Available devices" in r.stdout
 

@@ -1,0 +1,115 @@
+"""Stage 1a: pretrain the from-scratch encoders on auxiliary labels of the demo world.
+
+Vision: per frame, which object sits in each slot (13 classes) and whether it pulses.
+Audio: per encoder frame of a 1 s chunk, beep pitch (none/low/high) and speech; per question,
+which words it holds. Cheap, direct supervision, so the encoders are good before they are
+frozen and their features cached for the later stages. The heads are thrown away.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from speech.constants import SAMPLE_RATE, SCENE_CHUNK_SAMPLES
+from speech.whisper_encoder import log_mel
+from vision.encoder import preprocess
+
+from . import world as W
+from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels,
+                       question_vocab, words_of)
+
+
+class EncoderPretrainer(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        c = model.config
+        self.audio_encoder, self.vision_encoder = model.audio_encoder, model.vision_encoder
+        self.vocab = question_vocab()
+        cols, rows = c.vision.grid
+        assert cols == 3, ("the slot head needs 3 token columns (left/middle/right)", c.vision.grid)
+        self.rows = rows
+        Dv, Da = c.vision.width, c.audio.n_state
+        self.slot_head = nn.Linear(Dv, len(OBJECT_CLASSES) + 1)  # classes + pulse logit
+        self.beep_head = nn.Linear(Da, len(BEEP_CLASSES) + 1)    # classes + speech logit
+        self.word_head = nn.Linear(Da, len(self.vocab))
+
+    def forward(self, images, slot_cls, slot_pulse, mel, beep, speech, q_mel, q_len, q_words):
+        # vision: (B, 3, H, W) -> (B, rows*3, Dv) -> per column mean -> (B, 3, Dv)
+        v = self.vision_encoder(images)
+        v = v.view(v.shape[0], self.rows, 3, -1).mean(1)
+        out = self.slot_head(v)                                         # (B, 3, 14)
+        l_obj = F.cross_entropy(out[..., :-1].flatten(0, 1), slot_cls.flatten())
+        l_pulse = F.binary_cross_entropy_with_logits(out[..., -1], slot_pulse.float())
+        # audio chunks: (B, n_mels, 100) -> (B, 50, Da)
+        a = self.beep_head(self.audio_encoder(mel))                    # (B, 50, 4)
+        l_beep = F.cross_entropy(a[..., :-1].flatten(0, 1), beep.flatten())
+        l_speech = F.binary_cross_entropy_with_logits(a[..., -1], speech.float())
+        # questions: padded mel + lengths -> mean over valid frames -> word bag
+        q = self.audio_encoder(q_mel, q_len)                           # (B, Tq, Da)
+        n = (q_len + 1) // 2
+        m = (torch.arange(q.shape[1], device=q.device)[None] < n[:, None]).to(q.dtype)
+        pooled = (q * m[..., None]).sum(1) / n[:, None].to(q.dtype)
+        l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
+        acc_obj = (out[..., :-1].argmax(-1) == slot_cls).float().mean()
+        return {"loss": l_obj + 0.5 * l_pulse + l_beep + 0.5 * l_speech + l_words,
+                "obj": l_obj.detach(), "beep": l_beep.detach(), "words": l_words.detach(),
+                "acc_obj": acc_obj.detach()}
+
+
+class AuxBatches:
+    """Random auxiliary batches rendered on the fly from the training shards (seeded)."""
+
+    def __init__(self, shards, vision_config, vocab: list[str], n_mels: int, seed: int = 0,
+                 rank: int = 0):
+        self.shards, self.vc, self.vocab, self.n_mels = shards, vision_config, vocab, n_mels
+        self.seed, self.rank = seed, rank
+
+    def __call__(self, step: int, batch: int, device):
+        rng = np.random.default_rng((self.seed, self.rank, step))
+        sh = self.shards
+        imgs, cls, pulse, mels, beeps, speech, qmels, qlens, qwords = ([] for _ in range(9))
+        for _ in range(batch):
+            s = int(rng.integers(sh.n_sessions))
+            spec = sh.specs[s]
+            # a frame, biased towards pulses half of the time
+            tr = spec.turns[int(rng.integers(len(spec.turns)))]
+            if tr.scene.pulses and rng.random() < 0.5:
+                p = tr.scene.pulses[int(rng.integers(len(tr.scene.pulses)))]
+                t = p.t0 + rng.uniform(0, p.dur)
+            else:
+                t = rng.uniform(max(0.0, tr.t_scene - 1.0), tr.t_next)
+            img = W.render_frame(spec, t)
+            ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 96))])
+            imgs.append(cv2.imdecode(jpg, cv2.IMREAD_COLOR))
+            c, pl = frame_labels(W.scene_at(spec, t)[1], t)
+            cls.append(c), pulse.append(pl)
+            # a 1 s audio chunk on the session's chunk grid, biased towards beeps
+            mic = sh.mic(s)
+            if tr.scene.beeps and rng.random() < 0.6:
+                k = int(tr.scene.beeps[int(rng.integers(len(tr.scene.beeps)))].t0)
+            else:
+                k = int(rng.integers(max(1, len(mic) // SCENE_CHUNK_SAMPLES)))
+            chunk = mic[k * SCENE_CHUNK_SAMPLES:(k + 1) * SCENE_CHUNK_SAMPLES]
+            chunk = np.pad(chunk, (0, SCENE_CHUNK_SAMPLES - len(chunk)))
+            mels.append(log_mel(chunk, self.n_mels))
+            b, sp = audio_frame_labels(spec, float(k), 50)
+            beeps.append(b), speech.append(sp)
+            # the question, with VAD-like jitter on its bounds
+            q0 = max(0.0, tr.t_q0 - 0.05 + rng.uniform(-0.05, 0.05))
+            q1 = tr.t_q1 + rng.uniform(-0.05, 0.05)
+            qa = mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)]
+            qm = log_mel(qa, self.n_mels)
+            qmels.append(qm), qlens.append(qm.shape[1])
+            words = set(words_of(tr.question.text))
+            qwords.append([1.0 if w in words else 0.0 for w in self.vocab])
+        T = max(qlens)
+        qmel = torch.zeros(batch, self.n_mels, T)
+        for i, m in enumerate(qmels):
+            qmel[i, :, :m.shape[1]] = m
+        images = preprocess(imgs, self.vc)
+        t = lambda x, dt=torch.long: torch.as_tensor(np.asarray(x), dtype=dt).to(device)  # noqa: E731
+        return (images.to(device), t(cls), t(pulse), torch.stack(mels).to(device), t(beeps), t(speech),
+                qmel.to(device), t(qlens), t(qwords, torch.float32))

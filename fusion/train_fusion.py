@@ -1,0 +1,274 @@
+"""`python run.py train fusion`: the staged recipe (as VITA-Audio stages it).
+
+  encoders  1a: pretrain the from-scratch encoders on auxiliary labels (fusion/pretrain.py)
+  align     1b: encoders frozen and their features cached (runtime path); projectors,
+                aggregator and backbone learn to answer in text
+  sft       2:  question -> text + spoken answer (codec tokens)
+  mctp      3:  the MCTP modules, with everything else frozen
+
+Each stage resumes from its own checkpoint; finished stages are skipped. One CPU, one GPU,
+or many GPUs/processes with torchrun (DDP).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGES = ("encoders", "align", "sft", "mctp")
+ABLATIONS = {None: {}, "none": {}, "mean": {"aggregator": "mean"}, "vision": {"modalities": ("vision",)},
+             "audio": {"modalities": ("audio",)}}
+
+
+@dataclass(frozen=True)
+class FusionTrainOptions:
+    data: str = "data/demo"
+    codec: str = "assets/codec"
+    run_dir: str = "runs/fusion"
+    out: str | None = "assets/fusion.safetensors"
+    preset: str = "demo"
+    stages: tuple[str, ...] = STAGES
+    ablation: str | None = None          # None | "mean" | "vision" | "audio"
+    encoder_steps: int = 400
+    align_steps: int = 500
+    sft_steps: int = 1200
+    mctp_steps: int = 500
+    batch: int = 32
+    aux_batch: int = 24
+    lr: float = 1e-3
+    max_train_turns: int | None = None
+    seed: int = 0
+    threads: int | None = None
+    device: str | None = None
+    whisper: str | None = None           # pretrained preset: Whisper name or checkpoint (encoder)
+    hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
+    hf_config: str | None = None         # ... or a JSON file with a config (random weights)
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}: choose from {STAGES}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {[a for a in ABLATIONS if a]}, got {self.ablation!r}")
+        if self.batch < 1 or self.aux_batch < 1:
+            raise ValueError("batch sizes must be >= 1")
+        if self.preset == "pretrained" and not (self.hf_model or self.hf_config):
+            raise ValueError("--preset pretrained needs --hf-model NAME_OR_PATH (or --hf-config FILE)")
+
+
+def _build_model(o: FusionTrainOptions, codec):
+    from speech.whisper_encoder import load_whisper_encoder
+    from .config import preset
+    from .model import FusionModel
+    over = dict(ABLATIONS[o.ablation])
+    enc = None
+    if o.preset == "pretrained":
+        hf_cfg = json.loads(Path(o.hf_config).read_text()) if o.hf_config else None
+        over.update(hf_model=o.hf_model, hf_config=hf_cfg)
+        if o.whisper:
+            enc, acfg = load_whisper_encoder(o.whisper)
+            over["audio"] = acfg
+    model = FusionModel(preset(o.preset, codec.spec, **over))
+    if enc is not None:
+        model.audio_encoder.load_state_dict(enc.state_dict())
+    return model
+
+
+def answer_codes(data_dir: Path, codec, device) -> dict[str, torch.Tensor]:
+    """Codec codes of every agent answer (the fixed voice), keyed by answer text."""
+    from speech.audio import load_audio
+    index = json.loads((data_dir / "answers" / "answers.json").read_text())
+    out = {}
+    with torch.inference_mode():
+        for text, file in index.items():
+            wav = load_audio(data_dir / "answers" / file, codec.sample_rate)
+            out[text] = codec.encode(torch.from_numpy(wav)[None, None].to(device))[0].cpu()
+    return out
+
+
+class _FusionStage(torch.nn.Module):
+    """Wraps the model so DDP sees one forward returning the stage's losses."""
+
+    def __init__(self, model, mctp_only: bool):
+        super().__init__()
+        self.model, self.mctp_only = model, mctp_only
+
+    def forward(self, feats, reply, lens):
+        L = self.model(feats, reply, lens, mctp=self.mctp_only)
+        if self.mctp_only:
+            loss = sum(L.mctp)
+            return {"loss": loss, **{f"mctp{k + 1}": v.detach() for k, v in enumerate(L.mctp)}}
+        return {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
+
+
+def run_fusion(o: FusionTrainOptions) -> Path:
+    from speech.codec import load_codec
+    from .checkpoint import load_model, pick_device, save_model
+    from .data import TrainShards
+    from .pretrain import AuxBatches, EncoderPretrainer
+    from .tokens import get_tokenizer
+    from .train_loop import LoopOptions, barrier, init_distributed, is_main, local_device, train
+    from .trainset import collate, encode_turns, reply_tokens
+
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    device = local_device(pick_device(o.device))
+    rank, world = init_distributed(device)
+    run = Path(o.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        (run / "options.json").write_text(json.dumps(asdict(o), indent=2))
+    torch.manual_seed(o.seed)
+    codec = load_codec(o.codec, device=device)
+    shards = TrainShards(Path(o.data) / "train")
+    timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+
+    def stage_file(s):
+        return run / f"after_{s}.safetensors"
+
+    # start from the latest finished stage
+    model = None
+    for s in reversed(STAGES):
+        if o.resume and stage_file(s).exists():
+            model = load_model(stage_file(s), device=str(device), codec=codec).float()
+            if is_main():
+                print(f"loaded {stage_file(s)} (stage {s} done)")
+            break
+    model = model if model is not None else _build_model(o, codec)
+    model.to(device)
+
+    def finish(stage, t0):
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+        if is_main():
+            save_model(model, stage_file(stage))
+            (run / "timings.json").write_text(json.dumps(timings, indent=2))
+        barrier()
+
+    def trainable(params_of):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ps = [p for m in params_of for p in m.parameters()]
+        for p in ps:
+            p.requires_grad_(True)
+        return ps
+
+    # --- 1a: encoders ---------------------------------------------------------------------------
+    if "encoders" in o.stages and not stage_file("encoders").exists():
+        t0 = time.perf_counter()
+        pre = EncoderPretrainer(model).to(device)
+        mods = [pre.vision_encoder, pre.slot_head, pre.beep_head, pre.word_head]
+        if not o.whisper:  # a pretrained Whisper encoder stays as it is
+            mods.append(pre.audio_encoder)
+        params = trainable(mods)
+        batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank)
+        train("encoders", pre, params, lambda m, step: m(*batches(step, o.aux_batch, device)),
+              LoopOptions(o.encoder_steps, lr=o.lr, ckpt_every=50), run, o.resume, o.progress)
+        finish("encoders", t0)
+
+    later = [s for s in ("align", "sft", "mctp") if s in o.stages and not stage_file(s).exists()]
+    if not later:
+        return _export(model, o, run)
+
+    # --- cache features of the frozen encoders (the runtime path) ---------------------------------
+    t0 = time.perf_counter()
+    cache_path = run / "cache.pt"
+    if is_main() and not cache_path.exists():
+        n = len(shards) if o.max_train_turns is None else min(o.max_train_turns, len(shards))
+        ids = list(range(n))
+        model.eval()
+        examples = encode_turns(model, shards, ids, seed=o.seed, progress=o.progress)
+        torch.save(examples, cache_path)
+    barrier()
+    examples = torch.load(cache_path, weights_only=False)
+    codes = answer_codes(Path(o.data), codec, device)
+    tok = get_tokenizer(model.config.tokenizer)
+    lay = model.layout
+    replies = {a: (reply_tokens(lay, tok, a, None), reply_tokens(lay, tok, a, codes[a])) for a in codes}
+    missing = {e.answer for e in examples} - set(replies)
+    if missing:
+        raise ValueError(f"no answer audio for {sorted(missing)[:5]} in {o.data}/answers: regenerate the data")
+    timings["cache"] = timings.get("cache", 0.0) + time.perf_counter() - t0
+
+    def batch_fn(with_audio: bool):
+        def make(step):
+            rng = np.random.default_rng((o.seed, rank, step, 7))
+            idx = rng.choice(len(examples), size=min(o.batch, len(examples)), replace=False)
+            ex = [examples[i] for i in idx]
+            seqs = [replies[e.answer][1 if with_audio else 0] for e in ex]
+            lens = torch.tensor([len(s) for s in seqs])
+            reply = torch.zeros(len(ex), int(lens.max()), dtype=torch.long)
+            for b, s in enumerate(seqs):
+                reply[b, :len(s)] = s
+            return collate(ex, device), reply.to(device), lens.to(device)
+        return make
+
+    fusion_parts = [model.audio_proj, model.vision_proj, model.time_emb, model.kind_emb, model.cell_emb,
+                    model.aggregator, model.embed, model.backbone]
+    for stage, steps, with_audio, mctp_only, lr in [("align", o.align_steps, False, False, o.lr),
+                                                    ("sft", o.sft_steps, True, False, o.lr * 0.5),
+                                                    ("mctp", o.mctp_steps, True, True, o.lr)]:
+        if stage not in later:
+            continue
+        t0 = time.perf_counter()
+        params = trainable([model.mctp] if mctp_only else fusion_parts)
+        wrapper = _FusionStage(model, mctp_only).to(device)
+        make = batch_fn(with_audio)
+        train(stage, wrapper, params, lambda m, step: m(*make(step)), LoopOptions(steps, lr=lr),
+              run, o.resume, o.progress)
+        finish(stage, t0)
+    return _export(model, o, run)
+
+
+def _export(model, o: FusionTrainOptions, run: Path) -> Path:
+    from .checkpoint import save_model
+    from .train_loop import is_main
+    final = run / "model.safetensors"
+    if is_main():
+        timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
+        save_model(model, final, half=True, extra={"timings_s": timings, "options": asdict(o)})
+        if o.out:
+            Path(o.out).parent.mkdir(parents=True, exist_ok=True)
+            save_model(model, o.out, half=True, extra={"timings_s": timings, "options": asdict(o)})
+            print(f"saved {o.out}")
+    return final
+
+
+# --- command line (called from fusion/train_cli.py) ------------------------------------------------
+def add_fusion_arguments(p) -> None:
+    d = FusionTrainOptions()
+    g = p.add_argument_group("fusion")
+    g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
+    g.add_argument("--preset", default=d.preset, choices=["tiny", "demo", "pretrained"])
+    g.add_argument("--ablation", default=None, choices=["mean", "vision", "audio"],
+                   help="train an ablation: mean-pooled clues instead of the aggregator, or one modality")
+    g.add_argument("--codec-dir", default=d.codec, help="the codec to train against (default: %(default)s)")
+    g.add_argument("--run-dir", default=d.run_dir, help="checkpoints, caches, curves (default: %(default)s)")
+    g.add_argument("--model-out", default=d.out, help="final model (default: %(default)s)")
+    for k in ("encoder_steps", "align_steps", "sft_steps", "mctp_steps", "batch", "aux_batch"):
+        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--max-train-turns", type=int, default=None)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
+    g.add_argument("--hf-model", default=None, help="pretrained preset: Hugging Face causal LM name or path")
+    g.add_argument("--hf-config", default=None, help="pretrained preset: JSON config for a random HF LM")
+    g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --run-dir")
+
+
+def run_fusion_cli(args) -> None:
+    o = FusionTrainOptions(
+        data=args.data, codec=args.codec_dir, run_dir=args.run_dir, out=args.model_out or None,
+        preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
+        ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
+        sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
+        lr=args.lr, max_train_turns=args.max_train_turns, seed=args.seed,
+        threads=getattr(args, "threads", None), device=getattr(args, "device", None),
+        whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
+    run_fusion(o)
+
