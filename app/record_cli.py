@@ -170,7 +170,7 @@ def run(args) -> None:
                 why = "the microphone input ended"
                 break
             now = samples / SAMPLE_RATE
-            if camera is not None:
+            if camera is not None and samples:   # frames only once the clock (mic) runs
                 f = camera.latest()
                 if f is not None and f.index > last_index:
                     push(VideoIn(now, np.asarray(f.image)))

@@ -68,19 +68,29 @@ class SceneEncoder:
             idx = (self.samples + np.arange(len(part))) % n
             self._pcm[idx] = part
             self.samples += len(part)
-        done = 0
-        while self.samples - self._encoded >= SCENE_CHUNK_SAMPLES:
-            chunk = self._audio(self._encoded, self._encoded + SCENE_CHUNK_SAMPLES)
-            feats = self._encode_audio(chunk)                                      # (50, Da)
-            self.audio_ring.push_many(self._feat_times(self._encoded, len(feats)), feats)
-            self._encoded += SCENE_CHUNK_SAMPLES
-            done += 1
+        n_new = (self.samples - self._encoded) // SCENE_CHUNK_SAMPLES
+        if n_new:  # every chunk completed by this push, encoded as one batch
+            starts = [self._encoded + i * SCENE_CHUNK_SAMPLES for i in range(n_new)]
+            mel = torch.stack([log_mel(self._audio(s0, s0 + SCENE_CHUNK_SAMPLES), self.model.config.audio.n_mels)
+                               for s0 in starts]).to(self.device, self.dtype)     # (n, n_mels, 100)
+            feats = self.model.encode_audio(mel)                                   # (n, 50, Da)
+            for s0, f in zip(starts, feats):
+                self.audio_ring.push_many(self._feat_times(s0, len(f)), f)
+            self._encoded += n_new * SCENE_CHUNK_SAMPLES
+        done = n_new
         return done
 
     @torch.inference_mode()
     def push_frame(self, t: float, image: np.ndarray) -> None:
-        x = preprocess([image], self.model.config.vision).to(self.device, self.dtype)
-        self.frame_ring.push(t, self.model.encode_frames(x)[0])                    # (N, Dv)
+        self.push_frames([t], [image])
+
+    @torch.inference_mode()
+    def push_frames(self, times: list[float], images: list[np.ndarray]) -> None:
+        """Encodes frames (in time order) as one batch."""
+        if not images:
+            return
+        x = preprocess(list(images), self.model.config.vision).to(self.device, self.dtype)
+        self.frame_ring.push_many(torch.as_tensor(times, dtype=torch.float64), self.model.encode_frames(x))
 
     # --- one turn -----------------------------------------------------------------------------
     @torch.inference_mode()

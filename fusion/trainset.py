@@ -121,14 +121,14 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, jitter: float = 0.05
             while frame_i / DEMO_WORLD_FPS + phase < t_lo:
                 frame_i += 1
             end = min(int(decision * SAMPLE_RATE), len(mic))
-            while enc.samples < end:
-                n = min(SAMPLE_RATE // 5, end - enc.samples)
-                t_block_end = (enc.samples + n) / SAMPLE_RATE
-                while (t := frame_i / DEMO_WORLD_FPS + phase) < t_block_end:
-                    if sampler.offer(CamFrame(t, None, frame_i)):
-                        enc.push_frame(t, W.render_frame(spec, t, size))
-                    frame_i += 1
-                enc.push_audio(mic[enc.samples:enc.samples + n])
+            times, images = [], []
+            while (t := frame_i / DEMO_WORLD_FPS + phase) < end / SAMPLE_RATE:
+                if sampler.offer(CamFrame(t, None, frame_i)):
+                    times.append(t)
+                    images.append(W.render_frame(spec, t, size))
+                frame_i += 1
+            enc.push_frames(times, images)                # batched: same features as one by one
+            enc.push_audio(mic[enc.samples:end])
             feats = enc.features(q0, min(q1, enc.now))
             q = tr.question
             out[i] = TurnExample(_to_storage(feats), q.answer, q.qtype, q.type_group)

@@ -56,6 +56,7 @@ SPEECH_DBFS = (-30.0, -18.0)
 NOISE_BELOW_SPEECH_DB = (27.0, 45.0)     # background noise, >= 25 dB below speech
 SPEECH_NOISE_BELOW_DB = (32.0, 45.0)     # light noise on the question speech
 EVENT_MARGIN = 0.1
+AA_GROW = 1.4                      # px: cv2's anti-aliased fill overshoot
 
 # --- held out of train/val (test split only) ---------------------------------------------
 HELDOUT_TRIPLES = (("green", "triangle", "right"), ("red", "square", "left"),
@@ -489,6 +490,7 @@ def _background_image(bg: Background, w: int, h: int) -> np.ndarray:
 def _draw(img, shape: str, cx: float, cy: float, d: float, bgr) -> None:
     import cv2
     s = 16                                            # cv2 fixed-point shift of 4 bits
+    d = max(d - AA_GROW, 1.0)                         # cv2 fills ~1.4 px wider than asked
     if shape == "circle":
         cv2.circle(img, (round(cx * s), round(cy * s)), round(d / 2 * s), bgr, -1,
                    cv2.LINE_AA, 4)

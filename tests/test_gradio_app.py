@@ -116,21 +116,25 @@ def test_browser_stream_handler_replies(agent, media):
     z = np.zeros(int(0.5 * SAMPLE_RATE), np.float32)
     mic48 = (resample(np.concatenate([z, media["question"], z]), SAMPLE_RATE, 48_000)
              * 32767).astype(np.int16)
-    step, got, reply = 12_000, [], None                 # 0.25 s chunks at 48 kHz
+    step, got, sent, reply = 12_000, [], [], None       # 0.25 s chunks at 48 kHz
     for i in range(0, len(mic48), step):
         ctl.browser_frame(frames[(i // step) % len(frames)])
+        sent.append(len(mic48[i:i + step]))
         got.append(_wav(ctl.browser_mic((48_000, mic48[i:i + step]))))
     deadline = time.monotonic() + 20
     while reply is None and time.monotonic() < deadline:    # silence until the reply plays
         ctl.browser_frame(frames[0])
         got.append(_wav(ctl.browser_mic((48_000, np.zeros((step, 2), np.int16)))))  # stereo
+        sent.append(step)
         reply = got[-1][1] if np.abs(got[-1][1]).max() > 30 else None
         time.sleep(0.05)
+    wait_for(lambda: ctl.snapshot().metrics, 10, "the end of the reply")
     snap = ctl.snapshot()
     ctl.stop()
     assert reply is not None, "no reply audio came back"
     assert {sr for sr, _ in got} == {agent.output_rate}
-    assert {len(x) for _, x in got} == {agent.output_rate // 4}   # as long as each mic chunk
+    ratio = agent.output_rate / 48_000                     # each reply chunk lasts its mic chunk
+    assert [len(x) for _, x in got] == [round(n * ratio) for n in sent]
     assert len(snap.metrics) == 1 and snap.metrics[0].response_latency is not None
     assert snap.preview is not None and snap.preview.shape == frames[0].shape
     assert {k for k in ctl.attention_frame(snap)["modality"]} == {"audio", "video"}
