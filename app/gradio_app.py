@@ -17,7 +17,8 @@ from .gradio_handlers import LiveController  # noqa: E402
 POLL_SECONDS = 0.5
 MIC_CHUNK_SECONDS = 0.25        # browser microphone chunk: also the reply chunk it returns
 CSS = """
-#tandem-notice {border-left: 4px solid #e8a317; padding-left: 12px; background: #fff8e6;}
+#tandem-notice {border-left: 4px solid #e8a317; padding: 0 12px; background: #fff8e6;}
+#tandem-notice h3 {margin: 4px 0;}
 #tandem-notice:empty {display: none;}
 """
 
@@ -25,21 +26,20 @@ CSS = """
 def build_app(ctl: LiveController) -> gr.Blocks:
     """The page, wired to `ctl`."""
     with gr.Blocks(title="Tandem live") as demo:
-        gr.Markdown("# Tandem — live conversation\nTalk to the agent in front of the camera: "
-                    "it sees and hears the scene and answers out loud.")
+        gr.Markdown("## Tandem — live conversation · talk to the agent in front of the camera: "
+                    "it sees and hears the scene and answers out loud")
         notice = gr.Markdown(ctl.notices_markdown(), elem_id="tandem-notice")
-        with gr.Row():
-            model = gr.Dropdown(ctl.models, value=ctl.default_model, label="Model",
-                                info="checkpoints in assets/, or an untrained agent", scale=3)
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(ctl.models, value=ctl.default_model, label="Model", scale=3,
+                                info="checkpoints in assets/, or an untrained agent")
             mode = gr.Radio(["vanilla", "mctp"], value=ctl.options.mode, label="Generation",
                             info="mctp: several audio tokens per backbone step", scale=2)
-        status = gr.Markdown(ctl.status_markdown(None))
         with gr.Tabs():
             with gr.Tab("This computer"):
                 with gr.Row():
                     start = gr.Button("▶ Start", variant="primary")
                     stop = gr.Button("■ Stop")
-                    interrupt = gr.Button("✋ Interrupt reply")
+                    interrupt = gr.Button("Interrupt the reply")
             with gr.Tab("Browser devices"):
                 gr.Markdown("For when the app runs on another machine: your browser's webcam "
                             "and microphone stream to the agent; its voice streams back.")
@@ -64,22 +64,22 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                                           label="Session", scale=3)
                     d_start = gr.Button("▶ Replay", variant="primary", interactive=bool(sessions))
                     d_stop = gr.Button("■ Stop")
-                reply = gr.Audio(label="Agent's replies (no speaker here)", interactive=False,
-                                 visible=True)
+                reply = gr.Audio(label="Agent's replies (no speaker here)", interactive=False)
+        status = gr.Markdown(ctl.status_markdown(None))
         with gr.Row(equal_height=True):
-            preview = gr.Image(label="Camera", type="numpy", interactive=False, height=300,
+            preview = gr.Image(label="Camera", type="numpy", interactive=False, height=250,
                                scale=2)
-            chat = gr.Chatbot(label="Conversation", height=300, scale=3, feedback_options=None,
+            chat = gr.Chatbot(label="Conversation", height=250, scale=3, feedback_options=None,
                               placeholder="Say something: your turns and the agent's replies "
                                           "appear here.")
         with gr.Row():
-            latency = gr.LinePlot(x="turn", y="latency_ms", color="kind", height=260,
+            latency = gr.LinePlot(x="turn", y="latency_ms", color="kind", height=210,
                                   title="Latency per turn", x_title="turn", y_title="ms",
                                   value=ctl.latency_frame(None))
-            attention = gr.LinePlot(x="t", y="weight", color="modality", height=260,
+            attention = gr.LinePlot(x="t", y="weight", color="modality", height=210,
                                     title="Aggregator attention, last turn",
                                     x_title="s relative to the end of the question",
-                                    y_title="attention (summed over clues)",
+                                    y_title="attention (sum over clues)",
                                     value=ctl.attention_frame(None))
         metrics = gr.Dataframe(label="Turns", interactive=False, wrap=True,
                                value=metrics_frame(None))

@@ -81,13 +81,13 @@ class LiveController:
                 live = LocalDevices(agent, opts)
             live.start()
         except (AudioDeviceError, CameraError) as e:
-            self._message = f"⚠️ Cannot start on this machine's devices: {e}\n\n{ALT_HINT}"
+            self._message = f"⚠ Cannot start on this machine's devices: {e}\n\n{ALT_HINT}"
             return self._message
         except (FileNotFoundError, ValueError) as e:
-            self._message = f"⚠️ {e}"
+            self._message = f"⚠ {e}"
             return self._message
         self._replace(live, "local")
-        self._message = f"▶️ Live on this machine's devices ({agent.name}, {mode})."
+        self._message = f"▶ Live on this machine's devices ({agent.name}, {mode})."
         return self._message
 
     def start_browser(self, model: str, mode: str) -> str:
@@ -95,10 +95,10 @@ class LiveController:
         try:
             agent = self.agent(model)
         except (FileNotFoundError, ValueError) as e:
-            self._message = f"⚠️ {e}"
+            self._message = f"⚠ {e}"
             return self._message
         self._replace(BrowserDevices(agent, replace(self.options, mode=mode)), "browser")
-        self._message = (f"▶️ Browser devices ready ({agent.name}, {mode}): start the webcam "
+        self._message = (f"▶ Browser devices ready ({agent.name}, {mode}): start the webcam "
                          "and the microphone below.")
         return self._message
 
@@ -110,7 +110,7 @@ class LiveController:
         from .live_inputs import demo_replay
         from .session import SessionError
         if not session_dir:
-            self._message = f"⚠️ No recorded session in {self.sessions_dir}."
+            self._message = f"⚠ No recorded session in {self.sessions_dir}."
             return self._message
         self._replace(None, "")
         try:
@@ -119,15 +119,15 @@ class LiveController:
             live = demo_replay(agent, Path(session_dir), replace(self.options, mode=mode), sink=sink)
             live.start()
         except (SessionError, FileNotFoundError, ValueError) as e:
-            self._message = f"⚠️ {e}"
+            self._message = f"⚠ {e}"
             return self._message
         self._replace(live, "demo")
-        self._message = f"▶️ Replaying {Path(session_dir).name} at real time ({agent.name}, {mode})."
+        self._message = f"▶ Replaying {Path(session_dir).name} at real time ({agent.name}, {mode})."
         return self._message
 
     def stop(self) -> str:
         self._replace(None, "")
-        self._message = "⏹️ Stopped."
+        self._message = "■ Stopped."
         return self._message
 
     # --- browser streams ---------------------------------------------------------------
@@ -161,7 +161,7 @@ class LiveController:
             return ""
         lines = "\n".join(f"- {n}" for n in notes)
         hint = f"\n\n{ALT_HINT}" if self.device_notices else ""
-        return f"### ⚠️ Notes\n{lines}{hint}"
+        return f"### ⚠ Notes\n{lines}{hint}"
 
     def status_markdown(self, snap: LiveSnapshot | None) -> str:
         if snap is None:
@@ -190,7 +190,8 @@ class LiveController:
             for name, v in (("response", m.response_latency), ("compute", m.compute_latency)):
                 if v is not None:
                     rows.append({"turn": m.turn, "latency_ms": 1000.0 * v, "kind": name})
-        return pd.DataFrame(rows, columns=["turn", "latency_ms", "kind"])
+        return pd.DataFrame(rows, columns=["turn", "latency_ms", "kind"]).astype(
+            {"turn": "int64", "latency_ms": "float64", "kind": "string"})  # typed even if empty
 
     @staticmethod
     def attention_frame(snap: LiveSnapshot | None):
@@ -199,7 +200,8 @@ class LiveController:
         from .live_inputs import attention_series
         rows = [{"t": t, "weight": w, "modality": k}
                 for k, t, w in attention_series(snap.attention if snap else None)]
-        return pd.DataFrame(rows, columns=["t", "weight", "modality"])
+        return pd.DataFrame(rows, columns=["t", "weight", "modality"]).astype(
+            {"t": "float64", "weight": "float64", "modality": "string"})
 
     def reply_audio(self, snap: LiveSnapshot | None):
         """The demo replay's reply audio when there is no speaker to play it, else None."""

@@ -120,8 +120,8 @@ class LiveSession:
         elif isinstance(f, SpeechStart):
             self._set_status("hearing you")
         elif isinstance(f, TurnEnd):
-            self._add(f.turn, "user", f"🎤 {f.speech_end - f.speech_start:.1f} s of speech "
-                                      f"({f.speech_start:.1f}–{f.speech_end:.1f} s)")
+            self._add(f.turn, "user", f"({f.speech_end - f.speech_start:.1f} s of speech, "
+                                      f"{f.speech_start:.1f}–{f.speech_end:.1f} s)")
             with self._lock:
                 self._reply_line = TranscriptLine(f.turn, "assistant", "…")
                 self._transcript.append(self._reply_line)

@@ -36,6 +36,9 @@ def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndar
     t, lo, hi = _envelope(track, sr)
     ax_agent.fill_between(t, lo, hi, color="tab:blue", lw=0, label="agent")
     for r in turns:
+        if r.first_audio is not None:
+            ax_agent.axvspan(r.speech_end, r.first_audio, color="tab:red", alpha=0.08, lw=0)
+        ax_agent.axvline(r.decision, color="0.5", ls=":", lw=1)
         for ax in (ax_mic, ax_agent):
             ax.axvline(r.speech_end, color="tab:orange", ls="--", lw=1)
             if r.first_audio is not None:
@@ -58,7 +61,8 @@ def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndar
             uniq = dict(zip(labels, handles))
             ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=7)
     ax_agent.set_xlim(0, dur)
-    ax_agent.set_xlabel("session time (s)   dashed: end of user speech, red: first reply audio")
+    ax_agent.set_xlabel("session time (s)   dashed: end of user speech, dotted: end-of-turn "
+                        "decision, red: first reply audio (shaded: response latency)")
     fig.suptitle(f"{Path(str(session.root)).name}: {len(turns)} turns", fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path))

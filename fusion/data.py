@@ -153,10 +153,13 @@ def _npy_header(n: int) -> bytes:
 
 
 class TrainShards:
-    """The training split: specs + memmapped mic audio; frames come from `render_frame`."""
+    """The training split (OUT/train, or OUT): specs + memmapped mic audio; frames come
+    from `render_frame(spec, t)`."""
 
     def __init__(self, root):
         self.root = Path(root)
+        if (self.root / "train" / "index.json").is_file():     # the dataset root given
+            self.root = self.root / "train"
         if not (self.root / "index.json").is_file():
             raise FileNotFoundError(f"{self.root} has no index.json; generate the data with "
                                     f"`python run.py data`")

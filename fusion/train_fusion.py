@@ -107,7 +107,7 @@ class _FusionStage(torch.nn.Module):
         return {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
 
 
-def run_fusion(o: FusionTrainOptions) -> Path:
+def train_fusion(o: FusionTrainOptions) -> Path:
     from speech.codec import load_codec
     from .checkpoint import load_model, pick_device, save_model
     from .data import TrainShards
@@ -222,6 +222,9 @@ def run_fusion(o: FusionTrainOptions) -> Path:
         train(stage, wrapper, params, lambda m, step: m(*make(step)), LoopOptions(steps, lr=lr),
               run, o.resume, o.progress)
         finish(stage, t0)
+    if world > 1:  # lets anyone check that the ranks ended with identical weights
+        from speech.codec import state_fingerprint
+        (run / f"weights.rank{rank}.txt").write_text(state_fingerprint(model))
     return _export(model, o, run)
 
 
@@ -239,7 +242,7 @@ def _export(model, o: FusionTrainOptions, run: Path) -> Path:
     return final
 
 
-# --- command line (called from fusion/train_cli.py) ------------------------------------------------
+# --- command line (fusion/train_cli.py calls these) ------------------------------------------------
 def add_fusion_arguments(p) -> None:
     d = FusionTrainOptions()
     g = p.add_argument_group("fusion")
@@ -261,7 +264,8 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --run-dir")
 
 
-def run_fusion_cli(args) -> None:
+def run_fusion(args) -> None:
+    """`run.py train fusion` (argparse namespace from add_fusion_arguments + the common flags)."""
     o = FusionTrainOptions(
         data=args.data, codec=args.codec_dir, run_dir=args.run_dir, out=args.model_out or None,
         preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
@@ -270,5 +274,5 @@ def run_fusion_cli(args) -> None:
         lr=args.lr, max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
-    run_fusion(o)
+    train_fusion(o)
 

@@ -99,7 +99,7 @@ def train(name: str, module: torch.nn.Module, params: list[torch.nn.Parameter],
         gn = torch.nn.utils.clip_grad_norm_(params, opts.clip)
         optim.step()
         rec = {"step": step + 1, "lr": lr_at(step), "grad_norm": float(gn),
-               **{k: float(v) for k, v in parts.items()}, "elapsed_s": time.perf_counter() - t0}
+               **{k: float(v.detach()) for k, v in parts.items()}, "elapsed_s": time.perf_counter() - t0}
         history.append(rec)
         if (step + 1) % opts.log_every == 0 or step + 1 == opts.steps:
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("step", "lr", "elapsed_s")})

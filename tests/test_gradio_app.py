@@ -66,7 +66,7 @@ def test_page_served_with_a_notice_when_there_are_no_devices(agent):
                      "random (untrained)", "mctp"):
             assert text in config, text
         msg = ctl.start_local(RANDOM, "mctp")                   # no raise: a message instead
-        assert msg.startswith("⚠️ Cannot start") and "Browser devices" in msg
+        assert msg.startswith("⚠ Cannot start") and "Browser devices" in msg
         status, notice, preview, chat, lat, att = ctl.refresh()
         assert "not running" in status and "no-such-microphone" in notice and "Notes" in notice
         assert preview is None and chat == [] and lat.empty and att.empty
@@ -81,7 +81,7 @@ def test_local_handlers_run_a_turn(agent, media):
     ctl = LiveController(LiveOptions(camera=str(media["video"]), engine=REPLY), model=RANDOM,
                          audio_factory=audio, agents={RANDOM: agent})
     assert ctl.models[-1] == RANDOM
-    assert ctl.start_local(RANDOM, "vanilla").startswith("▶️")
+    assert ctl.start_local(RANDOM, "vanilla").startswith("▶")
     try:
         wait_for(lambda: not ctl.refresh()[4].empty, 30, "a turn's latencies")
         wait_for(lambda: ctl.refresh()[1], 5, "the end of the audio file")
@@ -110,7 +110,7 @@ def test_browser_stream_handler_replies(agent, media):
     ctl = LiveController(LiveOptions(camera=None, engine=REPLY), model=RANDOM,
                          agents={RANDOM: agent})
     assert ctl.browser_mic((48_000, np.zeros(100, np.int16))) is None   # no session yet
-    assert ctl.start_browser(RANDOM, "mctp").startswith("▶️")
+    assert ctl.start_browser(RANDOM, "mctp").startswith("▶")
     assert isinstance(ctl.session, BrowserDevices)
     frames = [f.image[..., ::-1] for f in Camera(str(media["video"])).frames()]   # RGB
     z = np.zeros(int(0.5 * SAMPLE_RATE), np.float32)
@@ -150,8 +150,8 @@ def test_demo_replay_without_a_speaker_shows_the_reply(agent, media, tmp_path):
             w.write_frame(f.t, f.image)
     ctl = LiveController(NO_DEVICES, model=RANDOM, sessions_dir=root, agents={RANDOM: agent})
     assert ctl.demo_sessions() == [str(root / "demo1")]
-    assert ctl.start_demo(None, RANDOM, "mctp").startswith("⚠️ No recorded session")
-    assert ctl.start_demo(ctl.demo_sessions()[0], RANDOM, "mctp").startswith("▶️ Replaying")
+    assert ctl.start_demo(None, RANDOM, "mctp").startswith("⚠ No recorded session")
+    assert ctl.start_demo(ctl.demo_sessions()[0], RANDOM, "mctp").startswith("▶ Replaying")
     try:
         wait_for(lambda: ctl.snapshot().metrics, 30, "the replayed turn")
         wait_for(lambda: ctl.reply_audio(ctl.snapshot()) is not None, 10, "reply audio")

@@ -320,7 +320,7 @@ def test_tts(monkeypatch):
 def test_data_main_tiny(tmp_path):
     from fusion.data import TrainShards, main
     kw = dict(n_train_sessions=2, n_val_sessions=1, n_test_sessions=1, turns_per_session=2,
-              seed=3, workers=1, progress=False, n_codec_sentences=40, n_codec_eval=3)
+              seed=3, workers=1, progress=False, n_codec_sentences=5, n_codec_eval=2)
     m = main(tmp_path / "a", **kw)
     out = tmp_path / "a"
     assert m["counts"]["train"]["turns"] == 4 and m["counts"]["test"]["sessions"] == 1
@@ -328,7 +328,7 @@ def test_data_main_tiny(tmp_path):
     assert set(answers) == set(W.all_answer_texts())
     assert all((out / "answers" / f).is_file() for f in answers.values())
     codec = json.loads((out / "codec" / "sentences.json").read_text())
-    assert len(codec["train"]) == 40 and len(codec["eval"]) == 3
+    assert len(codec["train"]) == 5 and len(codec["eval"]) == 2
     assert not {e["text"] for e in codec["eval"]} & {e["text"] for e in codec["train"]}
     assert all((out / "codec" / e["file"]).is_file() for e in codec["train"] + codec["eval"])
     shards = TrainShards(out / "train")

@@ -139,6 +139,7 @@ function onMessage(m) {
   else if (kind === KIND.EVENT) onEvent(obj);
   else if (kind === KIND.ERROR) {
     showError(`${obj.code}: ${obj.message}`);
+    if (obj.code === "unauthorized") $("token").hidden = false;
     if (obj.code === "unauthorized" || obj.code === "busy") setState("error", obj.code);
   }
 }
@@ -181,20 +182,22 @@ function onEvent(e) {
   switch (e.type) {
     case "speech_start": $("listening").classList.add("on"); break;
     case "speech_end": $("listening").classList.remove("on"); break;
-    case "transcript": bubble("user", e.text, e.turn); break;
+    case "transcript": bubble("user", e.text, e.turn).classList.remove("pending"); break;
     case "turn_start": {
       currentTurn = e.turn;
       const row = $("turns").insertRow(0);
       row.innerHTML = `<td>${e.turn}</td><td class="text">…</td><td data-k="server">…</td>` +
         `<td data-k="client">…</td><td data-k="compute">…</td><td data-k="audio">…</td>`;
       turns.set(e.turn, { row, speechEnd: e.speech_end, capturedAt: capturedAt(e.speech_end) });
+      const said = (e.speech_end - e.speech_start).toFixed(1);
+      bubble("user", `🎙 you spoke for ${said} s`, e.turn).classList.add("pending");
       bubble("agent", "…", e.turn);
       break;
     }
     case "reply_text": {
       bubble("agent", e.text, e.turn);
       const t = turns.get(e.turn);
-      if (t) t.row.querySelector(".text").textContent = e.text;
+      if (t) t.row.querySelector(".text").textContent = e.text.trim();
       break;
     }
     case "interrupt":
@@ -215,7 +218,7 @@ function onEvent(e) {
         t.row.querySelector('[data-k="audio"]').textContent =
           `${e.reply_seconds.toFixed(1)} s${e.interrupted ? " ✂" : ""}`;
         if (t.heardAt === undefined) cell(t, "client", null);
-        if (e.text) t.row.querySelector(".text").textContent = e.text;
+        if (e.text) t.row.querySelector(".text").textContent = e.text.trim();
       }
       break;
     }
@@ -237,8 +240,9 @@ function bubble(who, text, turn) {
     el.className = `bubble ${who}`;
     $("chat").append(el);
   }
-  el.textContent = text;
+  el.textContent = text.trim();
   $("chat").scrollTop = $("chat").scrollHeight;
+  return el;
 }
 
 function teardown() {
@@ -263,4 +267,5 @@ $("start").onclick = () => (stats.state === "live" || stats.state === "connectin
 $("interrupt").onclick = () => control("interrupt");
 $("reset").onclick = () => control("reset");
 $("token").value = new URLSearchParams(location.search).get("token") || "";
+$("token").hidden = !$("token").value;
 setState("idle", "not connected");

@@ -1,0 +1,138 @@
+"""The browser client end to end: headless Chromium (Debian's, through Playwright) with fake
+camera and microphone devices fed from files, talking to a real server on 127.0.0.1.
+
+Set TANDEM_SCREENSHOT=PATH to also keep a screenshot of the page (docs/browser_client.png is
+made this way)."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+
+from app.agent import random_agent
+from app.server import ServerOptions, ServerThread
+from app.session import load_session
+from speech.audio import resample
+from speech.constants import SAMPLE_RATE
+from tests.fixtures_audio import synth_speech
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.slow
+
+
+def demo_scene(i: int, n: int, w: int = 640, h: int = 480) -> np.ndarray:
+    """A frame in the demo world's look: dark gradient, three shapes in the three slots,
+    the left one pulsing."""
+    a = np.linspace(0, 1, h, dtype=np.float32)[:, None, None]
+    img = (np.array([40, 25, 20], np.float32) * (1 - a) + np.array([70, 45, 30], np.float32) * a
+           + np.zeros((1, w, 1), np.float32)).astype(np.uint8)
+    r = int(70 * (1 + 0.15 * max(0.0, np.sin(4 * np.pi * i / n))))
+    cv2.circle(img, (int(0.2 * w), h // 2), r, (40, 40, 220), -1, cv2.LINE_AA)
+    cv2.rectangle(img, (w // 2 - 65, h // 2 - 65), (w // 2 + 65, h // 2 + 65), (230, 90, 50), -1)
+    cx = int(0.8 * w)
+    tri = np.array([(cx, h // 2 - 70), (cx + 75, h // 2 + 60), (cx - 75, h // 2 + 60)])
+    cv2.fillPoly(img, [tri], (40, 210, 230), cv2.LINE_AA)
+    return img
+
+
+def write_y4m(path: Path, n: int = 40, fps: int = 10) -> Path:
+    """Chromium's fake camera file: YUV4MPEG2, 4:2:0."""
+    w, h = 640, 480
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for i in range(n):
+            f.write(b"FRAME\n" + cv2.cvtColor(demo_scene(i, n, w, h), cv2.COLOR_BGR2YUV_I420).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """(wav, y4m): 2 s of silence, a spoken question, 4 s of silence (48 kHz PCM16; Chromium
+    loops it) and the demo-look video."""
+    d = tmp_path_factory.mktemp("media")
+    q = synth_speech("What is the red object on the left?", d, "q")
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    x = np.concatenate([z(2.0), 0.8 * q / np.abs(q).max(), z(4.0)])
+    wav = d / "mic.wav"
+    sf.write(wav, resample(x, SAMPLE_RATE, 48000), 48000, subtype="PCM_16")
+    return wav, write_y4m(d / "camera.y4m")
+
+
+def launch(pw, user_data: Path, wav: Path, y4m: Path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make system` (apt-get install chromium)")
+    return pw.chromium.launch_persistent_context(
+        str(user_data), executable_path=CHROMIUM, headless=True,
+        viewport={"width": 1200, "height": 760},
+        args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+              f"--use-file-for-fake-audio-capture={wav}", f"--use-file-for-fake-video-capture={y4m}",
+              "--autoplay-policy=no-user-gesture-required"])
+
+
+def test_browser_conversation(media, tmp_path):
+    from playwright.sync_api import sync_playwright
+    wav, y4m = media
+    rec = tmp_path / "rec"
+    problems: list[str] = []
+    with ServerThread(random_agent("tiny"), ServerOptions(port=0, record_dir=str(rec))) as server, \
+            sync_playwright() as pw:
+        browser = launch(pw, tmp_path / "profile", wav, y4m)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.goto(server.url)
+            assert page.text_content("#status") == "not connected"
+            page.click("#start")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                stats = page.evaluate("window.tandemStats")
+                if stats["turns"] >= 1 and stats["lastClientLatency"] is not None:
+                    break
+                assert not stats["errors"], stats["errors"]
+                time.sleep(0.25)
+            else:
+                pytest.fail(f"no turn within 60 s: {page.evaluate('window.tandemStats')}")
+            page.wait_for_timeout(500)
+            row = [c.strip() for c in page.locator("#turns tr").last.locator("td").all_text_contents()]
+            agent_said = page.locator(".bubble.agent").first.text_content()
+            shot = tmp_path / "client.png"
+            page.screenshot(path=str(shot))
+            if os.environ.get("TANDEM_SCREENSHOT"):
+                shutil.copy(shot, os.environ["TANDEM_SCREENSHOT"])
+            page.click("#start")                                  # stop
+            assert page.text_content("#status") == "stopped"
+            sessions = list(rec.iterdir())
+        finally:
+            browser.close()
+    # the page got the turn's events and non-silent reply audio, and shows them
+    assert stats["state"] == "live" and stats["session"] and stats["outputRate"] == 16000
+    assert stats["audioBytes"] > 0.2 * 2 * 16000 and stats["audioRms"] > 0.01
+    assert 0.3 < stats["lastLatency"] < 10 and 0.3 < stats["lastClientLatency"] < 10
+    assert 0 < stats["lastComputeLatency"] < 10
+    assert row[0] == "1" and row[1] and all(c.endswith(" ms") for c in row[2:5]), row
+    assert agent_said and agent_said != "…" and not problems, problems
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the server received 16 kHz audio and JPEG frames from the browser's devices
+    assert len(sessions) == 1
+    s = load_session(sessions[0])
+    assert s.meta["source"] == "browser" and "Chrome" in s.meta["user_agent"]
+    assert len(s.audio) / SAMPLE_RATE > 3.0 and np.abs(s.audio).max() > 0.1
+    assert stats["framesSent"] >= 8 and len(s.frames) >= 8
+    frame = s.read_frame(len(s.frames) // 2)
+    assert frame.shape == (240, 320, 3)
+    # the red circle is on the left of the frame the server got, not on the right
+    b, g, r = np.moveaxis(frame.astype(int), 2, 0)
+    red = (r - g > 100) & (r - b > 100)
+    cv2.imwrite("/tmp/srv/frame.png", frame)
+    assert red[:, :100].mean() > 0.05 and red[:, 220:].mean() < 0.01, (red[:, :100].mean(), red[:, 220:].mean())
+    types = {e["type"] for e in s.events}
+    assert {"speech_start", "speech_end", "turn_end", "turn_done"} <= types, types

@@ -1,0 +1,139 @@
+"""Fusion training: the staged pipeline on a tiny demo world, resume, DDP on two CPU
+processes, and the pretrained preset (Whisper-format encoder, Hugging Face LM, EnCodec
+24 kHz through its real loader) with tiny random weights."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusion.checkpoint import load_model, read_header
+from fusion.generator import GenerationOptions, Generator
+from fusion.train_fusion import FusionTrainOptions, train_fusion
+from speech.codec import build_codec, load_codec, save_codec
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = dict(encoder_steps=3, align_steps=3, sft_steps=3, mctp_steps=3, batch=3, aux_batch=3)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from fusion.data import main
+    d = tmp_path_factory.mktemp("world")
+    main(d / "data", n_train_sessions=3, n_val_sessions=0, n_test_sessions=0, turns_per_session=3,
+         n_codec_sentences=4, n_codec_eval=1, workers=1, progress=False)
+    torch.manual_seed(0)
+    save_codec(build_codec("tiny"), d / "codec")
+    return d
+
+
+def opts(world, run, **kw):
+    return FusionTrainOptions(data=str(world / "data"), codec=str(world / "codec"), run_dir=str(run),
+                              out=None, preset="tiny", progress=False, threads=1, **{**STEPS, **kw})
+
+
+def test_staged_pipeline_trains_and_resumes(world, tmp_path):
+    run = tmp_path / "run"
+    final = train_fusion(opts(world, run))
+    for stage in ("encoders", "align", "sft", "mctp"):
+        hist = json.loads((run / f"{stage}.history.json").read_text())
+        assert len(hist) == 3 and all(h["loss"] == h["loss"] for h in hist)  # ran, no NaN
+        assert (run / f"{stage}.loss.png").stat().st_size > 1000
+    codec = load_codec(world / "codec")
+    model = load_model(final, codec=codec)
+    cfg, extra = read_header(final)
+    assert set(extra["timings_s"]) >= {"encoders", "cache", "align", "sft", "mctp"}
+    # frozen parts stay frozen: the MCTP stage changed only the MCTP modules
+    after_sft = load_model(run / "after_sft.safetensors", codec=codec)
+    a, b = after_sft.state_dict(), load_model(run / "after_mctp.safetensors", codec=codec).state_dict()
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"mctp"}, changed
+    # the trained model generates
+    from fusion.dummy import random_features
+    ev = list(Generator(model, codec, GenerationOptions(max_text_tokens=3, max_audio_seconds=0.2)).run(
+        model.prefix(random_features(model.config))))
+    assert ev[-1].stats.backbone_forwards > 0
+    # resume: everything done, so nothing is retrained
+    before = json.loads((run / "timings.json").read_text())
+    train_fusion(opts(world, run))
+    assert json.loads((run / "timings.json").read_text())["sft"] == before["sft"]
+
+
+def test_training_resumes_mid_stage(world, tmp_path):
+    run = tmp_path / "run"
+    train_fusion(opts(world, run, stages=("align",), align_steps=2))
+    (run / "after_align.safetensors").unlink()  # as if killed after the checkpoint at step 2
+    train_fusion(opts(world, run, stages=("align",), align_steps=4))
+    hist = json.loads((run / "align.history.json").read_text())
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="stage"):
+        FusionTrainOptions(stages=("warmup",))
+    with pytest.raises(ValueError, match="hf-model"):
+        FusionTrainOptions(preset="pretrained")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_weights(world, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(ROOT / "run.py"),
+           "train", "fusion", "--data", str(world / "data"), "--codec-dir", str(world / "codec"),
+           "--run-dir", str(run), "--preset", "tiny", "--stages", "align,sft", "--align-steps", "3",
+           "--sft-steps", "2", "--batch", "2", "--model-out", "", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r0, r1 = (run / "weights.rank0.txt").read_text(), (run / "weights.rank1.txt").read_text()
+    assert r0 == r1
+    # and the ranks really trained (the weights moved away from the initial ones)
+    hist = json.loads((run / "sft.history.json").read_text())
+    assert len(hist) == 2
+
+
+def test_pretrained_preset_with_tiny_random_weights(world, tmp_path, monkeypatch):
+    """Real loading paths, tiny random weights in the real formats."""
+    import whisper
+    from encodec import EncodecModel
+    # a Whisper checkpoint in whisper's own format
+    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=64, n_audio_head=2,
+                                         n_audio_layer=1, n_vocab=51864, n_text_ctx=8, n_text_state=64,
+                                         n_text_head=2, n_text_layer=1)
+    wpath = tmp_path / "tiny-whisper.pt"
+    torch.save({"dims": vars(dims), "model_state_dict": whisper.model.Whisper(dims).state_dict()}, wpath)
+    # EnCodec 24 kHz through its real loader, from the torch hub cache
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    cache = tmp_path / "th" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    m24 = EncodecModel.encodec_model_24khz(pretrained=False)
+    for layer in m24.quantizer.vq.layers:
+        layer._codebook.embed.normal_()
+    torch.save(m24.state_dict(), cache / "encodec_24khz-d7cc33bc.th")
+    hf = tmp_path / "hf.json"
+    hf.write_text(json.dumps(dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                  vocab_size=32, max_position_embeddings=2048)))
+    run = tmp_path / "pre"
+    o = FusionTrainOptions(data=str(world / "data"), codec="encodec_24khz", run_dir=str(run), out=None,
+                           preset="pretrained", whisper=str(wpath), hf_config=str(hf), progress=False,
+                           threads=1, stages=("align", "sft", "mctp"), align_steps=1, sft_steps=1,
+                           mctp_steps=1, batch=2)
+    final = train_fusion(o)
+    cfg, _ = read_header(final)
+    assert cfg.backbone == "hf" and cfg.codec.name == "encodec_24khz" and cfg.audio.n_state == 64
+    from fusion.checkpoint import load_with_codec
+    model, codec = load_with_codec(final)
+    assert codec.sample_rate == 24000
