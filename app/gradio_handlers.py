@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,8 +57,11 @@ class LiveController:
     def agent(self, model: str):
         if model not in self._agents:
             from .agent import load_agent, random_agent
+            path = Path(model)
+            if not path.is_absolute() and not path.exists():
+                path = ROOT / path                     # checkpoints are listed repo-relative
             self._agents[model] = (random_agent(self.random_preset, device=self.device)
-                                   if model == RANDOM else load_agent(model, self.device))
+                                   if model == RANDOM else load_agent(path, self.device))
         return self._agents[model]
 
     def _replace(self, session: LiveSession | None, kind: str) -> None:
@@ -131,18 +135,29 @@ class LiveController:
         return self._message
 
     # --- browser streams ---------------------------------------------------------------
-    def browser_mic(self, chunk) -> bytes | None:
-        """A microphone chunk (sr, int16 PCM) from the browser -> WAV bytes of reply audio of
-        the same duration (silence between replies), for a streaming gr.Audio output."""
+    def browser_mic(self, chunk) -> None:
+        """A microphone chunk (sr, int16 PCM) from the browser's streaming gr.Audio."""
+        from .live_inputs import BrowserDevices
+        s = self.session
+        if chunk is None or not isinstance(s, BrowserDevices) or not s.running:
+            return
+        sr, pcm = chunk
+        if pcm is not None and len(pcm):
+            s.push_mic(int(sr), np.asarray(pcm))
+
+    def browser_voice(self, chunk_seconds: float = 0.25):
+        """Generator for a streaming gr.Audio output: WAV bytes of the agent's voice, one
+        `chunk_seconds` chunk per `chunk_seconds` of wall time (silence between replies),
+        until the browser session ends."""
         from .live_inputs import BrowserDevices, wav_bytes
         s = self.session
-        if chunk is None or not isinstance(s, BrowserDevices):
-            return None
-        sr, pcm = chunk
-        if pcm is None or len(pcm) == 0:
-            return None
-        out_sr, out = s.push_mic(int(sr), np.asarray(pcm))
-        return wav_bytes(out_sr, out)
+        if not isinstance(s, BrowserDevices):
+            return
+        due = time.monotonic()
+        while self.session is s and s.running:
+            due += chunk_seconds
+            time.sleep(max(0.0, due - time.monotonic()))
+            yield wav_bytes(*s.pull_reply(chunk_seconds))
 
     def browser_frame(self, rgb) -> None:
         from .live_inputs import BrowserDevices

@@ -116,6 +116,8 @@ class LiveSession:
                 self.status = "speaking"
         elif isinstance(f, Interrupt):
             self.sink.clear()
+            if self._out_rs is not None:   # drop its look-ahead of the stopped reply too
+                self._out_rs = type(self._out_rs)(self.agent.output_rate, self.sink.sample_rate)
             self._add(f.turn, "system", f"(reply interrupted: {f.reason})")
         elif isinstance(f, SpeechStart):
             self._set_status("hearing you")
@@ -226,24 +228,27 @@ class LocalDevices(LiveSession):
             self._device = DuplexDevice(o.input_device, o.output_device, input_rate=SAMPLE_RATE,
                                         output_rate=self.agent.output_rate).start()
             self._source, self._sink = self._device.source, self._device.sink
-        if self._camera is not None or o.camera is not None:
-            try:
-                self._set_status("opening the camera")
-                if self._camera is None:
-                    self._camera = Camera(o.camera, loop=True)
-                self._camera.start()
-            except CameraError as e:
-                self._camera = None
-                if o.require_camera:
-                    self._close_audio()
-                    self._set_status("no camera")
-                    raise
-                self.notice(f"No camera: running audio-only. {e}")
-        elif o.camera is None:
-            self.notice("No camera selected: running audio-only.")
-        self._open_engine(self._sink)
-        from .live_inputs import StreamResampler
-        self._in_rs = StreamResampler(self._source.sample_rate, SAMPLE_RATE)
+        try:
+            if self._camera is not None or o.camera is not None:
+                try:
+                    self._set_status("opening the camera")
+                    if self._camera is None:
+                        self._camera = Camera(o.camera, loop=True)
+                    self._camera.start()
+                except CameraError as e:
+                    self._camera = None
+                    if o.require_camera:
+                        self._set_status("no camera")
+                        raise
+                    self.notice(f"No camera: running audio-only. {e}")
+            else:
+                self.notice("No camera selected: running audio-only.")
+            self._open_engine(self._sink)
+            from .live_inputs import StreamResampler
+            self._in_rs = StreamResampler(self._source.sample_rate, SAMPLE_RATE)
+        except BaseException:
+            self._close_audio()
+            raise
         self._thread = threading.Thread(target=self._capture, name="tandem-capture", daemon=True)
         self._set_status("listening")
         self._thread.start()
@@ -268,6 +273,9 @@ class LocalDevices(LiveSession):
                     chunk = self._in_rs.feed(chunk)
                 if chunk.size:
                     eng.push_audio(chunk)
+                if cam is not None and getattr(cam, "ended", False):
+                    self.notice(f"The camera stopped ({cam.error}); continuing audio-only.")
+                    cam = None
                 frame = cam.latest() if cam is not None else None
                 if frame is not None and frame.index != last_index:
                     last_index = frame.index

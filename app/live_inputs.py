@@ -1,8 +1,8 @@
 """Other front ends of a live conversation, sharing `app.live.LiveSession`'s state, and helpers:
 
 - `BrowserDevices`: the browser's webcam and microphone (Gradio streaming) feeding an
-  Engine when the app runs on another machine; the reply is pulled back as one output chunk
-  per microphone chunk (`PullSink`), so the browser's audio stream plays at real time.
+  Engine when the app runs on another machine; the reply is pulled back at playback pace
+  (`PullSink`) into a streaming audio output.
 - `demo_replay`: a recorded session (app/session.py) played through `LocalDevices` at real
   time: its mic.wav stands in for the microphone and its frames for the camera.
 - `StreamResampler` (chunked resampling), `attention_series` (attention for a plot),
@@ -129,34 +129,67 @@ def wav_bytes(sample_rate: int, pcm16: np.ndarray) -> bytes:
 
 class BrowserDevices(LiveSession):
     """Microphone chunks and webcam frames from a browser (any thread; pushes are
-    serialised) into an Engine; `push_mic` returns as much reply audio as the chunk lasted."""
+    serialised) into an Engine; the reply is pulled with `pull_reply` at playback pace.
 
-    def __init__(self, agent, options: LiveOptions = LiveOptions()):
+    The session clock follows the wall clock: when the browser drops microphone audio
+    (Gradio's streaming sends one chunk per round trip and drops what is recorded while it
+    waits), a gap over `gap_fill_after` s is filled with silence, at most 3/4 of the
+    end-of-turn silence per gap (a lost chunk must not end the user's turn; the clock lags
+    by the rest from then on), and a notice says that audio is being lost."""
+
+    def __init__(self, agent, options: LiveOptions = LiveOptions(), gap_fill_after: float = 0.15):
         super().__init__(agent, options)
         self._push_lock = threading.Lock()
         self._rs: StreamResampler | None = None
         self._open_engine(PullSink(agent.output_rate))
         self._closed = False
-        self.status = "listening (browser devices)"
+        self.gap_fill_after = gap_fill_after
+        self._max_fill = 0.75 * self.engine.options.end_of_turn_silence
+        self._t0: float | None = None          # wall time the first chunk started
+        self.received_seconds = self.filled_seconds = self._forgiven = 0.0
+        self.status = "listening"
 
     @property
     def running(self) -> bool:
         return not self._closed
 
-    def push_mic(self, sample_rate: int, pcm: np.ndarray) -> tuple[int, np.ndarray]:
-        """(sr, int16 or float PCM, mono or (T, C)) -> (output rate, int16 reply PCM of the
-        same duration; silence where the agent is not speaking)."""
-        from speech.audio import float_to_pcm16
+    def push_mic(self, sample_rate: int, pcm: np.ndarray, now: float | None = None) -> None:
+        """A microphone chunk (sr, int16 or float PCM, mono or (T, C)) received at wall time
+        `now` (default: time.monotonic())."""
         if self._closed:
             raise RuntimeError("this browser session is closed; start a new one")
-        x = _mic_float(pcm)
+        x, sr = _mic_float(pcm), int(sample_rate)
+        now = time.monotonic() if now is None else now
         with self._push_lock:
-            if self._rs is None or self._rs.sr_in != int(sample_rate):
-                self._rs = StreamResampler(int(sample_rate), SAMPLE_RATE)
-            y = self._rs.feed(x)
-            if y.size:
-                self.engine.push_audio(y)
-        n = int(round(len(x) * self.agent.output_rate / int(sample_rate)))
+            if self._rs is None or self._rs.sr_in != sr:
+                self._rs = StreamResampler(sr, SAMPLE_RATE)
+            dur = len(x) / sr
+            if self._t0 is None:
+                self._t0 = now - dur
+            gap = (now - self._t0) - (self.received_seconds + self.filled_seconds
+                                      + self._forgiven + dur)
+            if gap > self.gap_fill_after:      # audio the browser never sent: silence...
+                fill = min(gap, self._max_fill)  # ...never enough to end the user's turn
+                self.filled_seconds += fill
+                self._forgiven += gap - fill     # the clock lags by this much from now on
+                self._feed(np.zeros(int(round(fill * sr)), np.float32))
+            self.received_seconds += dur
+            self._feed(x)
+            lost = self.filled_seconds / (self.filled_seconds + self.received_seconds)
+        if self.filled_seconds > 1.0 and lost > 0.1:
+            self.notice("The browser's microphone stream is losing audio (Gradio sends one "
+                        "chunk per round trip and drops what arrives meanwhile; gaps become "
+                        "silence). For lossless browser streaming use `python run.py serve`.")
+
+    def _feed(self, x: np.ndarray) -> None:
+        y = self._rs.feed(x)
+        if y.size:
+            self.engine.push_audio(y)
+
+    def pull_reply(self, seconds: float) -> tuple[int, np.ndarray]:
+        """The next `seconds` of the agent's voice: (rate, int16 PCM), silence between replies."""
+        from speech.audio import float_to_pcm16
+        n = int(round(seconds * self.agent.output_rate))
         return self.agent.output_rate, float_to_pcm16(self.sink.pull(n))
 
     def push_frame(self, rgb: np.ndarray) -> None:
@@ -223,6 +256,7 @@ def demo_replay(agent, session_dir, options: LiveOptions = LiveOptions(), sink=N
     session = load_session(session_dir)
     if not (Path(session_dir) / "mic.wav").is_file():
         raise FileNotFoundError(f"{session_dir} has no mic.wav: a demo replay needs the audio")
+    source = FileSource(Path(session_dir) / "mic.wav", realtime=True)
     speaker_note = None
     if sink is None:
         try:
@@ -232,8 +266,7 @@ def demo_replay(agent, session_dir, options: LiveOptions = LiveOptions(), sink=N
         except AudioDeviceError as e:
             sink = MemorySink(agent.output_rate, clock=time.monotonic)
             speaker_note = f"No speaker: the reply is shown as an audio player. ({e})"
-    live = LocalDevices(agent, replace(options, camera=None),
-                        source=FileSource(Path(session_dir) / "mic.wav", realtime=True), sink=sink,
+    live = LocalDevices(agent, replace(options, camera=None), source=source, sink=sink,
                         camera=SessionCamera(session) if session.frames else None)
     if speaker_note:
         live.notice(speaker_note)

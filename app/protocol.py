@@ -22,8 +22,16 @@ The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling i
 usual case.
 
 Client events: {"type": "control", "action": "interrupt" | "reset"}.
-Server events: "speech_start", "speech_end", "turn_start", "reply_text", "interrupt",
-"turn_end", "metrics", "shutdown" (see app/server.py for their fields).
+Server events ("t": seconds on the session clock = input audio received / input_rate):
+  speech_start {t}, speech_end {t}               the VAD heard the user start / stop
+  turn_start {t, turn, speech_start, speech_end}  end of the user's turn: a reply starts
+  reply_text {t, turn, token, text}               text so far
+  interrupt {t, turn, reason}                     barge-in | control | reset: drop queued audio
+  turn_end {t, turn, text, interrupted}           the reply's audio is complete
+  metrics {t, TurnMetrics fields (app/frames.py), browser_response_latency}
+  shutdown {message}                              the server is stopping; it then closes
+browser_response_latency: wall time the turn's first audio message was sent minus the wall
+time the end of the user's speech arrived (DESIGN.md "Metrics", on the browser path).
 """
 from __future__ import annotations
 
@@ -194,47 +202,58 @@ def event(type: str, **fields) -> bytes:
 
 # --- input audio ----------------------------------------------------------------------------
 class PCMInput:
-    """Turns kind-1 payloads at `rate` into 16 kHz float32, streaming: the concatenated output
-    equals `speech.audio.resample` of the whole stream exactly; output whose filter still
-    needs input that has not arrived (< 1 ms) is held back until it does (or `flush`)."""
+    """Turns kind-1 payloads at `rate` into 16 kHz float32, streaming. It applies the kernel
+    of `speech.audio.resample` (torchaudio's windowed sinc, built once) block by block, so
+    the concatenated output equals resampling the whole stream offline (to float rounding,
+    far below one PCM16 step). Output is released in blocks of `rate / gcd(rate, 16000)`
+    input samples once the filter's right-hand context has arrived: a lag under 1 ms at 48
+    kHz, about 10 ms at 44.1 kHz; `flush` releases the rest."""
 
     def __init__(self, rate: int, out_rate: int = 16_000):
-        from math import ceil, gcd
         self.rate, self.out_rate = int(rate), int(out_rate)
-        g = gcd(self.rate, self.out_rate)
-        self.si, self.so = self.rate // g, self.out_rate // g    # resample's reduced rates
-        # torchaudio's windowed sinc reaches `width` input samples each side (exactly zero
-        # beyond), for its default lowpass_filter_width=6 and rolloff=0.99
-        self.width = ceil(6 * self.si / (min(self.si, self.so) * 0.99)) + 1
-        self._buf = np.zeros(0, np.float32)   # input from absolute sample _i0 (a multiple of si)
-        self._i0 = 0
-        self._n_out = 0                       # output samples emitted
+        self._n_in = self._n_out = 0          # samples received / emitted
+        if self.rate == self.out_rate:
+            return
+        from torchaudio.transforms import Resample
+        r = Resample(self.rate, self.out_rate)
+        self.si, self.so = self.rate // r.gcd, self.out_rate // r.gcd  # input/output per block
+        self.width = r.width                  # kernel reach before each block, in input samples
+        self.kernel = r.kernel[:, 0].numpy()  # (so, 2 * width + si)
+        assert self.kernel.shape == (self.so, 2 * self.width + self.si), self.kernel.shape
+        self._buf = np.zeros(self.width, np.float32)   # input from absolute sample _i0
+        self._i0 = -self.width                          # (the left zero padding included)
 
     def push(self, payload: bytes) -> np.ndarray:
         from speech.audio import pcm16_to_float
         x = pcm16_to_float(payload)
+        self._n_in += len(x)
         if self.rate == self.out_rate:
             return x
         self._buf = np.concatenate([self._buf, x])
         return self._emit(final=False)
 
     def flush(self) -> np.ndarray:
-        return np.zeros(0, np.float32) if self.rate == self.out_rate else self._emit(final=True)
+        if self.rate == self.out_rate:
+            return np.zeros(0, np.float32)
+        self._buf = np.concatenate([self._buf, np.zeros(self.width + self.si, np.float32)])
+        return self._emit(final=True)
 
     def _emit(self, final: bool) -> np.ndarray:
-        from speech.audio import resample
-        si, so = self.si, self.so
-        n_in = self._i0 + len(self._buf)                       # absolute input samples
-        # offline output length is ceil(n_in * so / si); output j sits at input j * si / so
-        end = -(-n_in * so // si) if final else max(0, (n_in - self.width) * so // si)
-        if end <= self._n_out:
+        si, so, k = self.si, self.so, self.kernel.shape[1]
+        b0 = self._n_out // so                           # next output block
+        # block b reads input [b * si - width, b * si - width + k)
+        b1 = (self._i0 + len(self._buf) - k + self.width) // si + 1
+        if final:                                        # offline length: ceil(n_in * so / si)
+            b1 = min(b1, -(-(-(-self._n_in * so // si)) // so))
+        if b1 <= b0:
             return np.zeros(0, np.float32)
-        o0 = self._i0 // si * so                              # output index of _buf[0]
-        y = resample(self._buf, self.rate, self.out_rate)
-        out = y[self._n_out - o0:end - o0]
-        assert len(out) == end - self._n_out, (len(out), end, self._n_out)
-        self._n_out = end
-        keep = max(0, (end * si // so - self.width - 1) // si * si)   # left context to keep
-        if keep > self._i0:
-            self._buf, self._i0 = self._buf[keep - self._i0:], keep
+        lo = b0 * si - self.width - self._i0
+        windows = np.lib.stride_tricks.sliding_window_view(
+            self._buf[lo:lo + (b1 - b0 - 1) * si + k], k)[::si]          # (b1 - b0, k)
+        out = (windows @ self.kernel.T).reshape(-1)                       # ((b1 - b0) * so,)
+        if final:
+            out = out[:max(0, -(-self._n_in * so // si) - self._n_out)]
+        self._n_out += len(out)
+        keep = b1 * si - self.width                      # the next block's first input
+        self._buf, self._i0 = self._buf[keep - self._i0:], keep
         return np.ascontiguousarray(out, np.float32)

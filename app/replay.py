@@ -11,10 +11,6 @@ timeline), OUT/turns/turn_NNN.wav (each reply as generated) and OUT/timeline.png
 from __future__ import annotations
 
 import json
-import os
-import platform
-import re
-import string
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +24,7 @@ from .agent import Agent
 from .engine import Engine, EngineOptions
 from .frames import (AudioOut, Frame, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
                      TurnEnd, TurnMetrics)
+from .replay_report import format_summary, hardware, match_questions, plot_timeline, summarize
 from .session import Session, SessionWriter, load_session
 
 CHUNK = SAMPLE_RATE // 50      # 20 ms of microphone audio per push
@@ -138,7 +135,7 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
 
     sr = agent.output_rate
     turns, track = _timeline(col, session, sr, out)
-    _match_questions(turns, session.events)
+    match_questions(turns, session.events)
     report = ReplayReport(
         session=str(session.root), out_dir=str(out), model=agent.name,
         mode=options.generation.mode, realtime=realtime, hardware=hardware(agent),
@@ -150,7 +147,6 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
     (out / "summary.txt").write_text(text + "\n")
     if progress:
         print(text)
-    from .replay_plot import plot_timeline
     plot_timeline(out / "timeline.png", session, col.speech, turns, track, sr)
     return report
 
@@ -223,6 +219,8 @@ def _timeline(col: _Collector, s: Session, sr: int, out: Path):
             _write_wav(out / audio_file, np.concatenate([p for _, p in segs]), sr)
         tokens = col.tokens.get(k, [])
         interrupted = cut is not None or bool(m and m.interrupted)
+        stop_at = cut / sr if cut is not None else min(
+            (f.t for f in col.interrupts if f.turn == k), default=None)
         results.append(TurnResult(
             turn=k,
             speech_start=m.speech_start if m else te.speech_start,
@@ -235,109 +233,9 @@ def _timeline(col: _Collector, s: Session, sr: int, out: Path):
             reply_seconds=sum(len(p) for _, p in segs) / sr, played_seconds=played / sr,
             text=m.text if m else "".join(tokens), tokens=tokens, audio_file=audio_file,
             interrupted=interrupted,
-            interrupted_at=(cut / sr if cut is not None else
-                            min((f.t for f in col.interrupts if f.turn == k), default=None)
-                            if interrupted else None),
+            interrupted_at=stop_at if interrupted else None,
             backbone_forwards=m.backbone_forwards if m else 0))
     return results, track
-
-
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation removed, whitespace collapsed: "The Red circle." -> "the red circle"."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _match_questions(turns: list[TurnResult], events: list[dict]) -> None:
-    """Each turn gets the ground-truth question whose speech span overlaps it most."""
-    qs = [e for e in events if e["type"] == "question" and isinstance(e.get("t_end"), (int, float))]
-    for r in turns:
-        best, overlap = None, 0.0
-        for q in qs:
-            o = min(r.speech_end, q["t_end"]) - max(r.speech_start, q["t"])
-            if o > overlap:
-                best, overlap = q, o
-        if best is not None:
-            r.question, r.expected = best.get("text"), best.get("answer")
-            if isinstance(r.expected, str):
-                r.correct = normalize_text(r.text) == normalize_text(r.expected)
-
-
-def _stats(values) -> dict | None:
-    v = np.asarray([x for x in values if x is not None], np.float64)
-    if not len(v):
-        return None
-    return {"mean": float(v.mean()), "median": float(np.median(v)),
-            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max())}
-
-
-def summarize(turns: list[TurnResult], s: Session) -> dict:
-    questions = [e for e in s.events if e["type"] == "question"]
-    scored = [r for r in turns if r.correct is not None]
-    return {
-        "turns": len(turns),
-        "replies_with_audio": sum(r.first_audio is not None for r in turns),
-        "interrupted": sum(r.interrupted for r in turns),
-        "response_latency": _stats(r.response_latency for r in turns),
-        "compute_latency": _stats(r.compute_latency for r in turns),
-        "generation_rtf": _stats(r.generation_rtf for r in turns),
-        "reply_seconds": sum(r.reply_seconds for r in turns),
-        "played_seconds": sum(r.played_seconds for r in turns),
-        "questions": len(questions),
-        "scored_turns": len(scored),
-        "correct": sum(bool(r.correct) for r in scored),
-        "accuracy": (sum(bool(r.correct) for r in scored) / len(questions)) if questions else None,
-    }
-
-
-def hardware(agent: Agent) -> str:
-    import torch
-    dev = next(agent.model.parameters()).device
-    if dev.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(dev)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
-
-
-def _f(x, spec=".2f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def format_summary(r: ReplayReport) -> str:
-    clock = "real time" if r.realtime else "virtual clock"
-    lines = [f"replay of {r.session}", f"model {r.model} ({r.mode}, {clock}) on {r.hardware}",
-             f"session {r.duration:.1f} s replayed in {r.wall_seconds:.1f} s wall", "",
-             f"{'turn':>4} {'speech_end':>10} {'first_audio':>11} {'response':>8} "
-             f"{'compute':>7} {'rtf':>5} {'reply_s':>7}  text"]
-    for t in r.turns:
-        note = " [interrupted]" if t.interrupted else ""
-        if t.expected is not None:
-            note += f"  expected {t.expected!r} {'ok' if t.correct else 'WRONG'}"
-        text = t.text if len(t.text) <= 40 else t.text[:37] + "..."
-        lines.append(f"{t.turn:>4} {t.speech_end:>10.2f} {_f(t.first_audio):>11} "
-                     f"{_f(t.response_latency):>8} {_f(t.compute_latency):>7} "
-                     f"{_f(t.generation_rtf, '.1f'):>5} {t.reply_seconds:>7.2f}  {text!r}{note}")
-    if not r.turns:
-        lines.append("   (no turns: no user speech was detected)")
-    s = r.summary
-    lines.append("")
-    for key, label in (("response_latency", "response latency"), ("compute_latency", "compute latency")):
-        st = s[key]
-        lines.append(f"{label:<17} " + ("-" if st is None else
-                     f"mean {st['mean']:.3f} s  median {st['median']:.3f} s  p90 {st['p90']:.3f} s"))
-    lines.append(f"turns {s['turns']}, interrupted {s['interrupted']}, reply audio "
-                 f"{s['reply_seconds']:.1f} s (played {s['played_seconds']:.1f} s)")
-    if s["questions"]:
-        lines.append(f"ground truth: {s['correct']} of {s['questions']} questions answered "
-                     f"correctly (accuracy {s['accuracy']:.2f})")
-    return "\n".join(lines)
 
 
 def _write_wav(path: Path, x: np.ndarray, sr: int) -> None:

@@ -49,6 +49,8 @@ def run(args) -> None:
         sys.exit(f"error: {e}")
     report = replay(session, out, agent, realtime=args.realtime, options=options,
                     progress=not args.no_progress, record=args.record)
+    if args.no_progress:
+        print((out / "summary.txt").read_text(), end="")
     print(f"\nwrote {out}/report.json, summary.txt, agent.wav, timeline.png and "
           f"{sum(t.audio_file is not None for t in report.turns)} turn WAVs in {out}/turns"
           + (f"; recorded the replay to {args.record}" if args.record else ""))

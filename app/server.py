@@ -247,6 +247,8 @@ class ServerThread:
             self.call(self.server.shutdown(), timeout)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self.loop.close()
 
     def __enter__(self) -> "ServerThread":
         return self.start()

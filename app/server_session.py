@@ -23,7 +23,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol as P
-from .engine import Engine, with_generation
+from .engine import Engine
 from .frames import (AudioOut, Control, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
                      TurnEnd)
 
@@ -148,7 +148,9 @@ class ClientSession:
     async def _error(self, code: str, message: str) -> bool:
         """Report a protocol error to the client; False once it has made too many."""
         self.errors += 1
-        log.info("session %s: %s: %s", self.id, code, message)
+        if self.errors <= 5:                     # a misbehaving client must not flood the log
+            log.info("session %s: %s: %s%s", self.id, code, message,
+                     " (further errors are not logged)" if self.errors == 5 else "")
         if self.errors > self.options.max_errors:
             await self.ws.send(P.error(P.TOO_MANY_ERRORS, f"more than {self.options.max_errors} "
                                                           "protocol errors; closing"))
@@ -203,6 +205,7 @@ class ClientSession:
         while (frame := await self.outbox.get()) is not _STOP:
             try:
                 if isinstance(frame, AudioOut):
+                    assert frame.sample_rate == self.server.agent.output_rate, frame.sample_rate
                     await self.ws.send(P.encode(P.Kind.AUDIO_OUT, float_to_pcm16(frame.pcm)))
                     self._first_sent.setdefault(frame.turn, time.perf_counter())
                     continue

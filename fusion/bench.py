@@ -59,7 +59,8 @@ def bench_codec(codec, device, seconds: float = 4.0, chunk_sizes=(1, 2, 5, 10, 2
 def bench_generation(model, codec, device, seconds: float = 2.0, repeats: int = 3):
     from .dummy import random_features
     from .generator import GenerationOptions, Generator
-    prefix = model.prefix(random_features(model.config, device=device))
+    with torch.inference_mode():
+        prefix = model.prefix(random_features(model.config, device=device))
     out = {}
     for mode in ("vanilla", "mctp"):
         opts = GenerationOptions(mode=mode, max_text_tokens=6, min_audio_seconds=seconds,
@@ -104,7 +105,8 @@ def bench_latency(model, codec, device, repeats: int = 5):
         _sync(device)
         t0 = time.perf_counter()
         feats = enc.features(enc.now - 2.0, enc.now)
-        prefix = model.prefix(feats)
+        with torch.inference_mode():
+            prefix = model.prefix(feats)
         _sync(device)
         t_prefix = time.perf_counter() - t0
         for ev in gen.run(prefix, t0=t0):

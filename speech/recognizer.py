@@ -65,15 +65,22 @@ class IndependentRecognizer:
 
     `transcribe(audio16k)` takes mono float32 (T,) audio at 16 kHz and returns the text.
     Decoding is greedy (beam 1, temperature 0) and without VAD filtering: deterministic.
+    `pad_seconds` of silence are added on both sides: Whisper tiny.en misreads tightly
+    trimmed one-word utterances far more often (measured on the agent voice's answers:
+    20/33 recognised unpadded, 23/33 with 0.5 s).
     """
 
-    def __init__(self, cpu_threads: int = 1, model_path: str | Path | None = None) -> None:
+    def __init__(self, cpu_threads: int = 1, model_path: str | Path | None = None,
+                 pad_seconds: float = 0.5) -> None:
         try:
             from faster_whisper import WhisperModel
         except ImportError as e:
             raise ImportError(INSTALL_HELP) from e
         if not isinstance(cpu_threads, int) or cpu_threads < 1:
             raise ValueError(f"cpu_threads must be an int >= 1, got {cpu_threads!r}")
+        if not 0 <= pad_seconds <= 5:
+            raise ValueError(f"pad_seconds must be in [0, 5], got {pad_seconds!r}")
+        self.pad = np.zeros(int(round(pad_seconds * SAMPLE_RATE)), np.float32)
         path = model_dir() if model_path is None else Path(model_path)
         self.model = WhisperModel(str(path), device="cpu", compute_type="int8",
                                   cpu_threads=cpu_threads, num_workers=1)
@@ -85,7 +92,8 @@ class IndependentRecognizer:
         if x.ndim != 1 or x.size == 0:
             raise ValueError(f"transcribe takes non-empty mono (T,) audio at {SAMPLE_RATE} Hz,"
                              f" got shape {x.shape}")
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        x = np.concatenate([self.pad, np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0),
+                            self.pad])
         segments, _ = self.model.transcribe(x, language="en", beam_size=1, temperature=0.0,
                                             vad_filter=False, condition_on_previous_text=False,
                                             without_timestamps=True)

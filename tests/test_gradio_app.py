@@ -3,6 +3,7 @@ with file-backed audio, on browser-streamed chunks, and on a demo replay; withou
 the page shows a notice instead of failing. Untrained tiny agent, espeak-ng speech."""
 import io
 import socket
+import threading
 import time
 import urllib.request
 import wave
@@ -106,38 +107,66 @@ def _wav(data: bytes) -> tuple[int, np.ndarray]:
         return w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
 
 
-def test_browser_stream_handler_replies(agent, media):
+def test_browser_stream_handlers_reply(agent, media):
+    """Mic chunks (48 kHz int16, as Gradio's recorder sends them) and webcam frames (RGB)
+    at real-time pace; the voice generator streams the reply back as WAV chunks."""
     ctl = LiveController(LiveOptions(camera=None, engine=REPLY), model=RANDOM,
                          agents={RANDOM: agent})
     assert ctl.browser_mic((48_000, np.zeros(100, np.int16))) is None   # no session yet
+    assert list(ctl.browser_voice()) == []
     assert ctl.start_browser(RANDOM, "mctp").startswith("▶")
     assert isinstance(ctl.session, BrowserDevices)
+    voice = []
+    player = threading.Thread(target=lambda: voice.extend(ctl.browser_voice(0.1)), daemon=True)
+    player.start()
     frames = [f.image[..., ::-1] for f in Camera(str(media["video"])).frames()]   # RGB
     z = np.zeros(int(0.5 * SAMPLE_RATE), np.float32)
-    mic48 = (resample(np.concatenate([z, media["question"], z]), SAMPLE_RATE, 48_000)
+    mic48 = (resample(np.concatenate([z, media["question"], z, z, z, z]), SAMPLE_RATE, 48_000)
              * 32767).astype(np.int16)
-    step, got, sent, reply = 12_000, [], [], None       # 0.25 s chunks at 48 kHz
-    for i in range(0, len(mic48), step):
-        ctl.browser_frame(frames[(i // step) % len(frames)])
-        sent.append(len(mic48[i:i + step]))
-        got.append(_wav(ctl.browser_mic((48_000, mic48[i:i + step]))))
-    deadline = time.monotonic() + 20
-    while reply is None and time.monotonic() < deadline:    # silence until the reply plays
-        ctl.browser_frame(frames[0])
-        got.append(_wav(ctl.browser_mic((48_000, np.zeros((step, 2), np.int16)))))  # stereo
-        sent.append(step)
-        reply = got[-1][1] if np.abs(got[-1][1]).max() > 30 else None
-        time.sleep(0.05)
+    step, t0, k, lost = 4_800, time.monotonic(), 0, 0    # 0.1 s chunks at 48 kHz
+    while k * step < len(mic48):
+        slot = t0 + (k + 1) * 0.1                        # when chunk k is recorded
+        time.sleep(max(0.0, slot - time.monotonic()))
+        late = int((time.monotonic() - slot) / 0.1)      # like Gradio's recorder: chunks
+        k, lost = k + late, lost + late                  # recorded while busy are lost
+        chunk = mic48[k * step:(k + 1) * step]
+        ctl.browser_frame(frames[k % len(frames)])
+        ctl.browser_mic((48_000, np.stack([chunk, chunk], 1) if k % 2 else chunk))  # stereo too
+        k += 1
     wait_for(lambda: ctl.snapshot().metrics, 10, "the end of the reply")
-    snap = ctl.snapshot()
+    time.sleep(1.2)                                      # the rest of the reply plays out
+    snap, s = ctl.snapshot(), ctl.session
     ctl.stop()
-    assert reply is not None, "no reply audio came back"
+    player.join(2)
+    assert not player.is_alive()                         # the generator ends with the session
+    got = [_wav(b) for b in voice]
     assert {sr for sr, _ in got} == {agent.output_rate}
-    ratio = agent.output_rate / 48_000                     # each reply chunk lasts its mic chunk
-    assert [len(x) for _, x in got] == [round(n * ratio) for n in sent]
+    assert {len(x) for _, x in got} == {agent.output_rate // 10}
+    out = np.concatenate([x for _, x in got])
+    assert (np.abs(out) > 30).sum() > 0.5 * agent.output_rate * snap.metrics[0].reply_seconds
+    # only lost chunks become silence (filling in detail: the next test); the session clock
+    # never runs ahead of the microphone's real time
+    assert s.filled_seconds <= 0.1 * lost + 0.2, (s.filled_seconds, lost)
+    assert s.received_seconds <= snap.clock <= k * 0.1 + 0.2
     assert len(snap.metrics) == 1 and snap.metrics[0].response_latency is not None
     assert snap.preview is not None and snap.preview.shape == frames[0].shape
-    assert {k for k in ctl.attention_frame(snap)["modality"]} == {"audio", "video"}
+    assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+
+
+def test_browser_dropped_audio_becomes_silence_with_a_notice(agent):
+    s = BrowserDevices(agent, LiveOptions(camera=None))
+    chunk = np.full(4_800, 1000, np.int16)               # 0.1 s at 48 kHz...
+    arrivals = 100.0 + 0.3 * np.arange(20)               # ...arriving every 0.3 s,
+    arrivals[10:] += 1.0                                 # and one 1.3 s stall
+    for now in arrivals:
+        s.push_mic(48_000, chunk, now=now)
+    snap = s.snapshot()
+    s.stop()
+    assert s.received_seconds == pytest.approx(2.0)
+    # gaps become silence (0.2 s each); the stall's only up to 0.3 s: it must not end a turn
+    assert s.filled_seconds == pytest.approx(0.2 * 18 + 0.3, abs=0.01)
+    assert snap.clock == pytest.approx(2.0 + 0.2 * 18 + 0.3, abs=0.01)
+    assert "losing audio" in snap.notices[0]
 
 
 def test_demo_replay_without_a_speaker_shows_the_reply(agent, media, tmp_path):

@@ -18,7 +18,8 @@ import torch
 
 from app.agent import random_agent
 from app.engine import EngineOptions, with_generation
-from app.replay import TurnResult, _match_questions, normalize_text, replay
+from app.replay import TurnResult, replay
+from app.replay_report import match_questions, normalize_text
 from app.session import SessionWriter, load_session
 from speech.constants import SAMPLE_RATE as SR
 from tests.fixtures_audio import pulse_null_sink, speech_clips, synth_speech  # noqa: F401
@@ -154,7 +155,7 @@ def test_ground_truth_matching_and_normalisation():
     events = [{"t": 0.9, "type": "question", "t_end": 2.1, "text": "q1", "answer": "red."},
               {"t": 4.0, "type": "scene"},
               {"t": 5.0, "type": "question", "t_end": 6.1, "text": "q2", "answer": "no."}]
-    _match_questions(turns, events)
+    match_questions(turns, events)
     assert [(t.question, t.expected, t.correct) for t in turns] == [
         ("q1", "red.", True), ("q2", "no.", False), (None, None, None)]
 

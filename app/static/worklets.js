@@ -104,13 +104,17 @@ class CaptureProcessor extends AudioWorkletProcessor {
 
 // Reply playback: a queue of PCM chunks (already resampled to the context rate), played
 // back to back. It starts once `prebufferMs` is queued (or the turn's audio has ended),
-// re-buffers after an underrun, and is emptied by "clear" (interrupt / barge-in).
+// re-buffers after an underrun (and buffers 40 ms more from then on, up to 240 ms: enough
+// for network jitter; a generator slower than real time cannot be hidden by buffering), and
+// is emptied by "clear" (interrupt / barge-in).
 class PlayerProcessor extends AudioWorkletProcessor {
   constructor(options) {
     super();
     const o = options.processorOptions || {};
     this.inRate = o.inRate || 16000;
     this.prebuffer = Math.round(sampleRate * (o.prebufferMs || 80) / 1000);
+    this.prebufferStep = Math.round(sampleRate * 0.04);
+    this.maxPrebuffer = Math.round(sampleRate * 0.24);
     this.rs = new SincResampler(this.inRate, sampleRate);
     this.queue = []; this.head = 0; this.queued = 0;
     this.playing = false; this.ended = false; this.turn = 0; this.startedTurn = 0;
@@ -159,7 +163,10 @@ class PlayerProcessor extends AudioWorkletProcessor {
     this.played += i;
     if (this.queued === 0) {
       this.playing = false;
-      if (i < out.length && !this.ended) this.underruns++;
+      if (i < out.length && !this.ended) {      // ran dry mid-reply: buffer more next time
+        this.underruns++;
+        this.prebuffer = Math.min(this.maxPrebuffer, this.prebuffer + this.prebufferStep);
+      }
       this.port.postMessage({ type: "drained", turn: this.turn, underruns: this.underruns });
     }
     return true;

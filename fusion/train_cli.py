@@ -1,0 +1,135 @@
+"""`python run.py train codec|fusion`: train the speech codec or the fusion model.
+
+Cheap to import (no torch): the fusion trainer's own flags are added only when `train fusion`
+is actually parsed (or its --help shown), so other commands never import it.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+DEFAULT_DATA = "data/demo"
+DEFAULT_CODEC_OUT = "assets/codec"
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser that adds its arguments the first time it is used."""
+
+    def __init__(self, *args, populate=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _ensure(self) -> None:
+        populate, self._populate = self._populate, None
+        if populate is not None:
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ensure()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._ensure()
+        return super().format_help()
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=DEFAULT_DATA, metavar="DIR",
+                   help="data from `python run.py data` (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: codec 2, fusion: the trainer's choice)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cpu)")
+
+
+def _codec_arguments(p: argparse.ArgumentParser) -> None:
+    from fusion.train_codec import CodecTrainOptions as d  # the class: its defaults, no torch
+    _common(p)
+    p.add_argument("--out", default=DEFAULT_CODEC_OUT, metavar="DIR",
+                   help="where the codec, checkpoint, loss.png and report.json go "
+                        "(default: %(default)s)")
+    p.add_argument("--preset", default=d.preset, help="codec preset (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch, help="crops per step (default: %(default)s)")
+    p.add_argument("--segment-seconds", type=float, default=d.segment_seconds)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop training after this many minutes (saving what it has)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt up to --steps")
+    p.add_argument("--no-recognizer", action="store_true",
+                   help="skip the independent recogniser (Whisper tiny.en) in report.json")
+    p.add_argument("--make-corpus", type=int, default=None, metavar="N",
+                   help="when DATA has no codec corpus, speak N training sentences (and N/10 "
+                        "held-out ones) into DATA/codec first")
+
+
+def _fusion_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    if importlib.util.find_spec("fusion.train_fusion") is None:
+        p.set_defaults(fusion_missing=True)
+        return
+    from fusion.train_fusion import add_fusion_arguments
+    add_fusion_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="what", required=True, metavar="{codec,fusion}",
+                           parser_class=_LazyParser)
+    sub.add_parser("codec", help="train the speech codec on the agent's voice",
+                   description="train the speech codec on the agent's voice",
+                   populate=_codec_arguments)
+    sub.add_parser("fusion", help="train the fusion model (needs a trained codec)",
+                   description="train the fusion model (needs a trained codec)",
+                   populate=_fusion_arguments)
+
+
+def run(args) -> None:
+    if args.what == "fusion":
+        return _run_fusion(args)
+    from pathlib import Path
+
+    from fusion.train_codec import (CodecTrainOptions, make_codec_corpus, resolve_corpus,
+                                    train_codec)
+    data = Path(args.data)
+    try:
+        resolve_corpus(data)
+    except FileNotFoundError:
+        if not args.make_corpus:
+            raise SystemExit(f"train codec: no codec corpus under {data}: run `python run.py "
+                             f"data --out {data}` first, or add --make-corpus 1500")
+        print(f"speaking {args.make_corpus} sentences into {data / 'codec'} ...")
+        make_codec_corpus(data / "codec", args.make_corpus, args.seed)
+    try:
+        o = CodecTrainOptions(preset=args.preset, steps=args.steps, batch=args.batch,
+                              segment_seconds=args.segment_seconds, lr=args.lr, seed=args.seed,
+                              eval_every=args.eval_every, time_limit_minutes=args.time_limit,
+                              threads=args.threads or CodecTrainOptions.threads,
+                              device=args.device or "cpu", recognize=not args.no_recognizer)
+        result = train_codec(data, args.out, o, progress=True, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train codec: {e}")
+    rep = result.report.get("heldout", {})
+    print(f"codec saved to {result.codec_dir} after {result.steps} steps "
+          f"({result.wall_seconds / 60:.1f} min this run); held-out SI-SNR "
+          f"{rep.get('si_snr_db')} dB, mel distance {rep.get('mel_distance')}")
+    for name, r in rep.get("recognizer", {}).items():
+        if "original" in r:
+            print(f"  recogniser on {name} ({r['n']}): original "
+                  f"{r['original']['utterance_accuracy']:.0%}, reconstructed "
+                  f"{r['reconstructed']['utterance_accuracy']:.0%} of utterances")
+    print(f"report: {Path(args.out) / 'report.json'}, curves: {Path(args.out) / 'loss.png'}")
+
+
+def _run_fusion(args) -> None:
+    if getattr(args, "fusion_missing", False):
+        sys.exit("`run.py train fusion` is not built yet in this checkout "
+                 "(fusion/train_fusion.py is missing).")
+    module = importlib.import_module("fusion.train_fusion")
+    runner = getattr(module, "run_fusion_cli", None)
+    if runner is None:
+        sys.exit("fusion/train_fusion.py has no run_fusion_cli(args); `run.py train fusion` "
+                 "cannot start it")
+    runner(args)

@@ -1,0 +1,156 @@
+"""Codec training (tiny preset, a few espeak-ng utterances) and the independent recogniser."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.train_codec import (CHECKPOINT, CodecTrainOptions, _revive_dead_codes,
+                                codebook_stats, make_codec_corpus, si_snr, train_codec)
+from speech.codec import build_codec, load_codec
+
+TINY = dict(preset="tiny", batch=2, segment_seconds=0.32, lr=3e-3, eval_every=10,
+            checkpoint_every=5, threads=1, recognize=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_codec_corpus(tmp_path_factory.mktemp("corpus"), n=6, seed=0, n_eval=2)
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("codec")
+    return out, train_codec(corpus, out, CodecTrainOptions(steps=30, **TINY), progress=False)
+
+
+def test_corpus_layout(corpus):
+    meta = json.loads((corpus / "sentences.json").read_text())
+    assert len(meta["train"]) == 6 and len(meta["eval"]) == 2
+    assert all((corpus / e["file"]).is_file() for e in meta["train"] + meta["eval"])
+    assert not {e["text"] for e in meta["eval"]} & {e["text"] for e in meta["train"]}
+
+
+def test_tiny_run_decreases_loss_and_saves_a_loadable_codec(trained):
+    out, result = trained
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 30 and result.steps == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    codec = load_codec(out)
+    assert codec.spec.to_dict() == result.report["codec"] and codec.name == "tiny"
+    wav = torch.randn(1, 1, 3200) * 0.1
+    y = codec.decode(codec.encode(wav))
+    assert y.shape == (1, 1, 3200) and torch.isfinite(y).all()
+    assert (out / "loss.png").stat().st_size > 1000
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 30 and report["heldout"]["utterances"] == 2
+    assert len(report["heldout"]["codebooks"]) == codec.n_q
+    assert "disabled" in report["heldout"]["recognizer"]["skipped"]
+    assert [e["step"] for e in report["evals"]] == [10, 20, 30]
+
+
+def test_resume_continues_from_the_saved_step(corpus, tmp_path):
+    first = train_codec(corpus, tmp_path, CodecTrainOptions(steps=8, **TINY), progress=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["step"] == 8 and len(state["history"]) == 8
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / CHECKPOINT).write_bytes((tmp_path / CHECKPOINT).read_bytes())
+    resumed = train_codec(corpus, tmp_path, CodecTrainOptions(steps=12, **TINY),
+                          progress=False, resume=True)
+    assert resumed.steps == 12 and [h["step"] for h in resumed.history] == list(range(1, 13))
+    assert resumed.history[:8] == first.history and resumed.report["steps_this_run"] == 4
+    assert load_codec(tmp_path).spec.fingerprint != first.report["codec"]["fingerprint"]
+    # the same checkpoint resumed again gives the same steps (data order, optimizer, RNGs)
+    again = train_codec(corpus, tmp_path / "copy", CodecTrainOptions(steps=12, **TINY),
+                        progress=False, resume=True)
+    assert again.history == resumed.history
+    # it went on from the trained weights, not from scratch
+    fresh = train_codec(corpus, tmp_path / "fresh", CodecTrainOptions(steps=4, **TINY),
+                        progress=False)
+    assert np.mean([h["loss"] for h in resumed.history[8:]]) < \
+        np.mean([h["loss"] for h in fresh.history])
+
+
+def test_resume_refuses_another_codec_shape(corpus, trained):
+    out, _ = trained
+    other = dict(TINY, preset="demo")
+    with pytest.raises(ValueError, match="preset"):
+        train_codec(corpus, out, CodecTrainOptions(steps=31, **other), progress=False,
+                    resume=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(steps=0), "steps"), (dict(batch=-1), "batch"), (dict(lr=0), "lr"),
+    (dict(segment_seconds=float("nan")), "segment_seconds"), (dict(preset="huge"), "preset"),
+    (dict(adversarial=True), "adversarial"), (dict(stft_sizes=(300,)), "stft_sizes"),
+    (dict(w_time=0, w_logmel=0, w_mel=0), "reconstruction"), (dict(w_commit=-1), "w_commit"),
+    (dict(time_limit_minutes=0), "time_limit"), (dict(threads=0), "threads"),
+    (dict(device="tpu"), "device")])
+def test_bad_options_raise_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CodecTrainOptions(**bad)
+
+
+def test_missing_corpus_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run.py data"):
+        train_codec(tmp_path, tmp_path / "out", CodecTrainOptions(steps=1, **TINY))
+
+
+def test_dead_codes_are_revived_with_batch_vectors():
+    torch.manual_seed(0)
+    layer = build_codec("tiny").model.quantizer.vq.layers[0]
+    cb = layer._codebook
+    cb.cluster_size.fill_(5.0)
+    cb.cluster_size[:3] = 0.0
+    residual = torch.randn(2, cb.embed.shape[1], 10)                 # (B, D, F)
+    assert _revive_dead_codes(cb, residual, threshold=1.0) == 3
+    vectors = residual.transpose(1, 2).reshape(-1, residual.shape[1])
+    for i in range(3):
+        assert (cb.embed[i] == vectors).all(dim=1).any()
+        torch.testing.assert_close(cb.embed_avg[i] / cb.cluster_size[i], cb.embed[i])
+    assert (cb.cluster_size[:3] >= 1.0).all() and (cb.cluster_size[3:] == 5.0).all()
+
+
+def test_metrics():
+    x = np.sin(np.arange(16000) / 7.0).astype(np.float32)
+    assert si_snr(x, 3 * x) > 60
+    assert abs(si_snr(x, x + 0.1 * np.random.default_rng(0).standard_normal(16000)) - 17.0) < 0.5
+    stats = codebook_stats([np.array([5.0, 5.0, 0, 0]), np.array([1.0, 0, 0, 0])])
+    assert stats[0] == {"used": 0.5, "perplexity": 2.0, "bins": 4}
+    assert stats[1]["perplexity"] == 1.0
+
+
+def test_word_scoring():
+    from speech.recognizer import is_recognized, normalize_text, word_errors
+    assert normalize_text("The 3 red, circles!") == ["the", "three", "red", "circles"]
+    assert is_recognized("three.", "3") and not is_recognized("two.", "to")
+    assert word_errors("the red circle.", "The band circle.") == (1, 3)
+    assert word_errors("on the left.", "") == (3, 3)
+
+
+def test_cli_trains_a_codec(corpus, tmp_path, capsys):
+    import run
+    args = run.build_parser().parse_args(
+        ["train", "codec", "--data", str(corpus), "--out", str(tmp_path), "--preset", "tiny",
+         "--steps", "3", "--batch", "2", "--segment-seconds", "0.32", "--threads", "1",
+         "--no-recognizer"])
+    args.func(args)
+    assert "after 3 steps" in capsys.readouterr().out
+    assert load_codec(tmp_path).name == "tiny"
+    fusion = run.build_parser().parse_args(["train", "fusion", "--data", "d", "--threads", "1"])
+    assert (fusion.what, fusion.data, fusion.threads) == ("fusion", "d", 1)
+
+
+def test_independent_recognizer_transcribes_espeak():
+    from speech.recognizer import IndependentRecognizer, normalize_text
+    from speech.tts import AGENT_VOICE, synthesize
+    text = IndependentRecognizer().transcribe(synthesize("the red circle", AGENT_VOICE))
+    assert normalize_text(text) == ["the", "red", "circle"], text
