@@ -15,6 +15,8 @@ import logging
 import threading
 from typing import Iterable
 
+from vision.camera import encode_jpeg
+
 from .engine import Processor
 from .frames import (AudioIn, Control, Frame, Interrupt, SpeechEnd, SpeechStart, TextOut,
                      TurnDone, TurnEnd, VideoIn)
@@ -50,7 +52,6 @@ class Recorder(Processor):
         if isinstance(frame, AudioIn):
             self.writer.write_audio(frame.pcm)
         elif isinstance(frame, VideoIn):
-            from vision.camera import encode_jpeg
             self.writer.write_frame(frame.t, jpeg=encode_jpeg(frame.image, self.jpeg_quality))
             self.frames += 1
         elif isinstance(frame, Control):

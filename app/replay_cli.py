@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
                    help="audio generation: one token per backbone step, or MCTP (default)")
     p.add_argument("--record", default=None, metavar="DIR",
                    help="also record the replayed session into DIR (a new session directory)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 is much faster on a "
+                        "busy machine with few cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -34,6 +37,11 @@ def run(args) -> None:
     out = Path(args.out) if args.out else Path("out") / f"replay-{session.resolve().name}"
     if args.random and args.model:
         sys.exit("error: pass either --model PATH or --random, not both")
+    if args.threads is not None:
+        if args.threads < 1:
+            sys.exit(f"error: --threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     from .agent import load_agent, random_agent
     from .engine import EngineOptions, with_generation
     from .replay import replay

@@ -108,9 +108,20 @@ def load_with_codec(path: str | Path, device: str | None = None, codec_path: str
     dev = pick_device(device)
     where = codec_path
     if where is None:
-        name = config.codec.name
-        beside = Path(path).parent / name
-        where = beside if beside.exists() else name
+        name = config.codec.name  # a preset name ("demo") unless the codec was renamed
+        here = Path(path).parent
+        # beside the checkpoint: under its name, or `codec/` (assets/codec next to
+        # assets/fusion.safetensors, as `run.py train all` lays them out)
+        where = next((str(p) for p in (here / name, here / "codec")
+                      if p.exists() and _codec_fingerprint(p) in (None, config.codec.fingerprint)), name)
     codec = load_codec(where, device=dev)
     model = load_model(path, device=str(dev), codec=codec)
     return model, codec
+
+
+def _codec_fingerprint(folder: Path) -> str | None:
+    """The fingerprint a saved project codec declares (None: not readable as one)."""
+    try:
+        return json.loads((folder / "codec.json").read_text())["spec"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

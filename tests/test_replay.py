@@ -76,7 +76,7 @@ def _track(out: Path):
 @pytest.fixture(scope="module")
 def two_turns(tmp_path_factory, speech_clips, agent):
     a, b = speech_clips
-    t_a, t_b = 0.8, 0.8 + len(a) / SR + 5.0
+    t_a, t_b = 0.8, 0.8 + len(a) / SR + 6.0
     mic = _mic(t_b + len(b) / SR + 4.0, [(t_a, a), (t_b, b)])
     questions = [dict(t=t_a, type="question", t_end=t_a + len(a) / SR, text="What is red?",
                       qtype="color", answer="Red."),
@@ -290,7 +290,7 @@ def test_sigkilled_recording_with_agent_still_replays(tmp_path, speech_clips, ag
          str(tmp_path / "m" / "tiny.safetensors"), "--camera", str(video), "--input-device",
          str(tmp_path / "mic.wav")], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
-        killed_at = _wait_recorded(proc, 4.0, timeout=90)
+        killed_at = _wait_recorded(proc, 4.5, timeout=90)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
     finally:

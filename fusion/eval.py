@@ -1,0 +1,599 @@
+"""`python run.py eval`: the demo world's test split through the session engine.
+
+1. Every session of DATA/<split>/ is replayed through the engine (`app.replay.replay`, virtual
+   clock) once per generation mode; engine turns are matched to the ground-truth questions.
+   Scores: answer accuracy per question type, per group and overall (normalised reply text
+   vs the expected answer, numbers as words); vanilla vs MCTP (accuracy, audio-token
+   agreement, backbone forwards per second of reply audio, wall per audio second); response
+   and compute latency (median, p90) on the named hardware.
+2. Spoken answers: each reply's audio vs the reference answer in the agent's voice
+   (DATA/answers/): codec-code agreement with the reference's codes, a DTW-aligned log-mel
+   distance, and whether an independent recogniser (Whisper tiny.en) hears the expected
+   answer in it; the recogniser on the references themselves is the ceiling.
+3. Ablations: text-only answers (a fast path, no engine) of the main model and of models
+   trained with the same budget without the aggregator ("mean") or with one modality.
+4. OUT/eval.json, OUT/eval.md (the tables, also printed) and OUT/accuracy.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from speech.constants import SAMPLE_RATE
+from speech.recognizer import normalize_text as _words
+
+MODES = ("vanilla", "mctp")              # fusion.generator.MODES
+ABLATION_NAMES = ("mean", "vision", "audio")
+GROUPS = ("visual", "audio", "audio-visual")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    data: str = "data/demo"
+    split: str = "test"
+    model: str | None = "assets/fusion.safetensors"
+    codec: str | None = None             # default: the codec the checkpoint names (or codec/ beside it)
+    random: bool = False                 # an untrained demo-preset agent instead of `model`
+    modes: tuple[str, ...] = MODES
+    max_sessions: int | None = None
+    recognizer: bool = True              # spoken answers through Whisper tiny.en
+    out: str = "runs/eval"
+    device: str | None = None
+    threads: int | None = None
+    max_text_tokens: int = 24
+    max_audio_seconds: float = 4.0
+    ablations: bool = False              # also the ablation table (trains missing ablations)
+    ablation_names: tuple[str, ...] = ABLATION_NAMES
+    train_run: str = "runs/fusion"       # the main run: options, encoders, feature cache
+    ablation_root: str = "runs"          # ablation runs: ROOT/ablation-<name>/
+    progress: bool = True
+
+    def __post_init__(self):
+        errors = []
+        if self.split not in ("val", "test"):
+            errors.append(f"split must be 'val' or 'test' (session directories), got {self.split!r}")
+        if not self.modes or len(set(self.modes)) != len(self.modes) or set(self.modes) - set(MODES):
+            errors.append(f"modes must be distinct values from {MODES}, got {self.modes!r}")
+        if self.max_sessions is not None and (not isinstance(self.max_sessions, int) or self.max_sessions < 1):
+            errors.append(f"max_sessions must be None or an int >= 1, got {self.max_sessions!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            errors.append(f"threads must be None or an int >= 1, got {self.threads!r}")
+        if self.max_text_tokens < 1 or not self.max_audio_seconds > 0:
+            errors.append("max_text_tokens must be >= 1 and max_audio_seconds > 0")
+        if not self.random and not self.model:
+            errors.append("give a model path (--model) or random=True (--random)")
+        if set(self.ablation_names) - set(ABLATION_NAMES):
+            errors.append(f"ablation_names must come from {ABLATION_NAMES}, got {self.ablation_names!r}")
+        if errors:
+            raise ValueError("EvalOptions: " + "; ".join(errors))
+        for name in ("modes", "ablation_names"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass
+class EvalReport:
+    out_dir: Path
+    results: dict                        # what eval.json holds
+    markdown: str                        # what eval.md holds
+
+    def accuracy(self, mode: str) -> float | None:
+        return self.results["modes"][mode]["accuracy"]["overall"]
+
+
+# --- scoring (pure) ---------------------------------------------------------------------------
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation, numbers as words: "The 2 red." -> "the two red"."""
+    return " ".join(_words(text))
+
+
+def answers_match(reply: str, expected: str) -> bool:
+    return normalize_answer(reply) == normalize_answer(expected)
+
+
+def accuracy_table(records: list[dict]) -> dict:
+    """records: dicts with qtype, group, correct -> overall / by_group / by_type accuracy."""
+    def acc(rs):
+        return {"accuracy": (sum(bool(r["correct"]) for r in rs) / len(rs)) if rs else None, "n": len(rs)}
+    out = {"overall": acc(records)["accuracy"], "n": len(records), "by_group": {}, "by_type": {}}
+    for key, name in (("group", "by_group"), ("qtype", "by_type")):
+        for v in sorted({r[key] for r in records}):
+            out[name][v] = acc([r for r in records if r[key] == v])
+    return out
+
+
+def code_agreement(a, b) -> float | None:
+    """Fraction of codec codes equal between two (n_q, F) code arrays over the shorter F;
+    0.0 when exactly one is empty, None when both are."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.ndim == b.ndim == 2 and a.shape[0] == b.shape[0], (a.shape, b.shape)
+    m = min(a.shape[1], b.shape[1])
+    if m == 0:
+        return None if a.shape[1] == b.shape[1] == 0 else 0.0
+    return float((a[:, :m] == b[:, :m]).mean())
+
+
+def log_mel(x16k: np.ndarray) -> np.ndarray:
+    """(frames, 80) log mel (1024-point STFT, hop 256) as `fusion.train_codec.mel_distance`."""
+    import torch
+    import torchaudio
+    from .train_codec import LOG_MEL_FLOOR
+    t = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=1024, hop_length=256, n_mels=80,
+                                             power=1.0, normalized=True)
+    return torch.log(t(torch.from_numpy(np.ascontiguousarray(x16k, np.float32))) + LOG_MEL_FLOOR).T.numpy()
+
+
+def dtw_mel_distance(ref16k: np.ndarray, est16k: np.ndarray) -> float:
+    """Mean |log mel difference| along the DTW alignment of the two utterances (per mel bin
+    and aligned frame pair), so a reply spoken faster or slower is not penalised."""
+    a, b = log_mel(ref16k), log_mel(est16k)
+    cost = np.abs(a[:, None, :] - b[None, :, :]).mean(-1)                   # (Na, Nb)
+    n, m = cost.shape
+    D = np.full((n + 1, m + 1), np.inf)
+    L = np.zeros((n + 1, m + 1))
+    D[0, 0] = 0.0
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            k = int(np.argmin((D[i - 1, j - 1], D[i - 1, j], D[i, j - 1])))
+            pi, pj = ((i - 1, j - 1), (i - 1, j), (i, j - 1))[k]
+            D[i, j] = cost[i - 1, j - 1] + D[pi, pj]
+            L[i, j] = L[pi, pj] + 1
+    return float(D[n, m] / L[n, m])
+
+
+def match_turns(turns: list, questions: list[dict]) -> list:
+    """For each ground-truth question, the engine turn that answers it: of the turns whose
+    speech overlaps the question, the one ending last (its reply is the one heard); None."""
+    out = []
+    for q in questions:
+        hits = [r for r in turns if min(r.speech_end, q["t_end"]) - max(r.speech_start, q["t"]) > 0]
+        out.append(max(hits, key=lambda r: r.speech_end) if hits else None)
+    return out
+
+
+def _stats(values) -> dict:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return {"median": None, "p90": None, "mean": None, "n": 0}
+    return {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "mean": float(v.mean()),
+            "n": int(len(v))}
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+# --- the engine path ------------------------------------------------------------------------
+class _CodeTap:
+    """Wraps the agent's codec: the generator's streaming decoder records every reply's codes
+    (a reset starts a reply), so the exact generated codes can be compared."""
+
+    def __init__(self, codec):
+        self._codec, self.replies = codec, []
+
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+
+    def streaming_decoder(self, batch: int = 1):
+        return _TapDecoder(self._codec.streaming_decoder(batch), self.replies)
+
+
+class _TapDecoder:
+    def __init__(self, inner, replies: list):
+        self.inner, self.replies = inner, replies
+
+    def reset(self):
+        self.replies.append([])
+        self.inner.reset()
+
+    def decode(self, codes):
+        self.replies[-1].append(codes[0].cpu().numpy())
+        return self.inner.decode(codes)
+
+
+def session_dirs(data, split: str, max_sessions: int | None = None) -> list[Path]:
+    root = Path(data) / split
+    dirs = sorted(p for p in root.iterdir() if (p / "session.json").is_file()) if root.is_dir() else []
+    if not dirs:
+        raise FileNotFoundError(f"no sessions under {root}: render the demo world with "
+                                f"`python run.py data --out {data}`")
+    return dirs[:max_sessions] if max_sessions else dirs
+
+
+def question_events(session) -> list[dict]:
+    return [e for e in session.events if e["type"] == "question" and isinstance(e.get("t_end"), (int, float))]
+
+
+def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Path) -> tuple[list, list, float]:
+    """Replays every session in one mode -> per-question records, all turns, wall seconds."""
+    from tqdm import tqdm
+    from app.agent import Agent
+    from app.engine import EngineOptions, with_generation
+    from app.replay import replay
+    from app.session import load_session
+    opts = with_generation(EngineOptions(threaded=False), mode=mode, max_text_tokens=o.max_text_tokens,
+                           max_audio_seconds=o.max_audio_seconds)
+    records, turns, wall = [], [], 0.0
+    for sdir in tqdm(sessions, desc=f"replay ({mode})", unit="session", disable=not o.progress):
+        tap = _CodeTap(agent.codec)
+        rdir = out / "replays" / mode / sdir.name
+        rep = replay(sdir, rdir, Agent(agent.model, tap, agent.name), options=opts, progress=False)
+        wall += rep.wall_seconds
+        codes = tap.replies if len(tap.replies) == len(rep.turns) else [None] * len(rep.turns)
+        by_turn = {r.turn: (r, None if c is None else _stack(c, agent.codec.n_q))
+                   for r, c in zip(rep.turns, codes)}
+        turns += rep.turns
+        qs = question_events(load_session(sdir))
+        for q, r in zip(qs, match_turns(rep.turns, qs)):
+            rec = {"session": sdir.name, "turn": q.get("turn"), "qtype": q.get("qtype"),
+                   "group": q.get("group"), "question": q.get("text"), "expected": q.get("answer"),
+                   "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
+            if r is not None:
+                rec.update(engine_turn=r.turn, text=r.text, correct=answers_match(r.text, q.get("answer", "")),
+                           response_latency=r.response_latency, compute_latency=r.compute_latency,
+                           reply_seconds=r.reply_seconds, backbone_forwards=r.backbone_forwards,
+                           audio=str(rdir / r.audio_file) if r.audio_file else None,
+                           codes=by_turn[r.turn][1])
+            records.append(rec)
+    return records, turns, wall
+
+
+def _stack(chunks: list, n_q: int) -> np.ndarray:
+    return np.concatenate(chunks, 1) if chunks else np.zeros((n_q, 0), np.int64)
+
+
+def _mode_summary(records: list, turns: list, wall: float) -> dict:
+    audio_s = sum(t.reply_seconds for t in turns)
+    gen_wall = sum(t.reply_seconds / t.generation_rtf for t in turns if t.generation_rtf)
+    forwards = sum(t.backbone_forwards for t in turns)
+    return {"accuracy": accuracy_table(records), "questions": len(records),
+            "missed": sum(r["engine_turn"] is None for r in records),
+            "engine_turns": len(turns), "replay_wall_seconds": wall,
+            "response_latency": _stats(t.response_latency for t in turns),
+            "compute_latency": _stats(t.compute_latency for t in turns),
+            "reply_seconds": audio_s, "backbone_forwards": forwards,
+            "backbone_forwards_per_audio_second": forwards / audio_s if audio_s else None,
+            "generation_wall_per_audio_second": gen_wall / audio_s if audio_s else None}
+
+
+def _compare_modes(recs: dict) -> dict:
+    v, m = recs["vanilla"], recs["mctp"]
+    agree = [code_agreement(a["codes"], b["codes"]) for a, b in zip(v, m)
+             if a["codes"] is not None and b["codes"] is not None]
+    same_text = [normalize_answer(a["text"]) == normalize_answer(b["text"]) for a, b in zip(v, m)
+                 if a["engine_turn"] is not None and b["engine_turn"] is not None]
+    return {"audio_token_agreement": _mean(agree), "turns_compared": len([x for x in agree if x is not None]),
+            "text_agreement": _mean(same_text)}
+
+
+# --- spoken answers -------------------------------------------------------------------------
+def load_recognizer():
+    from speech.recognizer import IndependentRecognizer
+    try:
+        return IndependentRecognizer(cpu_threads=1)
+    except (ImportError, FileNotFoundError) as e:
+        raise type(e)(f"{e} (or evaluate without it: --no-recognizer)") from e
+
+
+def recognise(recognizer, audio16k: np.ndarray, expected: str) -> tuple[str, bool]:
+    """(transcript, whether it is the expected answer) for one utterance at 16 kHz."""
+    from speech.recognizer import is_recognized
+    if len(audio16k) == 0:
+        return "", False
+    text = recognizer.transcribe(audio16k)
+    return text, is_recognized(expected, text)
+
+
+class References:
+    """The agent's spoken answers (DATA/answers/): 16 kHz audio, codec codes, transcripts."""
+
+    def __init__(self, data, codec, recognizer=None):
+        self.dir = Path(data) / "answers"
+        index = self.dir / "answers.json"
+        if not index.is_file():
+            raise FileNotFoundError(f"{index} is missing: regenerate the data with `python run.py data`")
+        self.files = json.loads(index.read_text())
+        self.codec, self.recognizer, self._cache = codec, recognizer, {}
+
+    def get(self, answer: str) -> dict | None:
+        if answer not in self._cache:
+            self._cache[answer] = self._load(answer) if answer in self.files else None
+        return self._cache[answer]
+
+    def _load(self, answer: str) -> dict:
+        import torch
+        from speech.audio import load_audio
+        path = self.dir / self.files[answer]
+        x = load_audio(path, self.codec.sample_rate)
+        with torch.inference_mode():
+            codes = self.codec.encode(torch.from_numpy(x)[None, None].to(self.codec.device))[0]
+        ref = {"audio16k": load_audio(path, SAMPLE_RATE), "codes": codes.cpu().numpy()}
+        if self.recognizer is not None:
+            ref["transcript"], ref["recognised"] = recognise(self.recognizer, ref["audio16k"], answer)
+        return ref
+
+
+def score_spoken(records: list, refs: References) -> dict:
+    """Adds spoken-answer scores to each record; returns their means."""
+    from speech.audio import load_audio
+    for r in records:
+        ref = refs.get(r["expected"])
+        if ref is None:
+            continue
+        audio = load_audio(r["audio"], SAMPLE_RATE) if r["audio"] else np.zeros(0, np.float32)
+        if r["codes"] is not None:
+            r["codes_vs_reference"] = code_agreement(r["codes"], ref["codes"])
+        r["mel_dtw"] = dtw_mel_distance(ref["audio16k"], audio) if len(audio) >= 1024 else None
+        if refs.recognizer is not None:
+            r["transcript"], r["recognised"] = recognise(refs.recognizer, audio, r["expected"])
+    scored = [r for r in records if refs.get(r["expected"]) is not None]
+    return {"n": len(scored), "codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored),
+            "mel_dtw": _mean(r.get("mel_dtw") for r in scored),
+            "recognised": _mean(float(r["recognised"]) for r in scored if "recognised" in r)}
+
+
+# --- main -----------------------------------------------------------------------------------
+def load_eval_agent(o: EvalOptions):
+    from app.agent import Agent, random_agent
+    from fusion.checkpoint import load_model, load_with_codec
+    from speech.codec import load_codec
+    if o.random:
+        return random_agent("demo", device=o.device)
+    if o.codec:
+        codec = load_codec(o.codec, device=o.device or "cpu")
+        model = load_model(o.model, device=str(codec.device), codec=codec)
+    else:
+        model, codec = load_with_codec(o.model, device=o.device)
+    return Agent(model, codec, Path(o.model).stem)
+
+
+def evaluate(options: EvalOptions) -> EvalReport:
+    """Runs the evaluation described in the module doc; writes OUT/eval.json, eval.md, accuracy.png."""
+    import torch
+    from .bench import hardware
+    from .model_card import eval_markdown, plot_accuracy
+    o = options
+    threads = torch.get_num_threads()
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    try:
+        out = Path(o.out)
+        out.mkdir(parents=True, exist_ok=True)
+        sessions = session_dirs(o.data, o.split, o.max_sessions)
+        agent = load_eval_agent(o)
+        recognizer = load_recognizer() if o.recognizer else None
+        refs = References(o.data, agent.codec, recognizer)
+        timings, recs, modes = {}, {}, {}
+        for mode in o.modes:
+            t0 = time.perf_counter()
+            recs[mode], turns, wall = _replay_all(agent, sessions, mode, o, out)
+            modes[mode] = _mode_summary(recs[mode], turns, wall)
+            timings[f"replay_{mode}"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            modes[mode]["spoken"] = score_spoken(recs[mode], refs)
+            timings[f"spoken_{mode}"] = time.perf_counter() - t0
+        qs = recs[o.modes[0]]
+        ceiling = [refs.get(r["expected"]) for r in qs]
+        results = {
+            "format": "tandem-eval", "version": 1, "options": asdict(o), "model": agent.name,
+            "hardware": hardware(next(agent.model.parameters()).device),
+            "data": _manifest_counts(o.data), "split": o.split, "sessions": len(sessions),
+            "questions": len(qs), "modes": modes,
+            "mctp_vs_vanilla": None, "spoken_reference": {
+                "n": sum(c is not None for c in ceiling),
+                "recognised": _mean(float(c["recognised"]) for c in ceiling if c and "recognised" in c)},
+            "ablations": None, "timings_s": timings, "turns": _turn_rows(recs)}
+        if set(MODES) <= set(o.modes):
+            results["mctp_vs_vanilla"] = _compare_modes(recs)
+            v, m = modes["vanilla"], modes["mctp"]
+            for key, name in (("backbone_forwards_per_audio_second", "forwards_speedup"),
+                              ("generation_wall_per_audio_second", "wall_speedup")):
+                results["mctp_vs_vanilla"][name] = v[key] / m[key] if v[key] and m[key] else None
+        if o.ablations:
+            t0 = time.perf_counter()
+            results["ablations"] = run_ablations(o)
+            timings["ablations"] = time.perf_counter() - t0
+        md = eval_markdown(results)
+        (out / "eval.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+        (out / "eval.md").write_text(md + "\n")
+        plot_accuracy(results, out / "accuracy.png")
+        if o.progress:
+            print(md)
+        return EvalReport(out, results, md)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _turn_rows(recs: dict) -> list[dict]:
+    """One row per question: ground truth plus, per mode, what the agent said and its scores."""
+    skip = {"session", "turn", "qtype", "group", "question", "expected", "codes", "audio"}
+    rows = []
+    for i, base in enumerate(next(iter(recs.values()))):
+        row = {k: base[k] for k in ("session", "turn", "qtype", "group", "question", "expected")}
+        row["modes"] = {m: {k: v for k, v in rs[i].items() if k not in skip} for m, rs in recs.items()}
+        rows.append(row)
+    return rows
+
+
+def _manifest_counts(data) -> dict | None:
+    p = Path(data) / "manifest.json"
+    if not p.is_file():
+        return None
+    m = json.loads(p.read_text())
+    return {"counts": m.get("counts"), "seed": m.get("seed"), "content_sha256": m.get("content_sha256")}
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
+
+
+# --- ablations: a text-only fast path --------------------------------------------------------
+def encode_session_turns(model, session) -> list:
+    """`TurnExample`s (CPU features) of a session's ground-truth questions, encoded through
+    `SceneEncoder` as the engine does (audio on the session clock, frames through the 5 fps
+    sampler); question bounds are the ground truth's, padded like the engine's VAD span."""
+    from app.engine import EngineOptions
+    from app.session import load_session
+    from speech.constants import END_OF_TURN_SILENCE, SAMPLER_FPS
+    from vision.camera import Frame as CamFrame, FrameSampler
+    from .inputs import SceneEncoder
+    from .model import SceneFeatures
+    from .trainset import TurnExample
+    s = session if hasattr(session, "events") else load_session(session)
+    enc, sampler, fi, out = SceneEncoder(model), FrameSampler(SAMPLER_FPS), 0, []
+    pad = EngineOptions().question_pad
+    for q in sorted(question_events(s), key=lambda e: e["t_end"]):
+        q0, q1 = max(0.0, q["t"] - pad), float(q["t_end"])
+        end = max(min(int(round((q1 + END_OF_TURN_SILENCE) * SAMPLE_RATE)), len(s.audio)), enc.samples)
+        t_lo = q1 - model.config.context_seconds - 1.0
+        start = int(np.floor(max(t_lo, 0.0))) * SAMPLE_RATE     # skip what no question needs
+        if start > enc.samples:
+            enc.reset_to(start)
+        times, images = [], []
+        while fi < len(s.frames) and s.frames[fi].t < end / SAMPLE_RATE:
+            t = s.frames[fi].t                                   # every frame is offered: same
+            if sampler.offer(CamFrame(t, None, fi)) and t >= t_lo:  # schedule as the engine's
+                times.append(t)
+                images.append(s.read_frame(fi))
+            fi += 1
+        enc.push_frames(times, images)
+        enc.push_audio(s.audio[enc.samples:end])
+        f = enc.features(q0, min(q1, enc.now))
+        out.append(TurnExample(SceneFeatures(**{k: v.cpu() for k, v in vars(f).items()}),
+                               q["answer"], q["qtype"], q["group"]))
+    return out
+
+
+def encode_split(model, data, split: str = "test", max_sessions: int | None = None,
+                 progress: bool = False) -> list:
+    from tqdm import tqdm
+    return [ex for d in tqdm(session_dirs(data, split, max_sessions), desc="encoding", unit="session",
+                             disable=not progress) for ex in encode_session_turns(model, d)]
+
+
+def text_answer(model, generator, example) -> str:
+    """Greedy reply text for one encoded turn: generation stops at the first audio frame."""
+    import torch
+    from .generator import AudioFrame, GenerationDone, TextToken
+    from .tokens import get_tokenizer
+    from .trainset import collate
+    p = next(model.parameters())
+    ids = []
+    with torch.inference_mode():
+        for ev in generator.run(model.prefix(collate([example], p.device, p.dtype))):
+            if isinstance(ev, TextToken):
+                ids.append(ev.token)
+            elif isinstance(ev, (AudioFrame, GenerationDone)):
+                break
+    return get_tokenizer(model.config.tokenizer).decode(ids)
+
+
+def encoder_fingerprint(model) -> str:
+    from speech.codec import state_fingerprint
+    return state_fingerprint(model.audio_encoder) + state_fingerprint(model.vision_encoder)
+
+
+def evaluate_text_only(model_path, data="data/demo", split: str = "test", *, max_sessions: int | None = None,
+                       device: str | None = None, examples: list | None = None,
+                       max_text_tokens: int = 24, progress: bool = False) -> dict:
+    """Answer accuracy of a checkpoint's greedy text replies on the split's questions
+    (`accuracy_table`, plus the replies). `examples` (from `encode_split` with a model of
+    identical encoders) skips the encoding."""
+    from .checkpoint import load_model
+    from .generator import GenerationOptions, Generator
+    model = load_model(model_path, device=device)
+    if examples is None:
+        examples = encode_split(model, data, split, max_sessions, progress)
+    gen = Generator(model, None, GenerationOptions(mode="vanilla", max_text_tokens=max_text_tokens,
+                                                   max_audio_seconds=0.1))
+    rows = []
+    for ex in examples:
+        text = text_answer(model, gen, ex)
+        rows.append({"qtype": ex.qtype, "group": ex.group, "expected": ex.answer, "text": text,
+                     "correct": answers_match(text, ex.answer)})
+    return {**accuracy_table(rows), "model": str(model_path), "replies": rows}
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
+    """Sets up RUN_DIR so `train_fusion` starts the ablation from the main run's encoders:
+    after_encoders.safetensors rebuilt with the ablation's config (every weight the two share
+    copied) and the main run's feature cache. Returns the training options (same budget)."""
+    import shutil
+    import torch
+    from .checkpoint import load_model, save_model
+    from .model import FusionModel
+    from .train_fusion import ABLATIONS, FusionTrainOptions
+    enc_file = main_run / "after_encoders.safetensors"
+    if not (main_run / "options.json").is_file() or not enc_file.is_file():
+        raise FileNotFoundError(f"{main_run} has no options.json + after_encoders.safetensors: train the "
+                                f"main model first (`python run.py train fusion --run-dir {main_run}`)")
+    base = json.loads((main_run / "options.json").read_text())
+    source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run)}
+    if (run_dir / "source.json").is_file() and json.loads((run_dir / "source.json").read_text()) != source:
+        shutil.rmtree(run_dir)                     # trained from other encoders: start over
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "after_encoders.safetensors").is_file():
+        main = load_model(enc_file, device="cpu")
+        torch.manual_seed(base.get("seed", 0))
+        model = FusionModel(main.config.replace(**ABLATIONS[name]))
+        mine, theirs = model.state_dict(), main.state_dict()
+        model.load_state_dict({k: theirs[k] if k in theirs and theirs[k].shape == v.shape else v
+                               for k, v in mine.items()})
+        save_model(model, run_dir / "after_encoders.safetensors")
+    if (main_run / "cache.pt").is_file() and not (run_dir / "cache.pt").is_file():
+        shutil.copyfile(main_run / "cache.pt", run_dir / "cache.pt")
+    (run_dir / "source.json").write_text(json.dumps(source, indent=1))
+    known = set(FusionTrainOptions.__dataclass_fields__)
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items() if k in known}
+    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align", "sft"))
+    return kw
+
+
+def run_ablations(options: EvalOptions) -> dict:
+    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (stages align,
+    sft with the main run's step counts, from its encoders and feature cache) and evaluates
+    them and the main model text-only on the split."""
+    from .train_fusion import FusionTrainOptions, train_fusion
+    o, main_run = options, Path(options.train_run)
+    if o.random:
+        raise ValueError("ablations compare trained models: drop --random")
+    out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None}
+    runs = {}
+    for name in o.ablation_names:
+        run_dir = Path(o.ablation_root) / f"ablation-{name}"
+        kw = prepare_ablation_run(main_run, run_dir, name)
+        kw.update(progress=o.progress, **({"device": o.device} if o.device else {}),
+                  **({"threads": o.threads} if o.threads else {}))
+        out["steps"] = {k: kw[k] for k in ("align_steps", "sft_steps", "batch")}
+        if not (run_dir / "model.safetensors").is_file():
+            train_fusion(FusionTrainOptions(**kw))
+        t = run_dir / "timings.json"
+        out["training_seconds"][name] = json.loads(t.read_text()) if t.is_file() else None
+        runs[name] = run_dir / "model.safetensors"
+    from .checkpoint import load_model
+    main_model = load_model(o.model, device=o.device)
+    examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)
+    fp = encoder_fingerprint(main_model)
+    for name, path in [("main", Path(o.model)), *runs.items()]:
+        same = name == "main" or encoder_fingerprint(load_model(path, device=o.device)) == fp
+        out["models"][name] = evaluate_text_only(path, o.data, o.split, max_sessions=o.max_sessions,
+                                                 device=o.device, examples=examples if same else None,
+                                                 max_text_tokens=o.max_text_tokens)
+    return out
