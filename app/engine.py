@@ -21,6 +21,7 @@ import torch
 
 from fusion.generator import GenerationOptions, Generator, PCMChunk, TextToken, GenerationDone
 from fusion.inputs import SceneEncoder
+from speech.audio import check_pcm
 from speech.constants import END_OF_TURN_SILENCE, SAMPLE_RATE, SAMPLER_FPS
 from speech.vad import StreamingVAD, VADOptions
 from vision.camera import Frame as CamFrame, FrameSampler
@@ -259,7 +260,12 @@ class Engine:
         for out in self.processors[i].process(frame):
             yield from self._run(out, i + 1)
 
-    def push_audio(self, pcm: np.ndarray) -> None:
+    def push_audio(self, pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+        """Microphone audio: mono float32 at 16 kHz (a clear ValueError otherwise); an empty
+        chunk is a no-op (streams may hand one over)."""
+        if getattr(pcm, "ndim", 0) == 1 and len(pcm) == 0 and sample_rate == SAMPLE_RATE:
+            return
+        check_pcm(pcm, sample_rate, SAMPLE_RATE, name="microphone audio")
         self.push(AudioIn(self.now, np.asarray(pcm, np.float32)))
 
     def push_frame(self, image: np.ndarray, t: float | None = None) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +224,7 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
         rep = replay(sdir, rdir, Agent(agent.model, tap, agent.name), options=opts, progress=False)
         wall += rep.wall_seconds
         codes = tap.replies if len(tap.replies) == len(rep.turns) else [None] * len(rep.turns)
-        by_turn = {r.turn: (r, None if c is None else _stack(c, agent.codec.n_q))
-                   for r, c in zip(rep.turns, codes)}
+        by_turn = {r.turn: None if c is None else _stack(c, agent.codec.n_q) for r, c in zip(rep.turns, codes)}
         turns += rep.turns
         qs = question_events(load_session(sdir))
         for q, r in zip(qs, match_turns(rep.turns, qs)):
@@ -237,7 +236,7 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
                            response_latency=r.response_latency, compute_latency=r.compute_latency,
                            reply_seconds=r.reply_seconds, backbone_forwards=r.backbone_forwards,
                            audio=str(rdir / r.audio_file) if r.audio_file else None,
-                           codes=by_turn[r.turn][1])
+                           codes=by_turn[r.turn])
             records.append(rec)
     return records, turns, wall
 
@@ -339,13 +338,14 @@ def score_spoken(records: list, refs: References) -> dict:
 # --- main -----------------------------------------------------------------------------------
 def load_eval_agent(o: EvalOptions):
     from app.agent import Agent, random_agent
-    from fusion.checkpoint import load_model, load_with_codec
+    from fusion.checkpoint import load_model, load_with_codec, pick_device
     from speech.codec import load_codec
     if o.random:
         return random_agent("demo", device=o.device)
     if o.codec:
-        codec = load_codec(o.codec, device=o.device or "cpu")
-        model = load_model(o.model, device=str(codec.device), codec=codec)
+        dev = pick_device(o.device)
+        codec = load_codec(o.codec, device=dev)
+        model = load_model(o.model, device=str(dev), codec=codec)
     else:
         model, codec = load_with_codec(o.model, device=o.device)
     return Agent(model, codec, Path(o.model).stem)
@@ -361,10 +361,12 @@ def evaluate(options: EvalOptions) -> EvalReport:
     if o.threads:
         torch.set_num_threads(o.threads)
     try:
+        sessions = session_dirs(o.data, o.split, o.max_sessions)
+        if o.ablations:            # fail before the long part, not after it
+            check_main_run(Path(o.train_run))
+        agent = load_eval_agent(o)
         out = Path(o.out)
         out.mkdir(parents=True, exist_ok=True)
-        sessions = session_dirs(o.data, o.split, o.max_sessions)
-        agent = load_eval_agent(o)
         recognizer = load_recognizer() if o.recognizer else None
         refs = References(o.data, agent.codec, recognizer)
         timings, recs, modes = {}, {}, {}
@@ -504,12 +506,13 @@ def encoder_fingerprint(model) -> str:
 def evaluate_text_only(model_path, data="data/demo", split: str = "test", *, max_sessions: int | None = None,
                        device: str | None = None, examples: list | None = None,
                        max_text_tokens: int = 24, progress: bool = False) -> dict:
-    """Answer accuracy of a checkpoint's greedy text replies on the split's questions
-    (`accuracy_table`, plus the replies). `examples` (from `encode_split` with a model of
-    identical encoders) skips the encoding."""
+    """Answer accuracy of a checkpoint's (or a loaded model's) greedy text replies on the
+    split's questions (`accuracy_table`, plus the replies). `examples` (from `encode_split`
+    with a model of identical encoders) skips the encoding."""
     from .checkpoint import load_model
     from .generator import GenerationOptions, Generator
-    model = load_model(model_path, device=device)
+    from .model import FusionModel
+    model = model_path if isinstance(model_path, FusionModel) else load_model(model_path, device=device)
     if examples is None:
         examples = encode_split(model, data, split, max_sessions, progress)
     gen = Generator(model, None, GenerationOptions(mode="vanilla", max_text_tokens=max_text_tokens,
@@ -519,7 +522,8 @@ def evaluate_text_only(model_path, data="data/demo", split: str = "test", *, max
         text = text_answer(model, gen, ex)
         rows.append({"qtype": ex.qtype, "group": ex.group, "expected": ex.answer, "text": text,
                      "correct": answers_match(text, ex.answer)})
-    return {**accuracy_table(rows), "model": str(model_path), "replies": rows}
+    name = model_path if not isinstance(model_path, FusionModel) else "(in memory)"
+    return {**accuracy_table(rows), "model": str(name), "replies": rows}
 
 
 def _file_sha256(path: Path) -> str:
@@ -531,6 +535,16 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_main_run(main_run: Path) -> Path:
+    """The main run's encoders checkpoint (the ablations start from it)."""
+    enc_file = main_run / "after_encoders.safetensors"
+    if not (main_run / "options.json").is_file() or not enc_file.is_file():
+        raise FileNotFoundError(f"{main_run} has no options.json + after_encoders.safetensors: train the "
+                                f"main model first (`python run.py train fusion --run-dir {main_run}`) or "
+                                f"point --train-run at its run directory")
+    return enc_file
+
+
 def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     """Sets up RUN_DIR so `train_fusion` starts the ablation from the main run's encoders:
     after_encoders.safetensors rebuilt with the ablation's config (every weight the two share
@@ -540,10 +554,7 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     from .checkpoint import load_model, save_model
     from .model import FusionModel
     from .train_fusion import ABLATIONS, FusionTrainOptions
-    enc_file = main_run / "after_encoders.safetensors"
-    if not (main_run / "options.json").is_file() or not enc_file.is_file():
-        raise FileNotFoundError(f"{main_run} has no options.json + after_encoders.safetensors: train the "
-                                f"main model first (`python run.py train fusion --run-dir {main_run}`)")
+    enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
     source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run)}
     if (run_dir / "source.json").is_file() and json.loads((run_dir / "source.json").read_text()) != source:
@@ -562,7 +573,7 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     (run_dir / "source.json").write_text(json.dumps(source, indent=1))
     known = set(FusionTrainOptions.__dataclass_fields__)
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items() if k in known}
-    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align", "sft"))
+    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align", "sft"), resume=True)
     return kw
 
 
@@ -592,8 +603,10 @@ def run_ablations(options: EvalOptions) -> dict:
     examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)
     fp = encoder_fingerprint(main_model)
     for name, path in [("main", Path(o.model)), *runs.items()]:
-        same = name == "main" or encoder_fingerprint(load_model(path, device=o.device)) == fp
-        out["models"][name] = evaluate_text_only(path, o.data, o.split, max_sessions=o.max_sessions,
-                                                 device=o.device, examples=examples if same else None,
+        model = main_model if name == "main" else load_model(path, device=o.device)
+        same = encoder_fingerprint(model) == fp
+        out["models"][name] = evaluate_text_only(model, o.data, o.split, max_sessions=o.max_sessions,
+                                                 examples=examples if same else None,
                                                  max_text_tokens=o.max_text_tokens)
+        out["models"][name]["model"] = str(path)
     return out

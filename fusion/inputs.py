@@ -61,7 +61,10 @@ class SceneEncoder:
     @torch.inference_mode()
     def push_audio(self, pcm: np.ndarray) -> int:
         """Appends audio; encodes every chunk that became complete. Returns chunks encoded."""
-        pcm = np.asarray(pcm, np.float32).reshape(-1)
+        pcm = np.asarray(pcm, np.float32)
+        if pcm.ndim != 1:
+            raise ValueError(f"SceneEncoder takes mono 16 kHz audio of shape (T,), got {pcm.shape}; "
+                             "average the channels with speech.audio.to_mono")
         n = len(self._pcm)
         for start in range(0, len(pcm), n):  # a push longer than the ring is fed in slices
             part = pcm[start:start + n]

@@ -70,9 +70,10 @@ def eval_markdown(results: dict) -> str:
     if missed:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]
     if r.get("ablations"):
-        a = r["ablations"]
-        out += [f"Ablations trained with the main run's budget ({a.get('steps')}), from its encoders "
-                f"and feature cache.", ""]
+        st = r["ablations"].get("steps") or {}
+        out += [f"Ablations: trained like the main run (align {st.get('align_steps')} + SFT "
+                f"{st.get('sft_steps')} steps, batch {st.get('batch')}) from its encoders and feature "
+                f"cache; scored on the same questions.", ""]
     rows = [[m, _num(s["backbone_forwards_per_audio_second"], ".1f"),
              _num(s["generation_wall_per_audio_second"]), _pct(s["accuracy"]["overall"])]
             for m, s in modes.items()]
@@ -153,13 +154,24 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
                      [[s, str(c["sessions"]), str(c["turns"]), f"{c['seconds'] / 3600:.2f}"]
                       for s, c in counts.items()]), ""]
         held = manifest.get("heldout", {})
-        L += [f"Rendered with seed {manifest.get('seed')} ({manifest.get('espeak_ng', '?')}); "
+        espeak = str(manifest.get("espeak_ng", "?")).split("Data at")[0].strip()
+        L += [f"Rendered with seed {manifest.get('seed')} ({espeak}); "
               f"{manifest.get('answers', '?')} distinct answers spoken by the fixed agent voice; codec "
               f"corpus {manifest.get('codec', {}).get('train', '?')} sentences. The test split uses "
               f"held-out voices ({', '.join(held.get('voices', []))}; variants "
               f"{', '.join(held.get('variants', []))}) and forces held-out colour/shape/slot triples "
               f"({', '.join(' '.join(t) for t in held.get('triples', []))}) into half its scenes.", ""]
     L += ["## Training", ""]
+    model_path = ev["options"].get("model")
+    if model_path and Path(model_path).is_file():
+        from fusion.checkpoint import read_header
+        from fusion.model import FusionModel
+        cfg, _ = read_header(model_path)
+        L += [f"Model: {FusionModel(cfg).num_params() / 1e6:.1f} M parameters; backbone {cfg.n_layer} x "
+              f"{cfg.d_model} ({cfg.backbone}), {cfg.n_clues} clues from the {cfg.aggregator} aggregator over "
+              f"{' + '.join(cfg.modalities)}, {cfg.mctp_k} MCTP modules, codec `{cfg.codec.name}` "
+              f"({cfg.codec.n_q} x {cfg.codec.bins} codes at {cfg.codec.frame_rate:g} frames/s), text "
+              f"tokenizer {cfg.tokenizer}.", ""]
     if opts:
         L += [f"Preset `{opts.get('preset')}`, staged as VITA-Audio stages it: encoders pretrained on "
               f"auxiliary labels ({opts.get('encoder_steps')} steps), then with encoders frozen and "
@@ -186,7 +198,12 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
                                             f"{_pct(asr['reconstructed']['utterance_accuracy'])}"
                                             if "original" in asr else "") + ".", ""]
     body = eval_markdown(ev).split("\n", 1)[1].replace("\n## ", "\n### ")
-    L += ["## Evaluation", body.strip(), ""]
+    L += ["## Evaluation", "", body.strip(), ""]
+    if pipeline and pipeline.get("paths", {}).get("sessions_out"):
+        model = pipeline["paths"].get("model_out", "assets/fusion.safetensors")
+        flag = "" if model == "assets/fusion.safetensors" else f" --model {model}"
+        L += [f"Try it: `python run.py replay {pipeline['paths']['sessions_out']}/demo-1{flag}` replays a short "
+              f"rendered test session (held-out voice) through the engine with this model.", ""]
     L += ["## Limits", "",
           "- It knows only the demo world: three shapes, four colours, three slots, beeps; any "
           "other scene or question gets a confident answer from that vocabulary.",

@@ -75,8 +75,14 @@ def _fusion_arguments(p: argparse.ArgumentParser) -> None:
     add_fusion_arguments(p)
 
 
+def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    from fusion.pipeline import add_pipeline_arguments  # cheap: no torch at import
+    _common(p)
+    add_pipeline_arguments(p)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="what", required=True, metavar="{codec,fusion}",
+    sub = p.add_subparsers(dest="what", required=True, metavar="{codec,fusion,all}",
                            parser_class=_LazyParser)
     sub.add_parser("codec", help="train the speech codec on the agent's voice",
                    description="train the speech codec on the agent's voice",
@@ -84,11 +90,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub.add_parser("fusion", help="train the fusion model (needs a trained codec)",
                    description="train the fusion model (needs a trained codec)",
                    populate=_fusion_arguments)
+    sub.add_parser("all", help="data -> codec -> fusion -> eval (+ ablations) -> model card",
+                   description="data -> codec -> fusion -> eval (+ ablations) -> model card; "
+                               "finished steps are skipped (--budget small: a quick smoke run)",
+                   populate=_pipeline_arguments)
 
 
 def run(args) -> None:
     if args.what == "fusion":
         return _run_fusion(args)
+    if args.what == "all":
+        from fusion.pipeline import run_cli
+        return run_cli(args)
     from pathlib import Path
 
     from fusion.train_codec import (CodecTrainOptions, make_codec_corpus, resolve_corpus,
@@ -128,7 +141,7 @@ def _run_fusion(args) -> None:
         sys.exit("`run.py train fusion` is not built yet in this checkout "
                  "(fusion/train_fusion.py is missing).")
     module = importlib.import_module("fusion.train_fusion")
-    runner = getattr(module, "run_fusion_cli", None)
+    runner = getattr(module, "run_fusion_cli", None) or getattr(module, "run_fusion", None)
     if runner is None:
         sys.exit("fusion/train_fusion.py has no run_fusion_cli(args); `run.py train fusion` "
                  "cannot start it")

@@ -402,9 +402,9 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
             step, history, evals = state["step"], state["history"], state["evals"]
             usage = np.asarray(state["usage"], np.float64)
             elapsed = state["elapsed"]
-        elif resume and progress:
-            print(f"(no checkpoint at {ckpt}: training from step 0)")
         else:
+            if resume and progress:
+                print(f"(no checkpoint at {ckpt}: training from step 0)")
             init_codebooks(model, [batch() for _ in range(4)])
         out.mkdir(parents=True, exist_ok=True)
 

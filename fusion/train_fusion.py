@@ -92,6 +92,19 @@ def answer_codes(data_dir: Path, codec, device) -> dict[str, torch.Tensor]:
     return out
 
 
+def _adopt_codec(model, codec, audio_trained: bool) -> None:
+    """Stages before `sft` never see audio tokens, so they may run before the final codec
+    exists (against any codec of the same shape); `sft` then adopts the real one."""
+    old = model.config.codec
+    if audio_trained or (old.n_q, old.bins) != (codec.n_q, codec.bins):
+        raise ValueError(
+            f"this run was trained with codec {old.name!r} ({old.n_q}x{old.bins}, fingerprint "
+            f"{old.fingerprint}) but --codec-dir gives {codec.spec.name!r} ({codec.n_q}x{codec.bins}, "
+            f"fingerprint {codec.spec.fingerprint}); use the same codec or a new --run-dir")
+    model.config = model.config.replace(codec=codec.spec)
+    print(f"adopting codec {codec.spec.name!r} ({codec.spec.fingerprint}) for the audio stages")
+
+
 class _FusionStage(torch.nn.Module):
     """Wraps the model so DDP sees one forward returning the stage's losses."""
 
@@ -136,10 +149,12 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     model = None
     for s in reversed(STAGES):
         if o.resume and stage_file(s).exists():
-            model = load_model(stage_file(s), device=str(device), codec=codec).float()
+            model = load_model(stage_file(s), device=str(device)).float()
             if is_main():
                 print(f"loaded {stage_file(s)} (stage {s} done)")
             break
+    if model is not None and model.config.codec.fingerprint != codec.spec.fingerprint:
+        _adopt_codec(model, codec, audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
     model = model if model is not None else _build_model(o, codec)
     model.to(device)
 

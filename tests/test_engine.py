@@ -121,6 +121,21 @@ def test_memory_is_bounded_over_a_long_session(agent):
             len(eng.scene.audio_ring), len(eng.scene.frame_ring)) == sizes
 
 
+def test_bad_audio_gets_a_clear_error_and_loses_nothing(agent):
+    eng, _ = make(agent, threaded=False)
+    eng.push_audio(silence(0.5))
+    with pytest.raises(ValueError, match="mono"):
+        eng.push_audio(np.zeros((320, 2), np.float32))
+    with pytest.raises(ValueError, match="resample"):
+        eng.push_audio(silence(0.1), sample_rate=44100)
+    eng.push_audio(np.zeros(0, np.float32))  # an empty chunk is a no-op
+    with pytest.raises(ValueError, match="NaN"):
+        eng.push_audio(np.full(320, np.nan, np.float32))
+    assert eng.now == pytest.approx(0.5)  # nothing half-pushed
+    eng.push_audio(silence(0.5))
+    assert eng.now == pytest.approx(1.0)
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="end_of_turn_silence"):
         EngineOptions(end_of_turn_silence=0.0)

@@ -1,0 +1,66 @@
+"""`python run.py eval`: evaluate a fusion model on the demo world's test split (fusion/eval.py).
+
+Cheap to import: torch and the evaluation code load only when the command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+DEFAULT_MODEL = "assets/fusion.safetensors"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="data/demo", metavar="DIR",
+                   help="data from `python run.py data` (default: %(default)s)")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
+                   help="fusion checkpoint (default: %(default)s)")
+    p.add_argument("--codec", default=None, metavar="DIR",
+                   help="the model's codec (default: the one its checkpoint names, or codec/ beside it)")
+    p.add_argument("--random", action="store_true",
+                   help="an untrained demo-preset agent (tries the plumbing; accuracy ~0)")
+    p.add_argument("--modes", default="vanilla,mctp", help="generation modes (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                   help="only the first N sessions of the split")
+    p.add_argument("--no-recognizer", action="store_true",
+                   help="skip the independent recogniser (Whisper tiny.en) on the spoken answers")
+    p.add_argument("--out", default="runs/eval", metavar="DIR",
+                   help="eval.json, eval.md, accuracy.png and the replays (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-audio-seconds", type=float, default=4.0,
+                   help="longest reply audio (default: %(default)s)")
+    g = p.add_argument_group("ablations")
+    g.add_argument("--ablations", action="store_true",
+                   help="add the ablation table: trains missing ablation models (no aggregator, "
+                        "vision only, audio only) with the main run's budget, then scores them text-only")
+    g.add_argument("--ablation-names", default="mean,vision,audio", help="default: %(default)s")
+    g.add_argument("--train-run", default="runs/fusion", metavar="DIR",
+                   help="the main model's training run (options, encoders, cache; default: %(default)s)")
+    g.add_argument("--ablation-root", default="runs", metavar="DIR",
+                   help="ablation runs go to DIR/ablation-NAME/ (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def options_from_args(args):
+    from fusion.eval import EvalOptions
+    split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
+    return EvalOptions(
+        data=args.data, split=args.split, model=None if args.random else args.model, codec=args.codec,
+        random=args.random, modes=split(args.modes), max_sessions=args.max_sessions,
+        recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
+        max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
+        ablation_names=split(args.ablation_names), train_run=args.train_run,
+        ablation_root=args.ablation_root, progress=not args.quiet)
+
+
+def run(args) -> None:
+    try:
+        o = options_from_args(args)
+        from fusion.eval import evaluate
+        report = evaluate(o)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"eval: {e}")
+    print(f"\nwritten: {report.out_dir / 'eval.json'}, {report.out_dir / 'eval.md'}, "
+          f"{report.out_dir / 'accuracy.png'}")

@@ -1,0 +1,221 @@
+"""`python run.py train all`: data -> codec -> fusion -> eval (+ ablations) -> model card.
+
+Each step is skipped when its output is already there and matches (data: DATA/manifest.json
+holds the same options; codec: a saved codec; fusion: finished stages resume), so a rerun
+after a crash continues where it stopped. Per-step wall time goes to RUN_DIR/pipeline.json
+and into the model card. A few short rendered test sessions are written to assets/sessions/
+for trying `python run.py replay` at once.
+
+`--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all
+go under runs/smoke/, so it never touches the shipped assets.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BUDGETS = {
+    "full": {"data": {}, "codec": {"preset": "demo"}, "fusion": {"preset": "demo"}, "eval": {}},
+    "small": {
+        "data": dict(n_train_sessions=8, n_val_sessions=1, n_test_sessions=2, turns_per_session=3,
+                     n_codec_sentences=40, n_codec_eval=4),
+        "codec": dict(preset="tiny", steps=30, batch=4, eval_every=15, checkpoint_every=15, recognize=False),
+        "fusion": dict(preset="tiny", encoder_steps=20, align_steps=30, sft_steps=30, mctp_steps=10,
+                       batch=8, aux_batch=8),
+        "eval": dict(max_audio_seconds=2.0),
+    },
+}
+FULL_PATHS = dict(data="data/demo", codec_dir="assets/codec", run_dir="runs/fusion",
+                  model_out="assets/fusion.safetensors", eval_out="runs/eval",
+                  card_out="assets/MODEL_CARD.md", sessions_out="assets/sessions", ablation_root="runs")
+SMOKE_ROOT = "runs/smoke"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    budget: str = "full"                 # "full" | "small" (smoke run under runs/smoke/)
+    data: str | None = None              # None: the budget's default (see FULL_PATHS)
+    codec_dir: str | None = None
+    run_dir: str | None = None
+    model_out: str | None = None
+    eval_out: str | None = None
+    card_out: str | None = None
+    sessions_out: str | None = None
+    ablation_root: str | None = None
+    ablations: bool = True
+    recognizer: bool = True
+    force: bool = False                  # re-render mismatching data, retrain codec and fusion
+    example_sessions: int = 3
+    example_turns: int = 2
+    seed: int = 0
+    workers: int = 2
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.example_sessions < 0 or self.example_turns < 1 or self.workers < 1:
+            raise ValueError("example_sessions must be >= 0, example_turns and workers >= 1")
+
+    def path(self, name: str) -> Path:
+        given = getattr(self, name)
+        if given:
+            return Path(given)
+        if self.budget == "full":
+            return Path(FULL_PATHS[name])
+        rel = {"data": "data", "codec_dir": "codec", "run_dir": "fusion", "model_out": "fusion.safetensors",
+               "eval_out": "eval", "card_out": "MODEL_CARD.md", "sessions_out": "sessions",
+               "ablation_root": "."}[name]
+        return Path(SMOKE_ROOT) / rel
+
+
+def data_step(o: PipelineOptions) -> bool:
+    """Renders the data unless DATA/manifest.json already holds these options. True: rendered."""
+    from .data import DataOptions, main
+    data = o.path("data")
+    want = asdict(DataOptions(seed=o.seed, workers=o.workers, **BUDGETS[o.budget]["data"]))
+    manifest = data / "manifest.json"
+    if manifest.is_file():
+        have = json.loads(manifest.read_text()).get("options", {})
+        if {k: v for k, v in have.items() if k != "workers"} == {k: v for k, v in want.items() if k != "workers"}:
+            return False
+    if data.is_dir() and any(data.iterdir()) and not o.force:
+        raise ValueError(f"{data} holds data rendered with other options (or unfinished); pass --force "
+                         f"to re-render it, or choose another --data")
+    main(data, progress=o.progress, overwrite=True, **{k: v for k, v in want.items()})
+    return True
+
+
+def write_example_sessions(out, n: int = 3, turns: int = 2, seed: int = 0) -> list[Path]:
+    """`n` short test-split sessions (held-out voices and triples) for trying replay."""
+    import numpy as np
+    from . import world as W
+    from .data import SPLIT_ID, write_session
+    out, dirs = Path(out), []
+    for i in range(n):
+        index = 100_000 + i                       # beyond any test split: new sessions, same rules
+        spec = W.sample_session(np.random.default_rng([seed, SPLIT_ID["test"], index]), turns,
+                                W.SplitRules("test"))
+        d = out / f"demo-{i + 1}"
+        if d.exists():
+            shutil.rmtree(d)
+        write_session(d, spec, W.render_audio(spec, W.question_audio(spec)),
+                      {"world": "demo", "split": "test", "seed": seed, "session_index": index,
+                       "example": True})
+        dirs.append(d)
+    return dirs
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Moves an earlier fusion run out of the way (kept as RUN_DIR.old-<time>, never deleted)."""
+    if not run_dir.is_dir():
+        return
+    if any(run_dir.glob("after_*.safetensors")) or (run_dir / "cache.pt").is_file():
+        dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(dest)
+        print(f"(fusion starts over: the earlier run {run_dir} was moved to {dest})")
+
+
+def run_pipeline(o: PipelineOptions) -> dict:
+    """Runs the steps in the module doc; returns {"steps_s": ..., "skipped": [...]}."""
+    from .eval import EvalOptions, evaluate
+    from .model_card import write_model_card
+    from .train_codec import CodecTrainOptions, train_codec
+    from .train_fusion import FusionTrainOptions, train_fusion
+    b = BUDGETS[o.budget]
+    run_dir, codec_dir = o.path("run_dir"), o.path("codec_dir")
+    prev = run_dir / "pipeline.json"
+    prev = json.loads(prev.read_text()) if prev.is_file() else {}
+    # a skipped step keeps the time it took when it ran
+    log = {"budget": o.budget, "steps_s": dict(prev.get("steps_s", {})) if prev.get("budget") == o.budget else {},
+           "skipped": [], "paths": {k: str(o.path(k)) for k in FULL_PATHS}}
+
+    def step(name, fn):
+        t0 = time.perf_counter()
+        if o.progress:
+            print(f"\n=== train all: {name} ===")
+        done = fn()
+        if done is False:
+            log["skipped"].append(name)
+            if o.progress:
+                print(f"({name}: already done, skipped)")
+        if done is not False or name not in log["steps_s"]:
+            log["steps_s"][name] = round(time.perf_counter() - t0, 1)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "pipeline.json").write_text(json.dumps(log, indent=1))
+        return done
+
+    step("data", lambda: data_step(o))
+    step("sessions", lambda: write_example_sessions(o.path("sessions_out"), o.example_sessions,
+                                                    o.example_turns, o.seed))
+
+    def codec():
+        if (codec_dir / "codec.json").is_file() and not o.force:
+            return False
+        kw = {"seed": o.seed, "device": o.device or "cpu", "recognize": o.recognizer,
+              **({"threads": o.threads} if o.threads else {}), **b["codec"]}
+        train_codec(o.path("data"), codec_dir, CodecTrainOptions(**kw), progress=o.progress)
+        return True
+    new_codec = step("codec", codec)
+    if o.force:
+        _set_aside(run_dir)
+    elif new_codec and any((run_dir / f"after_{s}.safetensors").is_file() for s in ("sft", "mctp")):
+        _set_aside(run_dir)   # audio stages trained on another codec (earlier ones adopt the new one)
+
+    def fusion():
+        stages = FusionTrainOptions().stages
+        if o.path("model_out").is_file() and all((run_dir / f"after_{s}.safetensors").is_file() for s in stages):
+            return False
+        train_fusion(FusionTrainOptions(
+            data=str(o.path("data")), codec=str(codec_dir), run_dir=str(run_dir), out=str(o.path("model_out")),
+            seed=o.seed, device=o.device, threads=o.threads, progress=o.progress, **b["fusion"]))
+    step("fusion", fusion)
+    step("eval", lambda: evaluate(EvalOptions(
+        data=str(o.path("data")), model=str(o.path("model_out")), codec=str(codec_dir),
+        out=str(o.path("eval_out")), recognizer=o.recognizer, device=o.device, threads=o.threads,
+        ablations=o.ablations, train_run=str(run_dir), ablation_root=str(o.path("ablation_root")),
+        progress=o.progress, **b["eval"])) and None)
+    step("model card", lambda: write_model_card(o.path("eval_out") / "eval.json", run_dir,
+                                                codec_dir / "report.json", o.path("card_out")) and None)
+    if o.progress:
+        print(f"\ntrain all ({o.budget}): " + ", ".join(f"{k} {v:.0f} s" for k, v in log["steps_s"].items())
+              + f"\nmodel {o.path('model_out')}, card {o.path('card_out')}, examples {o.path('sessions_out')}")
+    return log
+
+
+# --- command line (fusion/train_cli.py) ------------------------------------------------------------
+def add_pipeline_arguments(p) -> None:
+    """Flags of `run.py train all` (besides train_cli's --data/--threads/--device)."""
+    p.set_defaults(data=None)
+    for a in p._actions:
+        if a.dest == "data":
+            a.help = "the demo world's data (default: data/demo; small: runs/smoke/data)"
+    p.add_argument("--budget", default="full", choices=sorted(BUDGETS),
+                   help="full: the shipped recipe; small: a quick smoke run under runs/smoke/")
+    p.add_argument("--codec-dir", default=None, help="default: assets/codec (small: runs/smoke/codec)")
+    p.add_argument("--run-dir", default=None, help="default: runs/fusion (small: runs/smoke/fusion)")
+    p.add_argument("--model-out", default=None, help="default: assets/fusion.safetensors")
+    p.add_argument("--eval-out", default=None, help="default: runs/eval")
+    p.add_argument("--card-out", default=None, help="default: assets/MODEL_CARD.md")
+    p.add_argument("--sessions-out", default=None, help="example sessions (default: assets/sessions)")
+    p.add_argument("--no-ablations", action="store_true", help="skip training/evaluating the ablations")
+    p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
+    p.add_argument("--force", action="store_true",
+                   help="re-render data rendered with other options, retrain the codec and the fusion model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="data rendering processes")
+
+
+def run_cli(args) -> None:
+    o = PipelineOptions(
+        budget=args.budget, data=args.data, codec_dir=args.codec_dir, run_dir=args.run_dir,
+        model_out=args.model_out, eval_out=args.eval_out, card_out=args.card_out,
+        sessions_out=args.sessions_out, ablation_root=None, ablations=not args.no_ablations,
+        recognizer=not args.no_recognizer, force=args.force, seed=args.seed, workers=args.workers,
+        device=args.device, threads=args.threads)
+    run_pipeline(o)

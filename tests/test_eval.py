@@ -1,0 +1,167 @@
+"""Evaluation (`run.py eval`), the model card and `run.py train all` on a tiny demo world:
+a few real sessions, a tiny codec, a tiny model trained for a few steps, the real recogniser."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fusion.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
+                         dtw_mel_distance, encoder_fingerprint, evaluate, match_turns,
+                         normalize_answer, recognise)
+
+STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
+             stages=("encoders", "align", "sft"))   # MCTP modules untrained: still MCTP decoding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Data (1 test session of 2 turns), a tiny codec and a tiny model trained a few steps,
+    laid out as the pipeline ships them: assets/fusion.safetensors beside assets/codec/."""
+    from fusion.data import main
+    from fusion.train_fusion import FusionTrainOptions, train_fusion
+    from speech.codec import build_codec, save_codec
+    d = tmp_path_factory.mktemp("eval")
+    main(d / "data", n_train_sessions=2, n_val_sessions=0, n_test_sessions=1, turns_per_session=2,
+         n_codec_sentences=4, n_codec_eval=1, workers=1, progress=False)
+    torch.manual_seed(0)
+    save_codec(build_codec("tiny"), d / "assets" / "codec")
+    train_fusion(FusionTrainOptions(data=str(d / "data"), codec=str(d / "assets" / "codec"),
+                                    run_dir=str(d / "run"), out=str(d / "assets" / "fusion.safetensors"),
+                                    preset="tiny", progress=False, threads=1, **STEPS))
+    return d
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    from fusion.eval import load_recognizer
+    return load_recognizer()
+
+
+def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
+    from fusion.checkpoint import load_model, read_header
+    from fusion.model_card import write_model_card
+    out = tmp_path / "eval"
+    rep = evaluate(EvalOptions(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"),
+                               out=str(out), device="cpu", max_text_tokens=4, max_audio_seconds=0.4,
+                               ablations=True, ablation_names=("mean",), train_run=str(world / "run"),
+                               ablation_root=str(tmp_path), progress=False))
+    r = json.loads((out / "eval.json").read_text())
+    events = [json.loads(line) for line in (world / "data/test/00000/events.jsonl").read_text().splitlines()]
+    qtypes = sorted({e["qtype"] for e in events if e["type"] == "question"})
+    assert r["questions"] == 2 and r["sessions"] == 1 and "CPU" in r["hardware"]
+    for mode in ("vanilla", "mctp"):
+        m = r["modes"][mode]
+        assert sorted(m["accuracy"]["by_type"]) == qtypes and m["missed"] == 0
+        assert m["response_latency"]["median"] > 0 and m["compute_latency"]["p90"] > 0
+        assert m["spoken"]["n"] == 2 and m["spoken"]["mel_dtw"] > 0 and m["spoken"]["recognised"] is not None
+        assert 0 <= m["spoken"]["codes_vs_reference"] <= 1
+    c = r["mctp_vs_vanilla"]
+    assert c["forwards_speedup"] > 1.5 and c["turns_compared"] == 2 and 0 <= c["audio_token_agreement"] <= 1
+    assert r["spoken_reference"]["n"] == 2 and r["spoken_reference"]["recognised"] is not None
+    assert [t["expected"] for t in r["turns"]] == [e["answer"] for e in events if e["type"] == "question"]
+    # the ablation: trained from the main run's encoders, with its own config
+    assert set(r["ablations"]["models"]) == {"main", "mean"}
+    abl = tmp_path / "ablation-mean" / "model.safetensors"
+    assert read_header(abl)[0].aggregator == "mean"
+    main = load_model(world / "assets" / "fusion.safetensors")
+    assert encoder_fingerprint(load_model(abl)) == encoder_fingerprint(main)
+    assert r["ablations"]["models"]["mean"]["n"] == 2
+    md = (out / "eval.md").read_text()
+    for section in ("## Answer accuracy", "## Vanilla vs MCTP", "## Spoken answers", "## Latency",
+                    "no aggregator (mean)", "main (text only)", *qtypes):
+        assert section in md, section
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert rep.accuracy("mctp") == r["modes"]["mctp"]["accuracy"]["overall"]
+    card = write_model_card(out / "eval.json", world / "run", tmp_path / "no-report.json", tmp_path / "CARD.md")
+    text = card.read_text()
+    assert "## Data" in text and "## Training" in text and "## Limits" in text and "### Spoken answers" in text
+
+
+def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
+    assert answers_match("The red circle.", "the red circle")
+    assert answers_match("2.", "two.") and normalize_answer(" On the  LEFT!") == "on the left"
+    assert not answers_match("a square.", "a circle.") and not answers_match("", "yes.")
+    recs = [dict(qtype="pitch", group="audio", correct=True), dict(qtype="pitch", group="audio", correct=False),
+            dict(qtype="shape_at", group="visual", correct=True), dict(qtype="where_sound", group="audio-visual",
+                                                                         correct=False)]
+    t = accuracy_table(recs)
+    assert t["overall"] == 0.5 and t["n"] == 4
+    assert t["by_type"]["pitch"] == {"accuracy": 0.5, "n": 2} and t["by_group"]["visual"]["accuracy"] == 1.0
+    assert t["by_group"]["audio-visual"] == {"accuracy": 0.0, "n": 1}
+
+
+def test_questions_match_the_last_overlapping_turn():
+    turns = [SimpleNamespace(turn=1, speech_start=1.0, speech_end=1.6),    # the question, cut by a pause
+             SimpleNamespace(turn=2, speech_start=1.9, speech_end=2.5),
+             SimpleNamespace(turn=3, speech_start=9.0, speech_end=9.5)]    # a cough, no question
+    qs = [{"t": 1.0, "t_end": 2.5}, {"t": 5.0, "t_end": 6.0}]
+    assert [None if m is None else m.turn for m in match_turns(turns, qs)] == [2, None]
+
+
+def test_audio_token_agreement():
+    a = np.arange(24).reshape(4, 6) % 5
+    assert code_agreement(a, a.copy()) == 1.0
+    b = a.copy()
+    b[0, :3] += 1                                  # 3 of 24 codes differ
+    assert code_agreement(a, b) == pytest.approx(21 / 24)
+    assert code_agreement(a, np.concatenate([a, a], 1)) == 1.0          # over the shorter
+    assert code_agreement(a, np.zeros((4, 0), int)) == 0.0
+    assert code_agreement(np.zeros((4, 0), int), np.zeros((4, 0), int)) is None
+
+
+def test_recogniser_hears_a_clean_espeak_yes(recognizer):
+    from speech.tts import AGENT_VOICE, Voice, synthesize
+    yes, no = synthesize("yes.", AGENT_VOICE), synthesize("no.", AGENT_VOICE)
+    text, ok = recognise(recognizer, yes, "yes.")
+    assert ok, text
+    assert not recognise(recognizer, no, "yes.")[1]
+    assert recognise(recognizer, np.zeros(0, np.float32), "yes.") == ("", False)
+    slow = synthesize("yes.", Voice(AGENT_VOICE.name, AGENT_VOICE.variant, 110, AGENT_VOICE.pitch))
+    assert dtw_mel_distance(yes, yes) == pytest.approx(0.0, abs=1e-6)
+    assert dtw_mel_distance(yes, slow) < dtw_mel_distance(yes, no)
+
+
+def test_options_are_validated():
+    for bad in (dict(split="train"), dict(modes=("fast",)), dict(modes=()), dict(max_sessions=0),
+                dict(model=None), dict(ablation_names=("text",)), dict(max_audio_seconds=0)):
+        with pytest.raises(ValueError):
+            EvalOptions(**bad)
+
+
+def test_command_lines_parse():
+    import run
+    a = run.build_parser().parse_args(["eval", "--modes", "mctp", "--no-recognizer", "--max-sessions", "2",
+                                       "--ablations", "--ablation-names", "vision"])
+    from fusion.eval_cli import options_from_args
+    o = options_from_args(a)
+    assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names) == (
+        ("mctp",), False, 2, True, ("vision",))
+    t = run.build_parser().parse_args(["train", "all", "--budget", "small", "--no-ablations"])
+    assert (t.what, t.budget, t.no_ablations, t.data) == ("all", "small", True, None)
+
+
+def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
+    from app.session import load_session
+    from fusion import pipeline
+    o = pipeline.PipelineOptions(budget="small", data=str(world / "data"))
+    with pytest.raises(ValueError, match="--force"):       # rendered with other options
+        pipeline.data_step(o)
+    have = json.loads((world / "data" / "manifest.json").read_text())["options"]
+    small = {**pipeline.BUDGETS["small"], "data": {k: v for k, v in have.items() if k not in ("seed", "workers")}}
+    monkeypatch.setitem(pipeline.BUDGETS, "small", small)
+    assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(world / "data"), workers=1)) is False
+    assert pipeline.PipelineOptions(budget="small").path("model_out") == Path("runs/smoke/fusion.safetensors")
+    (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
+    s = load_session(d)
+    assert len([e for e in s.events if e["type"] == "question"]) == 1 and s.meta["split"] == "test"
