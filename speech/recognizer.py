@@ -55,6 +55,20 @@ def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
     return prev[-1], len(ref)
 
 
+def matched_words(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(reference words found in order in the hypothesis (longest common subsequence),
+    reference word count) after `normalize_text`; unlike the edit distance, hallucinated
+    extra words do not count against it."""
+    ref, hyp = normalize_text(reference), normalize_text(hypothesis)
+    prev = [0] * (len(hyp) + 1)
+    for r in ref:
+        cur = [0] * (len(hyp) + 1)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = prev[j - 1] + 1 if r == h else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1], len(ref)
+
+
 def is_recognized(reference: str, hypothesis: str) -> bool:
     """True when the normalised words of the hypothesis equal those of the reference."""
     return normalize_text(reference) == normalize_text(hypothesis)

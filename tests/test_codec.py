@@ -214,6 +214,22 @@ def test_save_load_round_trip(tiny, tmp_path):
         assert torch.equal(loaded.encode(wav), tiny.encode(wav))
 
 
+def test_half_save_is_smaller_and_loads_with_the_same_spec(tmp_path):
+    full, half = build_codec("tiny"), build_codec("tiny")
+    half.model.load_state_dict(full.model.state_dict())
+    size32 = (save_codec(full, tmp_path / "c32") / "codec.safetensors").stat().st_size
+    spec_before = half.spec
+    folder = save_codec(half, tmp_path / "c16", half=True)
+    assert (folder / "codec.safetensors").stat().st_size < 0.6 * size32
+    assert half.spec != spec_before                       # rounded in place...
+    loaded = load_codec(folder)
+    assert loaded.spec == half.spec                       # ...to exactly what loads back
+    assert json.loads((folder / "codec.json").read_text())["spec"] == half.spec.to_dict()
+    codes = random_codes(full, 20, seed=6)
+    a, b = full.decode(codes), loaded.decode(codes)
+    assert (a - b).abs().max() < 1e-2 * a.abs().max() + 1e-4
+
+
 def test_load_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="run.py train codec") as err:
         load_codec(tmp_path / "nowhere")

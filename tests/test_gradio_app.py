@@ -145,9 +145,10 @@ def test_browser_stream_handlers_reply(agent, media):
     out = np.concatenate([x for _, x in got])
     assert (np.abs(out) > 30).sum() > 0.5 * agent.output_rate * snap.metrics[0].reply_seconds
     # only lost chunks become silence (filling in detail: the next test); the session clock
-    # never runs ahead of the microphone's real time
+    # never runs ahead of the microphone's real time (it may trail what was received by the
+    # few milliseconds the streaming resampler holds back)
     assert s.filled_seconds <= 0.1 * lost + 0.2, (s.filled_seconds, lost)
-    assert s.received_seconds <= snap.clock <= k * 0.1 + 0.2
+    assert s.received_seconds - 0.01 <= snap.clock <= k * 0.1 + 0.2
     assert len(snap.metrics) == 1 and snap.metrics[0].response_latency is not None
     assert snap.preview is not None and snap.preview.shape == frames[0].shape
     assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fusion.train_codec import (CHECKPOINT, CodecTrainOptions, _revive_dead_codes,
-                                codebook_stats, make_codec_corpus, si_snr, train_codec)
+                                codebook_stats, learning_rate, make_codec_corpus, quantize_train,
+                                si_snr,
+                                train_codec)
 from speech.codec import build_codec, load_codec
 
 TINY = dict(preset="tiny", batch=2, segment_seconds=0.32, lr=3e-3, eval_every=10,
@@ -55,6 +57,7 @@ def test_tiny_run_decreases_loss_and_saves_a_loadable_codec(trained):
     assert len(report["heldout"]["codebooks"]) == codec.n_q
     assert "disabled" in report["heldout"]["recognizer"]["skipped"]
     assert [e["step"] for e in report["evals"]] == [10, 20, 30]
+    assert len(report["codebooks_train_recent"]) == codec.n_q
 
 
 def test_resume_continues_from_the_saved_step(corpus, tmp_path):
@@ -93,7 +96,8 @@ def test_resume_refuses_another_codec_shape(corpus, trained):
     (dict(adversarial=True), "adversarial"), (dict(stft_sizes=(300,)), "stft_sizes"),
     (dict(w_time=0, w_logmel=0, w_mel=0), "reconstruction"), (dict(w_commit=-1), "w_commit"),
     (dict(time_limit_minutes=0), "time_limit"), (dict(threads=0), "threads"),
-    (dict(device="tpu"), "device")])
+    (dict(device="tpu"), "device"), (dict(answer_fraction=1.5), "answer_fraction"),
+    (dict(betas=(1.0, 0.9)), "betas")])
 def test_bad_options_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
         CodecTrainOptions(**bad)
@@ -119,6 +123,34 @@ def test_dead_codes_are_revived_with_batch_vectors():
     assert (cb.cluster_size[:3] >= 1.0).all() and (cb.cluster_size[3:] == 5.0).all()
 
 
+def test_learning_rate_schedule():
+    o = CodecTrainOptions(steps=1000, lr=1e-3)
+    assert learning_rate(o, 0, 0.0) == pytest.approx(1e-3 / 50)
+    assert learning_rate(o, 49, 0.0) == pytest.approx(1e-3, rel=1e-2)
+    assert learning_rate(o, 999, 0.0) == pytest.approx(1e-4, rel=1e-3)
+    timed = CodecTrainOptions(steps=1000, lr=1e-3, time_limit_minutes=1)
+    assert learning_rate(timed, 100, 60.0) == pytest.approx(1e-4)   # out of time: decayed
+
+
+def test_codebooks_learn_by_ema_and_stay_in_use():
+    torch.manual_seed(0)
+    quantizer = build_codec("tiny").model.quantizer.train()   # 4 codebooks of 64, dim 16
+    centers = torch.randn(32, 16) * 3
+
+    def batch():                                                  # (B, D, F) around 32 centres
+        x = centers[torch.randint(32, (4, 50))] + 0.1 * torch.randn(4, 50, 16)
+        return x.transpose(1, 2)
+
+    first = quantizer.vq.layers[0]
+    x = batch()
+    err0 = ((first.decode(first.encode(x)) - x) ** 2).mean()
+    revived = sum(quantize_train(quantizer, batch(), 0.25)[3] for _ in range(150))
+    err = ((first.decode(first.encode(x)) - x) ** 2).mean()
+    assert revived > 0 and err < 0.05 * err0, (revived, float(err), float(err0))
+    codes = first.encode(centers[None].transpose(1, 2))          # one code per centre
+    assert len(set(codes.reshape(-1).tolist())) >= 28
+
+
 def test_metrics():
     x = np.sin(np.arange(16000) / 7.0).astype(np.float32)
     assert si_snr(x, 3 * x) > 60
@@ -129,11 +161,13 @@ def test_metrics():
 
 
 def test_word_scoring():
-    from speech.recognizer import is_recognized, normalize_text, word_errors
+    from speech.recognizer import is_recognized, matched_words, normalize_text, word_errors
     assert normalize_text("The 3 red, circles!") == ["the", "three", "red", "circles"]
     assert is_recognized("three.", "3") and not is_recognized("two.", "to")
     assert word_errors("the red circle.", "The band circle.") == (1, 3)
     assert word_errors("on the left.", "") == (3, 3)
+    assert matched_words("on the left.", "on the the the left left") == (3, 3)
+    assert matched_words("the red circle.", "circle red the") == (1, 3)
 
 
 def test_cli_trains_a_codec(corpus, tmp_path, capsys):

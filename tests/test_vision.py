@@ -280,7 +280,9 @@ def test_vision_config_validation_and_json():
     assert VisionConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     for kwargs, match in [(dict(image_size=(100, 72)), "divisible"),
                           (dict(grid=(13, 3)), "patch grid"),
-                          (dict(width=30, heads=4), "divide")]:
+                          (dict(width=30, heads=4), "divide"),
+                          (dict(kind="conv", image_size=(96, 72), patch=6, grid=(3, 3)),
+                           "power-of-two")]:
         with pytest.raises(ValueError, match=match):
             VisionConfig(**kwargs)
     with pytest.raises(NotImplementedError, match="patch"):

@@ -51,6 +51,9 @@ class VisionConfig:
                              f"{self.layers}, {self.mlp_ratio}")
         if not (isinstance(self.kind, str) and self.kind):
             raise ValueError(f"VisionConfig.kind must be a non-empty string, got {self.kind!r}")
+        if self.kind == "conv" and (self.patch < 2 or self.patch & (self.patch - 1)):
+            raise ValueError(f"VisionConfig kind 'conv' needs a power-of-two patch >= 2 (one "
+                             f"stride-2 convolution per halving), got {self.patch}")
 
     @property
     def patch_grid(self) -> tuple[int, int]:
@@ -65,7 +68,9 @@ class VisionConfig:
 
 VISION_PRESETS: dict[str, VisionConfig] = {
     "tiny": VisionConfig(image_size=(48, 36), width=32, layers=1, heads=2, patch=6),
-    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8),
+    # conv stem: with a single linear 8x8 patch embedding the demo encoder told colours apart
+    # within a few hundred CPU steps but still confused circle/square/triangle
+    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv"),
 }
 
 
@@ -122,15 +127,37 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))                               # (B, N, D)
 
 
+def conv_stem(width: int, patch: int) -> nn.Sequential:
+    """log2(patch) stride-2 3x3 convolutions (channels growing to `width`): the same patch grid
+    as one patch x patch linear embedding, but with local edge/corner detectors before the
+    transformer, which is what telling shapes apart needs."""
+    n = patch.bit_length() - 1
+    assert patch == 1 << n and n >= 1, ("conv stem needs a power-of-two patch", patch)
+    chans = [3] + [max(16, width >> (n - 1 - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    for i in range(n):
+        conv = nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")  # torch's default init shrinks
+        nn.init.zeros_(conv.bias)                                  # the image ~3x per layer
+        layers.append(conv)
+        if i < n - 1:
+            layers.append(nn.GELU())
+    return nn.Sequential(*layers)
+
+
 class PatchVisionEncoder(nn.Module):
-    """(B, 3, H, W) RGB in [0, 1] -> (B, rows * cols, width) tokens, row-major over `grid`."""
+    """(B, 3, H, W) RGB in [0, 1] -> (B, rows * cols, width) tokens, row-major over `grid`.
+    `config.kind` "patch": linear patch embedding (ViT); "conv": a small conv stem."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.config = config
         c = config
         gw, gh = c.patch_grid
-        self.embed = nn.Conv2d(3, c.width, kernel_size=c.patch, stride=c.patch)
+        if c.kind == "conv":
+            self.embed = conv_stem(c.width, c.patch)
+        else:
+            self.embed = nn.Conv2d(3, c.width, kernel_size=c.patch, stride=c.patch)
         self.pos = nn.Parameter(torch.randn(1, c.width, gh, gw) * 0.02)  # (1, D, gh, gw)
         self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio)
                                     for _ in range(c.layers))
@@ -172,6 +199,7 @@ class PatchVisionEncoder(nn.Module):
 # projection to `width` and a pooling to `grid` so everything downstream stays unchanged.
 VISION_ENCODERS: dict[str, Callable[[VisionConfig], nn.Module]] = {
     "patch": PatchVisionEncoder,
+    "conv": PatchVisionEncoder,
 }
 
 
