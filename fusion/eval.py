@@ -573,14 +573,17 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     (run_dir / "source.json").write_text(json.dumps(source, indent=1))
     known = set(FusionTrainOptions.__dataclass_fields__)
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items() if k in known}
-    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align", "sft"), resume=True)
+    # The table scores reply text, which the align stage trains; SFT adds the spoken reply on
+    # top. Ablations therefore train align only (the main run's steps and batch) and are
+    # compared with the main run's own align checkpoint: the same budget on the same cache.
+    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True)
     return kw
 
 
 def run_ablations(options: EvalOptions) -> dict:
-    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (stages align,
-    sft with the main run's step counts, from its encoders and feature cache) and evaluates
-    them and the main model text-only on the split."""
+    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage
+    with the main run's steps, from its encoders and feature cache) and evaluates them, the
+    main run's align checkpoint (the same budget) and the main model text-only on the split."""
     from .train_fusion import FusionTrainOptions, train_fusion
     o, main_run = options, Path(options.train_run)
     if o.random:
@@ -592,7 +595,7 @@ def run_ablations(options: EvalOptions) -> dict:
         kw = prepare_ablation_run(main_run, run_dir, name)
         kw.update(progress=o.progress, **({"device": o.device} if o.device else {}),
                   **({"threads": o.threads} if o.threads else {}))
-        out["steps"] = {k: kw[k] for k in ("align_steps", "sft_steps", "batch")}
+        out["steps"] = {k: kw[k] for k in ("align_steps", "batch")}
         if not (run_dir / "model.safetensors").is_file():
             train_fusion(FusionTrainOptions(**kw))
         t = run_dir / "timings.json"
@@ -602,7 +605,10 @@ def run_ablations(options: EvalOptions) -> dict:
     main_model = load_model(o.model, device=o.device)
     examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)
     fp = encoder_fingerprint(main_model)
-    for name, path in [("main", Path(o.model)), *runs.items()]:
+    models = [("main", Path(o.model))]
+    if (main_run / "after_align.safetensors").is_file():
+        models.append(("main-align", main_run / "after_align.safetensors"))
+    for name, path in [*models, *runs.items()]:
         model = main_model if name == "main" else load_model(path, device=o.device)
         same = encoder_fingerprint(model) == fp
         out["models"][name] = evaluate_text_only(model, o.data, o.split, max_sessions=o.max_sessions,

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 GROUPS = ("visual", "audio", "audio-visual")
-ABLATION_LABELS = {"main": "main (text only)", "mean": "no aggregator (mean)",
+ABLATION_LABELS = {"main": "main (text only)", "main-align": "main after align",
+                   "mean": "no aggregator (mean)",
                    "vision": "vision only", "audio": "audio only"}
 
 
@@ -71,9 +72,10 @@ def eval_markdown(results: dict) -> str:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]
     if r.get("ablations"):
         st = r["ablations"].get("steps") or {}
-        out += [f"Ablations: trained like the main run (align {st.get('align_steps')} + SFT "
-                f"{st.get('sft_steps')} steps, batch {st.get('batch')}) from its encoders and feature "
-                f"cache; scored on the same questions.", ""]
+        out += [f"Ablations: the align stage (text answers; {st.get('align_steps')} steps, batch "
+                f"{st.get('batch')}) from the main run's encoders and feature cache, scored on the "
+                f"same questions; *main after align* is the main run at the same point (the same "
+                f"budget), *main (text only)* the shipped model after SFT and MCTP.", ""]
     rows = [[m, _num(s["backbone_forwards_per_audio_second"], ".1f"),
              _num(s["generation_wall_per_audio_second"]), _pct(s["accuracy"]["overall"])]
             for m, s in modes.items()]

@@ -33,7 +33,7 @@ class FusionTrainOptions:
     preset: str = "demo"
     stages: tuple[str, ...] = STAGES
     ablation: str | None = None          # None | "mean" | "vision" | "audio"
-    encoder_steps: int = 400
+    encoder_steps: int = 1200            # 600 left circle/square confused (~85% per slot)
     align_steps: int = 500
     sft_steps: int = 1200
     mctp_steps: int = 500

@@ -64,7 +64,7 @@ def stream(dec: StreamingDecoder, codes: torch.Tensor, chunk: int) -> torch.Tens
 # --- config / presets / spec --------------------------------------------------------------
 def test_presets_and_config_validation():
     demo, tiny_cfg = CODEC_PRESETS["demo"], CODEC_PRESETS["tiny"]
-    assert (demo.sample_rate, demo.hop_length, demo.frame_rate) == (16000, 320, 50.0)
+    assert (demo.sample_rate, demo.hop_length, demo.frame_rate) == (16000, 640, 25.0)
     assert (demo.n_q, demo.bins, demo.causal) == (4, 256, True)
     assert (tiny_cfg.n_filters, tiny_cfg.dimension, tiny_cfg.lstm, tiny_cfg.bins) == (4, 16, 1, 64)
     assert CodecConfig.from_dict(json.loads(json.dumps(demo.to_dict()))) == demo

@@ -71,7 +71,10 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert r["spoken_reference"]["n"] == 2 and r["spoken_reference"]["recognised"] is not None
     assert [t["expected"] for t in r["turns"]] == [e["answer"] for e in events if e["type"] == "question"]
     # the ablation: trained from the main run's encoders, with its own config
-    assert set(r["ablations"]["models"]) == {"main", "mean"}
+    # (align only, the main run's align checkpoint beside it: the same budget)
+    assert set(r["ablations"]["models"]) == {"main", "main-align", "mean"}
+    assert (tmp_path / "ablation-mean" / "after_align.safetensors").is_file()
+    assert not (tmp_path / "ablation-mean" / "after_sft.safetensors").exists()
     abl = tmp_path / "ablation-mean" / "model.safetensors"
     assert read_header(abl)[0].aggregator == "mean"
     main = load_model(world / "assets" / "fusion.safetensors")
@@ -79,7 +82,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert r["ablations"]["models"]["mean"]["n"] == 2
     md = (out / "eval.md").read_text()
     for section in ("## Answer accuracy", "## Vanilla vs MCTP", "## Spoken answers", "## Latency",
-                    "no aggregator (mean)", "main (text only)", *qtypes):
+                    "no aggregator (mean)", "main (text only)", "main after align", *qtypes):
         assert section in md, section
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert rep.accuracy("mctp") == r["modes"]["mctp"]["accuracy"]["overall"]
