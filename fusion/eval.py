@@ -28,6 +28,7 @@ from speech.recognizer import normalize_text as _words
 
 MODES = ("vanilla", "mctp")              # fusion.generator.MODES
 ABLATION_NAMES = ("mean", "vision", "audio")
+ABLATION_STEPS = 500                     # align steps of every ablation run (and the control)
 GROUPS = ("visual", "audio", "audio-visual")
 
 
@@ -48,6 +49,7 @@ class EvalOptions:
     max_audio_seconds: float = 4.0
     ablations: bool = False              # also the ablation table (trains missing ablations)
     ablation_names: tuple[str, ...] = ABLATION_NAMES
+    ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control
     train_run: str = "runs/fusion"       # the main run: options, encoders, feature cache
     ablation_root: str = "runs"          # ablation runs: ROOT/ablation-<name>/
     progress: bool = True
@@ -66,6 +68,8 @@ class EvalOptions:
             errors.append("max_text_tokens must be >= 1 and max_audio_seconds > 0")
         if not self.random and not self.model:
             errors.append("give a model path (--model) or random=True (--random)")
+        if not isinstance(self.ablation_steps, int) or self.ablation_steps < 1:
+            errors.append(f"ablation_steps must be an int >= 1, got {self.ablation_steps!r}")
         if set(self.ablation_names) - set(ABLATION_NAMES):
             errors.append(f"ablation_names must come from {ABLATION_NAMES}, got {self.ablation_names!r}")
         if errors:
@@ -545,10 +549,13 @@ def check_main_run(main_run: Path) -> Path:
     return enc_file
 
 
-def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
+def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = ABLATION_STEPS) -> dict:
     """Sets up RUN_DIR so `train_fusion` starts the ablation from the main run's encoders:
     after_encoders.safetensors rebuilt with the ablation's config (every weight the two share
-    copied) and the main run's feature cache. Returns the training options (same budget)."""
+    copied) and the main run's feature cache. Returns the training options: the main run's,
+    with `steps` align steps. Name "full" is the control: the unchanged model, trained alike;
+    when the main run's own align stage had exactly `steps` steps, its checkpoint is that
+    control (same init, seed, batches and steps) and is reused instead of retrained."""
     import shutil
     import torch
     from .checkpoint import load_model, save_model
@@ -556,9 +563,11 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     from .train_fusion import ABLATIONS, FusionTrainOptions
     enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
-    source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run)}
-    if (run_dir / "source.json").is_file() and json.loads((run_dir / "source.json").read_text()) != source:
-        shutil.rmtree(run_dir)                     # trained from other encoders: start over
+    source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run),
+              "align_steps": steps}
+    had = _read_json(run_dir / "source.json")
+    if had and any(had.get(k) != source[k] for k in ("after_encoders_sha256", "align_steps")):
+        shutil.rmtree(run_dir)                     # other encoders or budget: start over
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "after_encoders.safetensors").is_file():
         main = load_model(enc_file, device="cpu")
@@ -568,7 +577,16 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
         model.load_state_dict({k: theirs[k] if k in theirs and theirs[k].shape == v.shape else v
                                for k, v in mine.items()})
         save_model(model, run_dir / "after_encoders.safetensors")
-    if (main_run / "cache.pt").is_file() and not (run_dir / "cache.pt").is_file():
+    main_align = main_run / "after_align.safetensors"
+    if (name == "full" and base.get("align_steps") == steps and main_align.is_file()
+            and not (run_dir / "model.safetensors").is_file()):
+        for f in ("after_align.safetensors", "align.history.json", "align.loss.png"):
+            if (main_run / f).is_file():
+                shutil.copyfile(main_run / f, run_dir / f)
+        shutil.copyfile(main_align, run_dir / "model.safetensors")
+        timings = _read_json(main_run / "timings.json")
+        (run_dir / "timings.json").write_text(json.dumps({"align": timings.get("align")}))
+    elif (main_run / "cache.pt").is_file() and not (run_dir / "cache.pt").is_file():
         shutil.copyfile(main_run / "cache.pt", run_dir / "cache.pt")
     (run_dir / "source.json").write_text(json.dumps(source, indent=1))
     known = set(FusionTrainOptions.__dataclass_fields__)
@@ -576,23 +594,28 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str) -> dict:
     # The table scores reply text, which the align stage trains; SFT adds the spoken reply on
     # top. Ablations therefore train align only (the main run's steps and batch) and are
     # compared with the main run's own align checkpoint: the same budget on the same cache.
-    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True)
+    kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True,
+              align_steps=steps)
     return kw
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_ablations(options: EvalOptions) -> dict:
-    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage
-    with the main run's steps, from its encoders and feature cache) and evaluates them, the
-    main run's align checkpoint (the same budget) and the main model text-only on the split."""
+    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage,
+    `ablation_steps` steps, from the main run's encoders and feature cache), and the full model
+    trained alike as the control, and evaluates them and the main model text-only."""
     from .train_fusion import FusionTrainOptions, train_fusion
     o, main_run = options, Path(options.train_run)
     if o.random:
         raise ValueError("ablations compare trained models: drop --random")
     out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None}
     runs = {}
-    for name in o.ablation_names:
+    for name in ("full", *o.ablation_names):
         run_dir = Path(o.ablation_root) / f"ablation-{name}"
-        kw = prepare_ablation_run(main_run, run_dir, name)
+        kw = prepare_ablation_run(main_run, run_dir, name, o.ablation_steps)
         kw.update(progress=o.progress, **({"device": o.device} if o.device else {}),
                   **({"threads": o.threads} if o.threads else {}))
         out["steps"] = {k: kw[k] for k in ("align_steps", "batch")}
@@ -605,10 +628,7 @@ def run_ablations(options: EvalOptions) -> dict:
     main_model = load_model(o.model, device=o.device)
     examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)
     fp = encoder_fingerprint(main_model)
-    models = [("main", Path(o.model))]
-    if (main_run / "after_align.safetensors").is_file():
-        models.append(("main-align", main_run / "after_align.safetensors"))
-    for name, path in [*models, *runs.items()]:
+    for name, path in [("main", Path(o.model)), *runs.items()]:
         model = main_model if name == "main" else load_model(path, device=o.device)
         same = encoder_fingerprint(model) == fp
         out["models"][name] = evaluate_text_only(model, o.data, o.split, max_sessions=o.max_sessions,

@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the ablation table: trains missing ablation models (no aggregator, "
                         "vision only, audio only) with the main run's budget, then scores them text-only")
     g.add_argument("--ablation-names", default="mean,vision,audio", help="default: %(default)s")
+    g.add_argument("--ablation-steps", type=int, default=500,
+                   help="align steps for each ablation and for the full-model control "
+                        "(default: %(default)s)")
     g.add_argument("--train-run", default="runs/fusion", metavar="DIR",
                    help="the main model's training run (options, encoders, cache; default: %(default)s)")
     g.add_argument("--ablation-root", default="runs", metavar="DIR",
@@ -51,7 +54,8 @@ def options_from_args(args):
         random=args.random, modes=split(args.modes), max_sessions=args.max_sessions,
         recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
-        ablation_names=split(args.ablation_names), train_run=args.train_run,
+        ablation_names=split(args.ablation_names), ablation_steps=args.ablation_steps,
+        train_run=args.train_run,
         ablation_root=args.ablation_root, progress=not args.quiet)
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 GROUPS = ("visual", "audio", "audio-visual")
-ABLATION_LABELS = {"main": "main (text only)", "main-align": "main after align",
+ABLATION_LABELS = {"main": "main (text only)", "full": "full model, same budget",
                    "mean": "no aggregator (mean)",
                    "vision": "vision only", "audio": "audio only"}
 
@@ -72,10 +72,11 @@ def eval_markdown(results: dict) -> str:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]
     if r.get("ablations"):
         st = r["ablations"].get("steps") or {}
-        out += [f"Ablations: the align stage (text answers; {st.get('align_steps')} steps, batch "
-                f"{st.get('batch')}) from the main run's encoders and feature cache, scored on the "
-                f"same questions; *main after align* is the main run at the same point (the same "
-                f"budget), *main (text only)* the shipped model after SFT and MCTP.", ""]
+        out += [f"Ablations: each trained with the same budget, the align stage (text answers; "
+                f"{st.get('align_steps')} steps, batch {st.get('batch')}) from the main run's encoders "
+                f"and feature cache, scored on the same questions; *full model, same budget* is the "
+                f"unchanged architecture trained alike (the control), *main (text only)* the "
+                f"shipped model with its whole training.", ""]
     rows = [[m, _num(s["backbone_forwards_per_audio_second"], ".1f"),
              _num(s["generation_wall_per_audio_second"]), _pct(s["accuracy"]["overall"])]
             for m, s in modes.items()]

@@ -25,7 +25,7 @@ BUDGETS = {
         "codec": dict(preset="tiny", steps=30, batch=4, eval_every=15, checkpoint_every=15, recognize=False),
         "fusion": dict(preset="tiny", encoder_steps=20, align_steps=30, sft_steps=30, mctp_steps=10,
                        batch=8, aux_batch=8),
-        "eval": dict(max_audio_seconds=2.0),
+        "eval": dict(max_audio_seconds=2.0, ablation_steps=30),
     },
 }
 FULL_PATHS = dict(data="data/demo", codec_dir="assets/codec", run_dir="runs/fusion",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 STAGES = ("encoders", "align", "sft", "mctp")
-ABLATIONS = {None: {}, "none": {}, "mean": {"aggregator": "mean"}, "vision": {"modalities": ("vision",)},
+ABLATIONS = {None: {}, "none": {}, "full": {}, "mean": {"aggregator": "mean"}, "vision": {"modalities": ("vision",)},
              "audio": {"modalities": ("audio",)}}
 
 

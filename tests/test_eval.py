@@ -54,7 +54,8 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     out = tmp_path / "eval"
     rep = evaluate(EvalOptions(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"),
                                out=str(out), device="cpu", max_text_tokens=4, max_audio_seconds=0.4,
-                               ablations=True, ablation_names=("mean",), train_run=str(world / "run"),
+                               ablations=True, ablation_names=("mean",), ablation_steps=2,
+                               train_run=str(world / "run"),
                                ablation_root=str(tmp_path), progress=False))
     r = json.loads((out / "eval.json").read_text())
     events = [json.loads(line) for line in (world / "data/test/00000/events.jsonl").read_text().splitlines()]
@@ -71,10 +72,12 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert r["spoken_reference"]["n"] == 2 and r["spoken_reference"]["recognised"] is not None
     assert [t["expected"] for t in r["turns"]] == [e["answer"] for e in events if e["type"] == "question"]
     # the ablation: trained from the main run's encoders, with its own config
-    # (align only, the main run's align checkpoint beside it: the same budget)
-    assert set(r["ablations"]["models"]) == {"main", "main-align", "mean"}
+    # (align only; the control is the main run's own align checkpoint: same steps, seed, init)
+    assert set(r["ablations"]["models"]) == {"main", "full", "mean"}
     assert (tmp_path / "ablation-mean" / "after_align.safetensors").is_file()
     assert not (tmp_path / "ablation-mean" / "after_sft.safetensors").exists()
+    assert (tmp_path / "ablation-full" / "model.safetensors").read_bytes() == \
+        (world / "run" / "after_align.safetensors").read_bytes()
     abl = tmp_path / "ablation-mean" / "model.safetensors"
     assert read_header(abl)[0].aggregator == "mean"
     main = load_model(world / "assets" / "fusion.safetensors")
@@ -82,7 +85,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert r["ablations"]["models"]["mean"]["n"] == 2
     md = (out / "eval.md").read_text()
     for section in ("## Answer accuracy", "## Vanilla vs MCTP", "## Spoken answers", "## Latency",
-                    "no aggregator (mean)", "main (text only)", "main after align", *qtypes):
+                    "no aggregator (mean)", "main (text only)", "full model, same budget", *qtypes):
         assert section in md, section
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert rep.accuracy("mctp") == r["modes"]["mctp"]["accuracy"]["overall"]
@@ -137,7 +140,8 @@ def test_recogniser_hears_a_clean_espeak_yes(recognizer):
 
 def test_options_are_validated():
     for bad in (dict(split="train"), dict(modes=("fast",)), dict(modes=()), dict(max_sessions=0),
-                dict(model=None), dict(ablation_names=("text",)), dict(max_audio_seconds=0)):
+                dict(model=None), dict(ablation_names=("text",)), dict(max_audio_seconds=0),
+                dict(ablation_steps=0)):
         with pytest.raises(ValueError):
             EvalOptions(**bad)
 
@@ -145,11 +149,11 @@ def test_options_are_validated():
 def test_command_lines_parse():
     import run
     a = run.build_parser().parse_args(["eval", "--modes", "mctp", "--no-recognizer", "--max-sessions", "2",
-                                       "--ablations", "--ablation-names", "vision"])
+                                       "--ablations", "--ablation-names", "vision", "--ablation-steps", "7"])
     from fusion.eval_cli import options_from_args
     o = options_from_args(a)
-    assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names) == (
-        ("mctp",), False, 2, True, ("vision",))
+    assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps) == (
+        ("mctp",), False, 2, True, ("vision",), 7)
     t = run.build_parser().parse_args(["train", "all", "--budget", "small", "--no-ablations"])
     assert (t.what, t.budget, t.no_ablations, t.data) == ("all", "small", True, None)
 

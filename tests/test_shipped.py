@@ -1,0 +1,80 @@
+"""End to end on the shipped default model (assets/): it loads offline, answers the rendered
+demo sessions in assets/sessions through the session engine, and speaks its answers.
+
+These fail (never skip) when assets/ lacks the model: the shipped default is part of the
+product."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from app.agent import load_agent
+from app.replay import replay
+from app.replay_report import normalize_text
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets"
+SESSIONS = sorted((ASSETS / "sessions").glob("demo-*"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def agent():
+    return load_agent()          # the default: assets/fusion.safetensors + assets/codec
+
+
+def test_assets_hold_the_shipped_model_within_budget(agent):
+    sizes = [p.stat().st_size for p in [ASSETS / "fusion.safetensors", *(ASSETS / "codec").glob("*.safetensors")]]
+    assert sum(sizes) <= 60 * 2**20, sizes
+    assert agent.codec.spec == agent.model.config.codec        # the codec it was trained with
+    card = (ASSETS / "MODEL_CARD.md").read_text()
+    for section in ("## Data", "## Training", "## Evaluation", "## Limits"):
+        assert section in card
+    assert len(SESSIONS) >= 2
+
+
+@pytest.fixture(scope="module")
+def replays(agent, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shipped")
+    return [(d, out / d.name, replay(d, out / d.name, agent, progress=False)) for d in SESSIONS[:2]]
+
+
+def test_shipped_model_answers_the_demo_sessions(replays):
+    turns = [t for _, _, rep in replays for t in rep.turns if t.expected is not None]
+    assert len(turns) >= 4, [t.text for _, _, rep in replays for t in rep.turns]
+    right = [normalize_text(t.text) == normalize_text(t.expected) for t in turns]
+    assert np.mean(right) >= 0.75, [(t.question, t.expected, t.text) for t in turns]
+    assert all(t.correct == r for t, r in zip(turns, right))
+
+
+def test_shipped_model_speaks_its_answers(replays, agent):
+    for _, out, rep in replays:
+        for t in rep.turns:
+            x, sr = sf.read(str(out / t.audio_file), dtype="float32")
+            assert sr == agent.output_rate
+            # a short phrase: some speech, then it stops by itself (EOA) well before the cap
+            assert 0.3 < len(x) / sr < 3.0, (t.text, len(x) / sr)
+            rms = np.sqrt(np.mean(x ** 2))
+            assert rms > 0.01, (t.text, rms)
+            assert t.response_latency is not None and t.response_latency > 0
+
+
+def test_replay_cli_defaults_to_the_shipped_model(tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "run.py", "replay", str(SESSIONS[0]), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "fusion" and report["turns"]
