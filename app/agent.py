@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "fusion.safetensors"
 
 
@@ -36,6 +34,7 @@ def load_agent(path: str | Path | None = None, device: str | None = None) -> Age
 
 def random_agent(preset_name: str = "demo", seed: int = 0, device: str | None = None) -> Agent:
     """An untrained agent (random weights) for trying the plumbing without a trained model."""
+    import torch
     from fusion.checkpoint import pick_device
     from fusion.config import preset
     from fusion.model import FusionModel
@@ -45,3 +44,14 @@ def random_agent(preset_name: str = "demo", seed: int = 0, device: str | None = 
     model = FusionModel(preset(preset_name, codec.spec)).eval()
     dev = pick_device(device)
     return Agent(model.to(dev), codec.to(dev), f"random-{preset_name}")
+
+
+def add_agent_arguments(p, model_help: str = "", random_help: str = "") -> None:
+    """The flags every agent-running command shares: --model, --random, --device, --mode."""
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help=model_help or "fusion checkpoint (default: the shipped assets/fusion.safetensors)")
+    p.add_argument("--random", action="store_true",
+                   help=random_help or "an untrained demo-preset agent (random weights), to try the plumbing")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
+                   help="audio generation: one token per backbone step, or MCTP (default)")

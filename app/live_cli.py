@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+from .agent import add_agent_arguments
+
 
 def _camera(value: str):
     return int(value) if value.strip().isdigit() else value
@@ -16,12 +18,9 @@ def _device(value: str):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="fusion checkpoint (default: the shipped assets/fusion.safetensors; "
-                        "the page lists every checkpoint in assets/)")
-    p.add_argument("--random", action="store_true",
-                   help="start with an untrained demo-preset agent (random weights)")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
+    add_agent_arguments(p, model_help="fusion checkpoint (default: the shipped "
+                        "assets/fusion.safetensors; the page lists every checkpoint in assets/)",
+                        random_help="start with an untrained demo-preset agent (random weights)")
     p.add_argument("--camera", type=_camera, default=0, metavar="INDEX|VIDEO",
                    help="camera index, or a video file standing in for the camera (looped); "
                         "'none' for no camera (default: %(default)s)")
@@ -29,8 +28,6 @@ def add_arguments(p) -> None:
                    help="microphone (default: the system's default input)")
     p.add_argument("--output-device", type=_device, default=None, metavar="NAME|INDEX",
                    help="speaker (default: the system's default output)")
-    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
-                   help="audio generation: one token per backbone step, or MCTP (default)")
     p.add_argument("--half-duplex", action="store_true",
                    help="mute the microphone while the agent speaks (loudspeakers without "
                         "echo cancellation would otherwise interrupt the agent)")

@@ -5,6 +5,8 @@ Cheap imports only at module level (run.py imports this to build its parser).
 from __future__ import annotations
 
 import sys
+
+from .agent import add_agent_arguments
 from pathlib import Path
 
 
@@ -16,13 +18,7 @@ def add_arguments(p) -> None:
     p.add_argument("--realtime", action="store_true",
                    help="replay at the recorded pace on the threaded engine (default: as fast "
                         "as possible on a virtual clock; latencies are then compute latencies)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="fusion checkpoint (default: the shipped assets/fusion.safetensors)")
-    p.add_argument("--random", action="store_true",
-                   help="an untrained demo-preset agent (random weights), to try the plumbing")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
-    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
-                   help="audio generation: one token per backbone step, or MCTP (default)")
+    add_agent_arguments(p)
     p.add_argument("--record", default=None, metavar="DIR",
                    help="also record the replayed session into DIR (a new session directory)")
     p.add_argument("--threads", type=int, default=None, metavar="N",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .agent import add_agent_arguments
+
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
@@ -24,13 +26,7 @@ def add_arguments(p) -> None:
                    help="largest websocket message accepted, in MiB (default: %(default)s)")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="record every session into DIR/<session id>/ (replay with run.py replay)")
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help="fusion checkpoint (default: the shipped assets/fusion.safetensors)")
-    p.add_argument("--random", action="store_true",
-                   help="an untrained demo-preset agent (random weights), to try the plumbing")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
-    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
-                   help="audio generation: one token per backbone step, or MCTP (default)")
+    add_agent_arguments(p)
 
 
 def run(args) -> None:

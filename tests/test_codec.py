@@ -16,16 +16,6 @@ from speech.streaming_codec import StreamingDecoder
 N_FRAMES = 150
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny ops per chunk: one intra-op thread is fastest, and avoids spinning threads on
-    a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Codec:
     torch.manual_seed(0)

@@ -16,14 +16,6 @@ STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
              stages=("encoders", "align", "sft"))   # MCTP modules untrained: still MCTP decoding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Data (1 test session of 2 turns), a tiny codec and a tiny model trained a few steps,

@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 OPTS = with_generation(EngineOptions(), max_audio_seconds=1.0, max_text_tokens=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two intra-op threads on a busy 2-core box make the tiny models ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def agent():
     return random_agent("tiny")

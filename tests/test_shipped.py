@@ -22,14 +22,6 @@ ASSETS = REPO / "assets"
 SESSIONS = sorted((ASSETS / "sessions").glob("demo-*"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def agent():
     return load_agent()          # the default: assets/fusion.safetensors + assets/codec

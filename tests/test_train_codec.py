@@ -15,14 +15,6 @@ TINY = dict(preset="tiny", batch=2, segment_seconds=0.32, lr=3e-3, eval_every=10
             checkpoint_every=5, threads=1, recognize=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_codec_corpus(tmp_path_factory.mktemp("corpus"), n=6, seed=0, n_eval=2)

@@ -34,15 +34,6 @@ TABLE = {
 NUM = {1: "one", 2: "two", 3: "three"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)            # resampling is tiny; 2 threads only contend
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def specs():
     out = {}
