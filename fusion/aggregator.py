@@ -39,6 +39,11 @@ class ClueAggregator(nn.Module):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(n_clues, d) * 0.02)
         self.cond = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d))
+        # Both memories are normalised before the cross-attentions read them (as Perceiver
+        # does): the projected features are small at init (std-0.02 weights), which left the
+        # attention logits ~0.01, attention uniform and routing learning stalled for hundreds
+        # of steps (measured: visual counting 18% vs 91% for mean pooling at 500 steps).
+        self.ln_question, self.ln_context = nn.LayerNorm(d), nn.LayerNorm(d)
         self.layers = nn.ModuleList(_AggLayer(d, n_head) for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d)
 
@@ -47,6 +52,7 @@ class ClueAggregator(nn.Module):
         qm = q_mask[..., None].to(question.dtype)
         q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)        # (B, D)
         x = self.queries[None] + self.cond(q_mean)[:, None]             # (B, Nc, D)
+        question, context = self.ln_question(question), self.ln_context(context)
         att = None
         for layer in self.layers:
             x, att = layer(x, question, q_mask, context, c_mask)

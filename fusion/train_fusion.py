@@ -35,8 +35,8 @@ class FusionTrainOptions:
     ablation: str | None = None          # None | "mean" | "vision" | "audio"
     encoder_steps: int = 1200            # 600 left circle/square confused (~85% per slot)
     align_steps: int = 500
-    sft_steps: int = 1200
-    mctp_steps: int = 500
+    sft_steps: int = 600
+    mctp_steps: int = 250
     batch: int = 32
     aux_batch: int = 24
     lr: float = 1e-3
