@@ -38,6 +38,7 @@ class FusionConfig:
     aggregator: str = "cat"              # "cat" clue aggregator | "mean" (ablation: mean-pooled)
     modalities: tuple[str, ...] = MODALITIES  # scene inputs used (ablations: audio / vision only)
     n_clues: int = 16
+    pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
     agg_layers: int = 2
     question_pool: int = 4               # question features 50 Hz -> 12.5 Hz
     context_audio_pool: int = 2          # scene audio features 50 Hz -> 25 Hz
@@ -63,10 +64,19 @@ class FusionConfig:
         need(self.mctp_k >= 0, "mctp_k must be >= 0")
         need(self.n_clues >= 1 and self.question_pool >= 1 and self.context_audio_pool >= 1,
              "n_clues and pools must be >= 1")
-        need(self.max_seq_len > self.n_clues + self.max_question_tokens + 8,
+        need(self.max_seq_len > self.n_prefix_clues + self.max_question_tokens + 8,
              f"max_seq_len {self.max_seq_len} leaves no room for a reply")
 
     # --- derived sizes -------------------------------------------------------------------
+    @property
+    def n_prefix_clues(self) -> int:
+        """Clue tokens in the prefix: the aggregator's, plus the pooled ones (one per visual
+        cell + one for the scene audio) with `pooled_clues`."""
+        cells = self.vision.grid[0] * self.vision.grid[1]
+        if self.aggregator == "mean":
+            return cells + 1
+        return self.n_clues + (cells + 1 if self.pooled_clues else 0)
+
     @property
     def max_question_tokens(self) -> int:
         from speech.constants import AUDIO_FEATURE_RATE
@@ -126,7 +136,7 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
-                    n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640,
+                    n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=512,

@@ -586,11 +586,12 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
         shutil.copyfile(main_align, run_dir / "model.safetensors")
         timings = _read_json(main_run / "timings.json")
         (run_dir / "timings.json").write_text(json.dumps({"align": timings.get("align")}))
-    elif (main_run / "cache.pt").is_file() and not (run_dir / "cache.pt").is_file():
-        shutil.copyfile(main_run / "cache.pt", run_dir / "cache.pt")
+    elif (main_run / "cache.pt").is_file() and not (run_dir / "cache.pt").exists():
+        (run_dir / "cache.pt").symlink_to((main_run / "cache.pt").resolve())   # read-only, large
     (run_dir / "source.json").write_text(json.dumps(source, indent=1))
     known = set(FusionTrainOptions.__dataclass_fields__)
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items() if k in known}
+    kw["batch"] = kw.get("batch", 32) * int(base.get("world_size", 1))   # one process, same samples
     # The table scores reply text, which the align stage trains; SFT adds the spoken reply on
     # top. Ablations therefore train align only (the main run's steps and batch) and are
     # compared with the main run's own align checkpoint: the same budget on the same cache.

@@ -75,6 +75,11 @@ class FusionModel(nn.Module):
         self.cell_emb = nn.Embedding(n_cells, D)
         if c.aggregator == "cat":
             self.aggregator = ClueAggregator(D, c.n_head, c.n_clues, c.agg_layers)
+            # pooled_clues: the static summary (what the "mean" ablation has) travels beside the
+            # question-conditioned clues, so the LM reads what is where from the first steps
+            # while the aggregator learns the routing that needs time (which object pulsed with
+            # which beep); the ablation table measures what the aggregator adds on top.
+            self.pooled = MeanPoolClues(D, n_cells) if c.pooled_clues else None
         else:
             self.aggregator = MeanPoolClues(D, n_cells)
         self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
@@ -133,8 +138,12 @@ class FusionModel(nn.Module):
             agg: AggregatorOutput = self.aggregator(question, qmask, context, cmask, ccell)
         else:
             agg = self.aggregator(question, qmask, context, cmask)
-        Nc = agg.clues.shape[1]
-        embeds = torch.cat([agg.clues, question], 1)                                # (B, Nc+Tq', D)
+        clues = agg.clues
+        if getattr(self, "pooled", None) is not None:
+            clues = torch.cat([clues, self.pooled(question, qmask, context, cmask, ccell).clues], 1)
+        Nc = clues.shape[1]
+        assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)
+        embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)
         return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind)
 
     # --- heads ----------------------------------------------------------------------------

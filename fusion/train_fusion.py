@@ -136,7 +136,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     run = Path(o.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if is_main():
-        (run / "options.json").write_text(json.dumps(asdict(o), indent=2))
+        (run / "options.json").write_text(json.dumps({**asdict(o), "world_size": world}, indent=2))
     torch.manual_seed(o.seed)
     codec = load_codec(o.codec, device=device)
     shards = TrainShards(Path(o.data) / "train")

@@ -1,4 +1,5 @@
 """Fusion model: config, losses, cached generation == full forward, MCTP, checkpoints."""
+import dataclasses
 import math
 
 import pytest
@@ -234,6 +235,27 @@ def test_ablation_configs_run(codec):
         p1 = m.prefix(random_features(m.config, batch=1))
         ev, done = run(Generator(m, codec, GenerationOptions(max_text_tokens=2, max_audio_seconds=0.1)), p1)
         assert done.stats.backbone_forwards > 0
+
+
+def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
+    torch.manual_seed(0)
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()
+    cells = m.config.vision.grid[0] * m.config.vision.grid[1]
+    assert m.config.n_prefix_clues == m.config.n_clues + cells + 1
+    f = random_features(m.config, batch=2)
+    p = m.prefix(f)
+    assert p.embeds.shape[1] == m.config.n_prefix_clues + math.ceil(f.question.shape[1] / m.config.question_pool)
+    assert p.length.tolist() == (m.config.n_prefix_clues + (f.question_len + 3) // 4).tolist()
+    # a visual token of one cell changes exactly that cell's pooled clue (and the CAT clues)
+    g = dataclasses.replace(f, frames=f.frames.clone())
+    g.frames[:, :, 4] += 1.0
+    q = m.prefix(g)
+    pooled = slice(m.config.n_clues, m.config.n_prefix_clues)
+    changed = (q.embeds[:, pooled] - p.embeds[:, pooled]).abs().amax(-1) > 1e-4   # (B, cells+1)
+    assert changed[:, 4].all() and changed.sum().item() == 2, changed
+    ev, done = run(Generator(m, codec, GenerationOptions(max_text_tokens=2, max_audio_seconds=0.1)),
+                   m.prefix(random_features(m.config, batch=1)))
+    assert done.stats.backbone_forwards > 0
 
 
 def test_hf_backbone_tiny_random(codec):
