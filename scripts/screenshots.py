@@ -1,0 +1,102 @@
+"""Retakes the README screenshots with the shipped model (dev tool, needs `make setup-dev`):
+
+    .venv/bin/python scripts/screenshots.py [--session assets/sessions/demo-1]
+
+docs/browser_client.png: `run.py serve`'s page in headless Chromium whose fake camera and
+microphone play a rendered demo session; docs/gradio_app.png: the Gradio app replaying the
+same session in its "Demo replay" tab."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def session_media(session_dir: Path, out: Path) -> tuple[Path, Path]:
+    """The session's microphone as 48 kHz PCM16 WAV and its frames as a 10 fps Y4M (Chromium
+    loops both; they have the same length)."""
+    import cv2
+    import numpy as np
+    import soundfile as sf
+    from app.session import load_session
+    from speech.audio import resample
+    from speech.constants import SAMPLE_RATE
+    s = load_session(session_dir)
+    seconds = len(s.audio) / SAMPLE_RATE
+    wav = out / "mic.wav"
+    sf.write(wav, resample(s.audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    times = np.array([f.t for f in s.frames])
+    first = s.read_frame(0)
+    h, w = first.shape[:2]
+    y4m = out / "camera.y4m"
+    with open(y4m, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg\n".encode())
+        for k in range(int(seconds * 10)):
+            i = int(np.clip(np.searchsorted(times, k / 10, side="right") - 1, 0, len(times) - 1))
+            f.write(b"FRAME\n" + cv2.cvtColor(s.read_frame(i), cv2.COLOR_BGR2YUV_I420).tobytes())
+    return wav, y4m
+
+
+def browser_client(agent, wav: Path, y4m: Path, out_png: Path, tmp: Path, turns: int) -> None:
+    from playwright.sync_api import sync_playwright
+    from app.server import ServerOptions, ServerThread
+    from tests.test_browser import launch
+    with ServerThread(agent, ServerOptions(port=0)) as server, sync_playwright() as pw:
+        browser = launch(pw, tmp / "profile", wav, y4m)
+        page = browser.new_page()
+        page.goto(server.url)
+        page.click("#start")
+        deadline = time.monotonic() + 120
+        while page.evaluate("window.tandemStats")["turns"] < turns and time.monotonic() < deadline:
+            time.sleep(0.5)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=str(out_png))
+        browser.close()
+
+
+def gradio_app(out_png: Path, seconds: float) -> None:
+    """The app replays the first session in assets/sessions (its dropdown's default)."""
+    from playwright.sync_api import sync_playwright
+    from app.gradio_app import launch
+    from app.gradio_handlers import LiveController
+    from app.live import LiveOptions
+    ctl = LiveController(LiveOptions(camera=None))
+    demo, url = launch(ctl, "127.0.0.1", 7861, prevent_thread_lock=True, quiet=True)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                         args=["--headless=new", "--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_role("tab", name="Demo replay").click()
+            page.get_by_role("button", name="▶ Replay").click()
+            page.wait_for_timeout(int(seconds * 1000))
+            page.screenshot(path=str(out_png), full_page=True)
+            browser.close()
+    finally:
+        ctl.stop()
+        demo.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--session", default=str(REPO / "assets" / "sessions" / "demo-1"))
+    p.add_argument("--out", default=str(REPO / "docs"))
+    a = p.parse_args()
+    from app.agent import load_agent
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        wav, y4m = session_media(Path(a.session), tmp)
+        browser_client(load_agent(), wav, y4m, out / "browser_client.png", tmp, turns=2)
+        gradio_app(out / "gradio_app.png", seconds=25)
+    print(f"wrote {out / 'browser_client.png'} and {out / 'gradio_app.png'}")
+
+
+if __name__ == "__main__":
+    main()
