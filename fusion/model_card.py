@@ -180,7 +180,9 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
               f"auxiliary labels ({opts.get('encoder_steps')} steps), then with encoders frozen and "
               f"their features cached: align (text answers, {opts.get('align_steps')} steps), SFT "
               f"(text + codec tokens, {opts.get('sft_steps')} steps), MCTP modules "
-              f"({opts.get('mctp_steps')} steps); batch {opts.get('batch')}, lr {opts.get('lr')}, "
+              f"({opts.get('mctp_steps')} steps); batch {opts.get('batch')}"
+              + (f" per process x {opts['world_size']} processes (DDP)" if opts.get("world_size", 1) > 1 else "")
+              + f", lr {opts.get('lr')}, "
               f"seed {opts.get('seed')}, device {opts.get('device') or 'auto'}.", ""]
     if timings:
         L += [_table(["stage", "minutes"], [[k, f"{v / 60:.1f}"] for k, v in timings.items()] +
@@ -200,6 +202,8 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
                                             f"{_pct(asr['original']['utterance_accuracy'])}, reconstructed "
                                             f"{_pct(asr['reconstructed']['utterance_accuracy'])}"
                                             if "original" in asr else "") + ".", ""]
+    if (run / "NOTES.md").is_file():               # how this particular run was made, by hand
+        L += [(run / "NOTES.md").read_text().strip(), ""]
     body = eval_markdown(ev).split("\n", 1)[1].replace("\n## ", "\n### ")
     L += ["## Evaluation", "", body.strip(), ""]
     if pipeline and pipeline.get("paths", {}).get("sessions_out"):
