@@ -5,9 +5,9 @@ Cheap imports only at module level (run.py imports this to build its parser).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .agent import add_agent_arguments
-from pathlib import Path
 
 
 def add_arguments(p) -> None:

@@ -4,7 +4,6 @@ the agent's voice, turn markers and latencies)."""
 from __future__ import annotations
 
 import os
-import platform
 import re
 import string
 from pathlib import Path
@@ -65,15 +64,8 @@ def hardware(agent) -> str:
     dev = next(agent.model.parameters()).device
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
+    from fusion.bench import cpu_name
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 
 def _f(x, spec=".2f") -> str:

@@ -20,6 +20,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's name for it elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"

@@ -591,10 +591,10 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     (run_dir / "source.json").write_text(json.dumps(source, indent=1))
     known = set(FusionTrainOptions.__dataclass_fields__)
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items() if k in known}
-    kw["batch"] = kw.get("batch", 32) * int(base.get("world_size", 1))   # one process, same samples
+    kw["batch"] = kw.get("batch", FusionTrainOptions.batch) * int(base.get("world_size", 1))  # 1 process
     # The table scores reply text, which the align stage trains; SFT adds the spoken reply on
-    # top. Ablations therefore train align only (the main run's steps and batch) and are
-    # compared with the main run's own align checkpoint: the same budget on the same cache.
+    # top. Ablations therefore train align only (`steps` steps, the main run's samples per
+    # step) and are compared with the full model trained alike: the same budget, same cache.
     kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True,
               align_steps=steps)
     return kw
@@ -622,8 +622,7 @@ def run_ablations(options: EvalOptions) -> dict:
         out["steps"] = {k: kw[k] for k in ("align_steps", "batch")}
         if not (run_dir / "model.safetensors").is_file():
             train_fusion(FusionTrainOptions(**kw))
-        t = run_dir / "timings.json"
-        out["training_seconds"][name] = json.loads(t.read_text()) if t.is_file() else None
+        out["training_seconds"][name] = _read_json(run_dir / "timings.json") or None
         runs[name] = run_dir / "model.safetensors"
     from .checkpoint import load_model
     main_model = load_model(o.model, device=o.device)

@@ -34,7 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ablations")
     g.add_argument("--ablations", action="store_true",
                    help="add the ablation table: trains missing ablation models (no aggregator, "
-                        "vision only, audio only) with the main run's budget, then scores them text-only")
+                        "vision only, audio only) and the full-model control, each with the same "
+                        "align budget (--ablation-steps), then scores them text-only")
     g.add_argument("--ablation-names", default="mean,vision,audio", help="default: %(default)s")
     g.add_argument("--ablation-steps", type=int, default=500,
                    help="align steps for each ablation and for the full-model control "

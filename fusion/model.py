@@ -82,6 +82,7 @@ class FusionModel(nn.Module):
             self.pooled = MeanPoolClues(D, n_cells) if c.pooled_clues else None
         else:
             self.aggregator = MeanPoolClues(D, n_cells)
+            self.pooled = None                                 # its clues are pooled already
         self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
         self.backbone = build_backbone(c)
         self.mctp = MCTPHead(c.mctp_k, D, c.n_head, c.mctp_layers, c.max_seq_len)
@@ -139,7 +140,7 @@ class FusionModel(nn.Module):
         else:
             agg = self.aggregator(question, qmask, context, cmask)
         clues = agg.clues
-        if getattr(self, "pooled", None) is not None:
+        if self.pooled is not None:
             clues = torch.cat([clues, self.pooled(question, qmask, context, cmask, ccell).clues], 1)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)

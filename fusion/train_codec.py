@@ -407,16 +407,6 @@ def learning_rate(o: CodecTrainOptions, step: int, elapsed: float) -> float:
     return o.lr * min(1.0, (step + 1) / 50) * cosine
 
 
-def _cpu_name() -> str:
-    import platform
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        return f"{names[0]} x {len(names)}" if names else platform.machine()
-    except OSError:
-        return platform.machine()
-
-
 def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions | None = None,
                 progress: bool = True, resume: bool = False) -> CodecTrainResult:
     """Train a codec on the corpus (see the module docstring) and save it to `out_dir`.
@@ -550,11 +540,12 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
                   progress, usage) -> dict:
     import torch
+    from .bench import cpu_name
     final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
     report = {"codec": codec.spec.to_dict(), "config": codec.config.to_dict(),
               "options": asdict(o), "steps": step, "train_seconds_total": round(elapsed, 1),
               "train_seconds_this_run": round(wall, 1), "steps_this_run": new_steps,
-              "threads": o.threads, "device": o.device, "cpu": _cpu_name(),
+              "threads": o.threads, "device": o.device, "cpu": f"{cpu_name()} x {os.cpu_count()}",
               "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
               "torch": torch.__version__, "final_loss": round(final, 5),
               "codebooks_train_recent": codebook_stats(usage), "evals": evals}

@@ -32,7 +32,7 @@ class FusionTrainOptions:
     out: str | None = "assets/fusion.safetensors"
     preset: str = "demo"
     stages: tuple[str, ...] = STAGES
-    ablation: str | None = None          # None | "mean" | "vision" | "audio"
+    ablation: str | None = None          # None | "full" (control) | "mean" | "vision" | "audio"
     encoder_steps: int = 1200            # 600 left circle/square confused (~85% per slot)
     align_steps: int = 500
     sft_steps: int = 600

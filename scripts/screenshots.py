@@ -3,8 +3,8 @@
     .venv/bin/python scripts/screenshots.py [--session assets/sessions/demo-1]
 
 docs/browser_client.png: `run.py serve`'s page in headless Chromium whose fake camera and
-microphone play a rendered demo session; docs/gradio_app.png: the Gradio app replaying the
-same session in its "Demo replay" tab."""
+microphone play a rendered demo session (--session); docs/gradio_app.png: the Gradio app
+replaying the first session of assets/sessions in its "Demo replay" tab."""
 from __future__ import annotations
 
 import argparse

@@ -146,6 +146,8 @@ def test_command_lines_parse():
     o = options_from_args(a)
     assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps) == (
         ("mctp",), False, 2, True, ("vision",), 7)
+    d = options_from_args(run.build_parser().parse_args(["eval"]))
+    assert (d.ablation_names, d.ablation_steps) == (EvalOptions().ablation_names, EvalOptions().ablation_steps)
     t = run.build_parser().parse_args(["train", "all", "--budget", "small", "--no-ablations"])
     assert (t.what, t.budget, t.no_ablations, t.data) == ("all", "small", True, None)
 

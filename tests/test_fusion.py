@@ -245,7 +245,8 @@ def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
     f = random_features(m.config, batch=2)
     p = m.prefix(f)
     assert p.embeds.shape[1] == m.config.n_prefix_clues + math.ceil(f.question.shape[1] / m.config.question_pool)
-    assert p.length.tolist() == (m.config.n_prefix_clues + (f.question_len + 3) // 4).tolist()
+    pool = m.config.question_pool
+    assert p.length.tolist() == (m.config.n_prefix_clues + (f.question_len + pool - 1) // pool).tolist()
     # a visual token of one cell changes exactly that cell's pooled clue (and the CAT clues)
     g = dataclasses.replace(f, frames=f.frames.clone())
     g.frames[:, :, 4] += 1.0
