@@ -39,6 +39,8 @@ class FusionConfig:
     modalities: tuple[str, ...] = MODALITIES  # scene inputs used (ablations: audio / vision only)
     n_clues: int = 16
     pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
+    av_sync: bool = False                # add the scene audio around each frame's time to its tokens
+    scene_audio_only: bool = False       # scene audio stops where the question starts (its speech out)
     agg_layers: int = 2
     question_pool: int = 4               # question features 50 Hz -> 12.5 Hz
     context_audio_pool: int = 2          # scene audio features 50 Hz -> 25 Hz
@@ -133,10 +135,12 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     if name == "tiny":
         base = dict(audio=AudioEncoderConfig.preset("tiny"), vision=VISION_PRESETS["tiny"], d_model=64,
                     n_layer=2, n_head=2, n_clues=4, agg_layers=1, max_seq_len=320, time_freqs=8,
+                    av_sync=True, scene_audio_only=True,
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
+                    av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=512,

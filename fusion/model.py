@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speech.constants import AUDIO_FEATURE_RATE
+from speech.constants import AUDIO_FEATURE_RATE, SAMPLER_FPS
 from speech.whisper_encoder import AudioEncoder
 from vision.encoder import build_vision_encoder
 
@@ -69,6 +69,11 @@ class FusionModel(nn.Module):
         self.vision_encoder = build_vision_encoder(c.vision)
         self.audio_proj = nn.Sequential(nn.Linear(c.audio.n_state, D), nn.GELU(), nn.Linear(D, D))
         self.vision_proj = nn.Sequential(nn.Linear(c.vision.width, D), nn.GELU(), nn.Linear(D, D))
+        # av_sync: each frame's tokens also carry the scene audio heard around that frame, so one
+        # attention score can single out "this cell pulses WHILE it beeps" (a silent distractor
+        # pulse or a beep alone scores lower); the frames are 1/SAMPLER_FPS apart
+        self.sync_proj = (nn.Sequential(nn.Linear(c.audio.n_state, D), nn.GELU(), nn.Linear(D, D))
+                          if c.av_sync else None)
         self.time_emb = TimeEmbedding(D, c.time_freqs)
         self.kind_emb = nn.Embedding(3, D)                     # question / scene audio / video
         n_cells = c.vision.grid[0] * c.vision.grid[1]
@@ -111,10 +116,15 @@ class FusionModel(nn.Module):
         question = self.audio_proj(qf) + self.time_emb(q_t) + self.kind_emb.weight[_QUESTION]
         # context tokens: scene audio and/or video, time-stamped
         parts, masks, times, kinds, cells = [], [], [], [], []
-        if "audio" in c.modalities and s.audio.shape[1] > 0:
+        audio_mask = s.audio_mask                                                    # (B, Sa)
+        if c.scene_audio_only:  # the scene is silent while the user asks: drop their speech
+            q_start = -s.question_len.to(s.audio_times.dtype) / AUDIO_FEATURE_RATE      # (B,)
+            audio_mask = audio_mask & (s.audio_times < q_start[:, None])
+        use_audio = "audio" in c.modalities and s.audio.shape[1] > 0
+        if use_audio:
             af = pool_time(s.audio, c.context_audio_pool)                            # (B, Sa', Da)
             at = pool_time(s.audio_times[..., None], c.context_audio_pool)[..., 0]
-            am = pool_time(s.audio_mask[..., None].float(), c.context_audio_pool)[..., 0] > 0.5
+            am = pool_time(audio_mask[..., None].float(), c.context_audio_pool)[..., 0] > 0.5
             parts.append(self.audio_proj(af) + self.time_emb(at) + self.kind_emb.weight[_AUDIO])
             masks.append(am), times.append(at)
             kinds.append(torch.full_like(am, _AUDIO, dtype=torch.long))
@@ -123,6 +133,11 @@ class FusionModel(nn.Module):
             _, Fv, N, _ = s.frames.shape
             vt = s.frame_times[:, :, None].expand(B, Fv, N)                          # (B, Fv, N)
             v = self.vision_proj(s.frames) + self.time_emb(vt) + self.cell_emb.weight[None, None]
+            if self.sync_proj is not None and use_audio:
+                gap = (s.audio_times[:, None, :] - s.frame_times[:, :, None]).abs()  # (B, Fv, Sa)
+                near = ((gap <= 0.5 / SAMPLER_FPS) & audio_mask[:, None, :]).to(v.dtype)
+                heard = near @ s.audio.to(v.dtype) / near.sum(-1, keepdim=True).clamp(min=1)  # (B, Fv, Da)
+                v = v + self.sync_proj(heard)[:, :, None]                            # (B, Fv, N, D)
             parts.append((v + self.kind_emb.weight[_VISION]).reshape(B, Fv * N, -1))
             masks.append(s.frame_mask[:, :, None].expand(B, Fv, N).reshape(B, -1))
             times.append(vt.reshape(B, -1))

@@ -193,12 +193,24 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     # --- cache features of the frozen encoders (the runtime path) ---------------------------------
     t0 = time.perf_counter()
     cache_path = run / "cache.pt"
-    if is_main() and not cache_path.exists():
+    if not cache_path.exists():  # every process encodes its share of the sessions
         n = len(shards) if o.max_train_turns is None else min(o.max_train_turns, len(shards))
-        ids = list(range(n))
-        model.eval()
-        examples = encode_turns(model, shards, ids, seed=o.seed, progress=o.progress)
-        torch.save(examples, cache_path)
+        mine = [i for i in range(n) if shards.session_of(i) % world == rank]
+        part = run / f"cache.part{rank}of{world}.pt"
+        if not part.exists():
+            model.eval()
+            torch.save((mine, encode_turns(model, shards, mine, seed=o.seed, progress=o.progress and is_main())),
+                       part)
+        barrier()
+        if is_main():
+            merged = {}
+            for r in range(world):
+                ids, exs = torch.load(run / f"cache.part{r}of{world}.pt", weights_only=False)
+                merged.update(zip(ids, exs))
+            assert sorted(merged) == list(range(n)), (len(merged), n)
+            torch.save([merged[i] for i in range(n)], cache_path)
+            for r in range(world):
+                (run / f"cache.part{r}of{world}.pt").unlink()
     barrier()
     examples = torch.load(cache_path, weights_only=False)
     codes = answer_codes(Path(o.data), codec, device)
@@ -223,8 +235,10 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             return collate(ex, device), reply.to(device), lens.to(device)
         return make
 
-    fusion_parts = [model.audio_proj, model.vision_proj, model.time_emb, model.kind_emb, model.cell_emb,
-                    model.aggregator, model.embed, model.backbone]
+    # everything but the frozen encoders and the MCTP modules (pooled clues, av-sync projector
+    # included: listing parts by hand once left the pooled clues' projection untrained)
+    frozen = {"audio_encoder", "vision_encoder", "mctp"}
+    fusion_parts = [m for name, m in model.named_children() if name not in frozen]
     for stage, steps, with_audio, mctp_only, lr in [("align", o.align_steps, False, False, o.lr),
                                                     ("sft", o.sft_steps, True, False, o.lr * 0.5),
                                                     ("mctp", o.mctp_steps, True, True, o.lr)]:

@@ -92,9 +92,9 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, jitter: float = 0.05
                  progress: bool = True) -> list[TurnExample]:
     """Encodes the given global turns through `SceneEncoder` (the runtime path). Question
     bounds get +-jitter s, as a VAD's would; frames come at 10 fps with a random phase
-    through the 5 fps sampler."""
+    through the 5 fps sampler. Randomness is seeded per session, so any split of the turns
+    over processes gives the same features."""
     from .inputs import SceneEncoder
-    rng = np.random.default_rng(seed)
     by_session: dict[int, list[int]] = {}
     for i in turn_ids:
         by_session.setdefault(shards.session_of(i), []).append(i)
@@ -102,6 +102,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, jitter: float = 0.05
     bar = tqdm(total=len(turn_ids), desc="encoding turns", unit="turn", disable=not progress)
     size = W.DEMO_FRAME_SIZE
     for s, turns in by_session.items():
+        rng = np.random.default_rng((seed, s))
         spec = shards.specs[s]
         mic = shards.mic(s)
         enc = SceneEncoder(model)

@@ -259,6 +259,30 @@ def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
     assert done.stats.backbone_forwards > 0
 
 
+def test_scene_audio_stops_at_the_question_and_frames_carry_what_was_heard(codec):
+    torch.manual_seed(0)
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()
+    assert m.config.av_sync and m.config.scene_audio_only
+    cells = m.config.vision.grid[0] * m.config.vision.grid[1]
+    f = random_features(m.config, batch=2)
+    p = m.prefix(f)
+    q_start = -f.question_len[:, None] / 50.0                                    # (B, 1) seconds
+    # the user's own speech (scene audio after the question starts) changes nothing
+    g = dataclasses.replace(f, audio=f.audio.clone())
+    g.audio[f.audio_times >= q_start] += 3.0
+    assert torch.equal(m.prefix(g).embeds, p.embeds)
+    # scene audio before it does: its pooled clue and, through av_sync, every cell's
+    g = dataclasses.replace(f, audio=f.audio.clone())
+    g.audio[(f.audio_times < q_start) & (f.audio_times > q_start - 1.0)] += 3.0
+    pooled = slice(m.config.n_clues, m.config.n_prefix_clues)
+    changed = (m.prefix(g).embeds[:, pooled] - p.embeds[:, pooled]).abs().amax(-1) > 1e-4
+    assert changed.all() and changed.shape[1] == cells + 1, changed
+    # without av_sync only the audio clue would move
+    m2 = FusionModel(preset("tiny", codec.spec, pooled_clues=True, av_sync=False)).eval()
+    changed = (m2.prefix(g).embeds[:, pooled] - m2.prefix(f).embeds[:, pooled]).abs().amax(-1) > 1e-4
+    assert changed[:, -1].all() and changed.sum().item() == 2, changed
+
+
 def test_hf_backbone_tiny_random(codec):
     import transformers  # noqa: F401  (a test dependency: requirements-dev.txt)
     hf = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=2,

@@ -47,6 +47,12 @@ def test_staged_pipeline_trains_and_resumes(world, tmp_path):
     model = load_model(final, codec=codec)
     cfg, extra = read_header(final)
     assert set(extra["timings_s"]) >= {"encoders", "cache", "align", "sft", "mctp"}
+    # align trains every fusion part (projectors, aggregator, LM) and no encoder
+    a = load_model(run / "after_encoders.safetensors", codec=codec).state_dict()
+    b = load_model(run / "after_align.safetensors", codec=codec).state_dict()
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    trainable = {n for n, _ in model.named_children()} - {"audio_encoder", "vision_encoder", "mctp"}
+    assert changed == trainable and "sync_proj" in changed, (changed, trainable)
     # frozen parts stay frozen: the MCTP stage changed only the MCTP modules
     after_sft = load_model(run / "after_sft.safetensors", codec=codec)
     a, b = after_sft.state_dict(), load_model(run / "after_mctp.safetensors", codec=codec).state_dict()
