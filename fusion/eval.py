@@ -52,6 +52,7 @@ class EvalOptions:
     ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control
     train_run: str = "runs/fusion"       # the main run: options, encoders, feature cache
     ablation_root: str = "runs"          # ablation runs: ROOT/ablation-<name>/
+    ablation_workers: int | None = None  # ablations trained at once (None: 2 on a 2+ core CPU, else 1)
     progress: bool = True
 
     def __post_init__(self):
@@ -70,6 +71,9 @@ class EvalOptions:
             errors.append("give a model path (--model) or random=True (--random)")
         if not isinstance(self.ablation_steps, int) or self.ablation_steps < 1:
             errors.append(f"ablation_steps must be an int >= 1, got {self.ablation_steps!r}")
+        if self.ablation_workers is not None and (not isinstance(self.ablation_workers, int)
+                                                  or self.ablation_workers < 1):
+            errors.append(f"ablation_workers must be None or an int >= 1, got {self.ablation_workers!r}")
         if set(self.ablation_names) - set(ABLATION_NAMES):
             errors.append(f"ablation_names must come from {ABLATION_NAMES}, got {self.ablation_names!r}")
         if errors:
@@ -604,16 +608,45 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _ablation_workers(o: EvalOptions, n: int) -> int:
+    import os
+    if o.ablation_workers is not None:
+        return max(1, min(o.ablation_workers, n))
+    on_cpu = (o.device or "cpu") == "cpu" or not __import__("torch").cuda.is_available()
+    return max(1, min(n, 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1))
+
+
+def _train_all(todo: list, workers: int) -> None:
+    """Trains the ablation runs, `workers` at once: single-threaded CPU trainings scale almost
+    perfectly over cores, unlike one training's threads (each process gets cores/workers)."""
+    import dataclasses
+    import os
+    from .train_fusion import train_fusion
+    if workers <= 1 or len(todo) <= 1:
+        for kw in todo:
+            train_fusion(kw)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    todo = [kw if kw.threads else dataclasses.replace(kw, threads=threads) for kw in todo]
+    todo = [dataclasses.replace(kw, progress=kw.progress and i == 0) for i, kw in enumerate(todo)]
+    print(f"training {len(todo)} ablation runs, {workers} at once ({todo[0].threads} thread(s) each)")
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for f in [pool.submit(train_fusion, kw) for kw in todo]:
+            f.result()                                  # re-raises a worker's error
+
+
 def run_ablations(options: EvalOptions) -> dict:
     """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage,
     `ablation_steps` steps, from the main run's encoders and feature cache), and the full model
     trained alike as the control, and evaluates them and the main model text-only."""
-    from .train_fusion import FusionTrainOptions, train_fusion
+    from .train_fusion import FusionTrainOptions
     o, main_run = options, Path(options.train_run)
     if o.random:
         raise ValueError("ablations compare trained models: drop --random")
     out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None}
-    runs = {}
+    runs, todo = {}, []
     for name in ("full", *o.ablation_names):
         run_dir = Path(o.ablation_root) / f"ablation-{name}"
         kw = prepare_ablation_run(main_run, run_dir, name, o.ablation_steps)
@@ -621,9 +654,11 @@ def run_ablations(options: EvalOptions) -> dict:
                   **({"threads": o.threads} if o.threads else {}))
         out["steps"] = {k: kw[k] for k in ("align_steps", "batch")}
         if not (run_dir / "model.safetensors").is_file():
-            train_fusion(FusionTrainOptions(**kw))
-        out["training_seconds"][name] = _read_json(run_dir / "timings.json") or None
+            todo.append(FusionTrainOptions(**kw))
         runs[name] = run_dir / "model.safetensors"
+    _train_all(todo, _ablation_workers(o, len(todo)))
+    for name in runs:
+        out["training_seconds"][name] = _read_json(runs[name].parent / "timings.json") or None
     from .checkpoint import load_model
     main_model = load_model(o.model, device=o.device)
     examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--train-run", default="runs/fusion", metavar="DIR",
                    help="the main model's training run (options, encoders, cache; default: %(default)s)")
+    g.add_argument("--ablation-workers", type=int, default=None, metavar="N",
+                   help="ablation trainings at once (default: 2 on a CPU with 2+ cores, else 1)")
     g.add_argument("--ablation-root", default="runs", metavar="DIR",
                    help="ablation runs go to DIR/ablation-NAME/ (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -57,7 +59,7 @@ def options_from_args(args):
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
         ablation_names=split(args.ablation_names), ablation_steps=args.ablation_steps,
         train_run=args.train_run,
-        ablation_root=args.ablation_root, progress=not args.quiet)
+        ablation_root=args.ablation_root, ablation_workers=args.ablation_workers, progress=not args.quiet)
 
 
 def run(args) -> None:

@@ -69,7 +69,10 @@ def train(name: str, module: torch.nn.Module, params: list[torch.nn.Parameter],
         dev = next(module.parameters()).device
         model = DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None,
                     find_unused_parameters=True)
-    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.98))
+    # fused: one kernel over all parameters; the 13 M-row text embedding made the step 20% of
+    # an align step on CPU (0.15 s of 0.75 s at batch 16, 1 thread) and 0.03 s fused
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.98),
+                              fused=True)
     history: list[dict] = []
     start = 0
     if resume and state_path.exists():

@@ -40,6 +40,22 @@ def recognizer():
     return load_recognizer()
 
 
+def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
+    from fusion.checkpoint import load_model
+    from fusion.eval import run_ablations
+    base = dict(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"), device="cpu",
+                max_text_tokens=4, ablations=True, ablation_names=("mean", "vision"), ablation_steps=2,
+                train_run=str(world / "run"), threads=1, progress=False)
+    par = run_ablations(EvalOptions(**base, ablation_root=str(tmp_path / "par"), ablation_workers=2))
+    ser = run_ablations(EvalOptions(**base, ablation_root=str(tmp_path / "ser"), ablation_workers=1))
+    for name in ("full", "mean", "vision"):
+        a = load_model(tmp_path / "par" / f"ablation-{name}" / "model.safetensors").state_dict()
+        b = load_model(tmp_path / "ser" / f"ablation-{name}" / "model.safetensors").state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert par["models"][name]["n"] == ser["models"][name]["n"] > 0
+    assert load_model(tmp_path / "par" / "ablation-vision" / "model.safetensors").config.modalities == ("vision",)
+
+
 def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     from fusion.checkpoint import load_model, read_header
     from fusion.model_card import write_model_card
