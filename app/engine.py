@@ -22,7 +22,7 @@ import torch
 from fusion.generator import GenerationOptions, Generator, PCMChunk, TextToken, GenerationDone
 from fusion.inputs import SceneEncoder
 from speech.audio import check_pcm
-from speech.constants import END_OF_TURN_SILENCE, SAMPLE_RATE, SAMPLER_FPS
+from speech.constants import END_OF_TURN_SILENCE, QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS
 from speech.vad import StreamingVAD, VADOptions
 from vision.camera import Frame as CamFrame, FrameSampler
 
@@ -38,7 +38,7 @@ class EngineOptions:
     end_of_turn_silence: float = END_OF_TURN_SILENCE  # s of silence that ends a user turn
     vad_threshold: float = 0.5
     min_turn_seconds: float = 0.3       # shorter utterances are not turns (coughs, clicks)
-    question_pad: float = 0.05          # s of audio kept before the VAD's speech start
+    question_pad: float = QUESTION_PAD  # s of audio kept before the VAD's speech start
     barge_in: bool = True               # user speech during a reply stops it
     half_duplex: bool = False           # mute the mic while the agent speaks (no echo cancel)
     sampler_fps: float = SAMPLER_FPS

@@ -610,9 +610,10 @@ def _read_json(path: Path) -> dict:
 
 def _ablation_workers(o: EvalOptions, n: int) -> int:
     import os
+    from .checkpoint import pick_device
     if o.ablation_workers is not None:
         return max(1, min(o.ablation_workers, n))
-    on_cpu = (o.device or "cpu") == "cpu" or not __import__("torch").cuda.is_available()
+    on_cpu = pick_device(o.device).type == "cpu"      # None/"auto" is CUDA when present
     return max(1, min(n, 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speech.constants import SAMPLE_RATE, SCENE_CHUNK_SAMPLES
+from speech.constants import QUESTION_PAD, SAMPLE_RATE, SCENE_CHUNK_SAMPLES
 from speech.whisper_encoder import log_mel
 from vision.encoder import preprocess
 
@@ -98,7 +98,7 @@ class AuxBatches:
             b, sp = audio_frame_labels(spec, float(k), 50)
             beeps.append(b), speech.append(sp)
             # the question, with VAD-like jitter on its bounds
-            q0 = max(0.0, tr.t_q0 - 0.05 + rng.uniform(-0.05, 0.05))
+            q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(-0.05, 0.05))
             q1 = tr.t_q1 + rng.uniform(-0.05, 0.05)
             qa = mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)]
             qm = log_mel(qa, self.n_mels)

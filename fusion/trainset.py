@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from speech.constants import (AUDIO_FEATURE_RATE, DEMO_WORLD_FPS, END_OF_TURN_SILENCE,
-                              SAMPLE_RATE, SAMPLER_FPS)
+                              QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS)
 from vision.camera import Frame as CamFrame, FrameSampler
 
 from . import world as W
@@ -89,8 +89,8 @@ def _to_storage(f: SceneFeatures) -> SceneFeatures:
 
 # Question bounds as the engine's VAD finds them, relative to the true ones (silero-vad on 96
 # val turns: start +0.077 s mean, 5-95% [+0.007, +0.243]; end +0.053 s, [-0.021, +0.103]); the
-# engine keeps `question_pad` = 0.05 s before the start. Training draws from these ranges.
-QUESTION_START_JITTER = (-0.05, 0.20)   # s added to (true start - 0.05)
+# engine keeps QUESTION_PAD = 0.05 s before the start. Training draws from these ranges.
+QUESTION_START_JITTER = (-0.05, 0.20)   # s added to (true start - QUESTION_PAD)
 QUESTION_END_JITTER = (-0.04, 0.12)     # s added to the true end
 
 
@@ -117,7 +117,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
         frame_i = 0
         for i in sorted(turns, key=lambda i: shards.turn(i)[1]):
             tr = spec.turns[shards.turn(i)[1]]
-            q0 = max(0.0, tr.t_q0 - 0.05 + rng.uniform(*QUESTION_START_JITTER))
+            q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(*QUESTION_START_JITTER))
             q1 = tr.t_q1 + rng.uniform(*QUESTION_END_JITTER)
             decision = q1 + END_OF_TURN_SILENCE
             t_lo = q1 - model.config.context_seconds - 1.0

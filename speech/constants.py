@@ -33,6 +33,7 @@ SAMPLER_FPS = 5.0                          # default rate frames are sampled for
 # --- turn timing --------------------------------------------------------------------------
 CONTEXT_SECONDS = 6.0                      # questions are about the 6 s before they end
 END_OF_TURN_SILENCE = 0.4                  # s of silence that ends a user turn
+QUESTION_PAD = 0.05                        # s of audio kept before the VAD's speech start
 
 # --- PCM ------------------------------------------------------------------------------------
 PCM16_MAX = 32767                          # int16 full scale used for float <-> PCM16
