@@ -25,10 +25,27 @@ class LoopOptions:
     clip: float = 1.0
     log_every: int = 10
     ckpt_every: int = 100
+    amp: bool = False        # bf16 autocast (CUDA; CPUs with AMX / AVX512-BF16)
 
     def __post_init__(self):
         if self.steps < 0 or self.lr <= 0 or self.warmup < 0:
             raise ValueError(f"LoopOptions: steps >= 0, lr > 0, warmup >= 0 needed, got {self}")
+
+
+AMP_CHOICES = ("auto", "on", "off")
+
+
+def use_amp(device: torch.device, amp: str) -> bool:
+    """bf16 autocast for training? "auto": where bf16 matmuls are native (CUDA with bf16, CPUs
+    with AMX or AVX512-BF16; elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
+    if amp != "auto":
+        return amp == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    native = [getattr(torch.cpu, f, None) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(f is not None and f() for f in native)
 
 
 # --- distributed ------------------------------------------------------------------------------
@@ -89,6 +106,7 @@ def train(name: str, module: torch.nn.Module, params: list[torch.nn.Parameter],
         p = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
         return opts.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
+    dev_type = params[0].device.type if params else "cpu"
     bar = tqdm(range(start, opts.steps), desc=name, unit="step", disable=not (progress and is_main()),
                initial=start, total=opts.steps)
     t0 = time.perf_counter()
@@ -96,7 +114,8 @@ def train(name: str, module: torch.nn.Module, params: list[torch.nn.Parameter],
     for step in bar:
         for g in optim.param_groups:
             g["lr"] = lr_at(step)
-        parts = loss_fn(model, step)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=opts.amp):
+            parts = loss_fn(model, step)
         optim.zero_grad(set_to_none=True)
         parts["loss"].backward()
         gn = torch.nn.utils.clip_grad_norm_(params, opts.clip)

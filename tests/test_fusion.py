@@ -148,7 +148,8 @@ def test_mctp_emits_k_plus_one_audio_tokens_per_backbone_forward(model, codec):
     prefix = model.prefix(random_features(model.config, seed=4))
     stats = {}
     for mode in ["vanilla", "mctp"]:
-        opts = GenerationOptions(mode=mode, max_text_tokens=2, max_audio_seconds=0.4)
+        # EOA held off: an untrained model may end the reply at a different step in each mode
+        opts = GenerationOptions(mode=mode, max_text_tokens=2, max_audio_seconds=0.4, min_audio_seconds=0.4)
         stats[mode] = run(Generator(model, codec, opts), prefix)[1].stats
     for mode, per_step in [("vanilla", 1), ("mctp", K + 1)]:
         s = stats[mode]
@@ -297,3 +298,4 @@ def test_hf_backbone_tiny_random(codec):
             h = m.backbone(x)
         P = int(prefix.length[0])
         assert int(m.text_logits(h[0, P]).argmax()) == int(reply[1])
+
