@@ -19,7 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .train_loop import AMP_CHOICES
+
 STAGES = ("encoders", "align", "sft", "mctp")
+# align/sft train every model part but these (pooled clues, av-sync projector included: listing
+# parts by hand once left the pooled clues' projection untrained); mctp trains only `mctp`
+FROZEN_AFTER_ENCODERS = ("audio_encoder", "vision_encoder", "mctp")
 ABLATIONS = {None: {}, "none": {}, "full": {}, "mean": {"aggregator": "mean"}, "vision": {"modalities": ("vision",)},
              "audio": {"modalities": ("audio",)}}
 
@@ -59,8 +64,8 @@ class FusionTrainOptions:
             raise ValueError(f"ablation must be one of {[a for a in ABLATIONS if a]}, got {self.ablation!r}")
         if self.batch < 1 or self.aux_batch < 1:
             raise ValueError("batch sizes must be >= 1")
-        if self.amp not in ("auto", "on", "off"):
-            raise ValueError(f"amp must be auto, on or off, got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.preset == "pretrained" and not (self.hf_model or self.hf_config):
             raise ValueError("--preset pretrained needs --hf-model NAME_OR_PATH (or --hf-config FILE)")
 
@@ -130,7 +135,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     from .pretrain import AuxBatches, EncoderPretrainer
     from .tokens import get_tokenizer
     from .train_loop import LoopOptions, barrier, init_distributed, is_main, local_device, train, use_amp
-    from .trainset import collate, encode_turns, reply_tokens
+    from .trainset import collate, encode_turns, pad_replies, reply_tokens
 
     if o.threads:
         torch.set_num_threads(o.threads)
@@ -230,23 +235,16 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             rng = np.random.default_rng((o.seed, rank, step, 7))
             idx = rng.choice(len(examples), size=min(o.batch, len(examples)), replace=False)
             ex = [examples[i] for i in idx]
-            seqs = [replies[e.answer][1 if with_audio else 0] for e in ex]
-            lens = torch.tensor([len(s) for s in seqs])
-            reply = torch.zeros(len(ex), int(lens.max()), dtype=torch.long)
-            for b, s in enumerate(seqs):
-                reply[b, :len(s)] = s
+            reply, lens = pad_replies([replies[e.answer][1 if with_audio else 0] for e in ex])
             return collate(ex, device), reply.to(device), lens.to(device)
         return make
 
-    # everything but the frozen encoders and the MCTP modules (pooled clues, av-sync projector
-    # included: listing parts by hand once left the pooled clues' projection untrained)
     # bf16 autocast on the cached-feature stages: 1.3x faster steps on an AMX CPU with the same
     # learning curve (align 400 steps, measured); weights and optimizer state stay fp32
     amp = use_amp(device, o.amp)
     if is_main() and amp:
         print("training align/sft/mctp with bf16 autocast (--amp off to disable)")
-    frozen = {"audio_encoder", "vision_encoder", "mctp"}
-    fusion_parts = [m for name, m in model.named_children() if name not in frozen]
+    fusion_parts = [m for name, m in model.named_children() if name not in FROZEN_AFTER_ENCODERS]
     for stage, steps, with_audio, mctp_only, lr in [("align", o.align_steps, False, False, o.lr),
                                                     ("sft", o.sft_steps, True, False, o.lr * 0.5),
                                                     ("mctp", o.mctp_steps, True, True, o.lr)]:
@@ -293,7 +291,7 @@ def add_fusion_arguments(p) -> None:
     for k in ("encoder_steps", "align_steps", "sft_steps", "mctp_steps", "batch", "aux_batch"):
         g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
     g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--amp", default=d.amp, choices=["auto", "on", "off"],
+    g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="bf16 autocast for align/sft/mctp; auto = where bf16 is native (CUDA, AMX CPUs)")
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)

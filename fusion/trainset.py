@@ -73,6 +73,15 @@ def reply_tokens(layout, tokenizer, answer: str, codes: torch.Tensor | None) -> 
     return torch.tensor(seq, dtype=torch.long)
 
 
+def pad_replies(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reply token sequences -> (B, R) right-padded ids and (B,) lengths."""
+    lens = torch.tensor([len(s) for s in seqs])
+    reply = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        reply[b, :len(s)] = s
+    return reply, lens
+
+
 # --- cached turn features --------------------------------------------------------------------------
 @dataclass
 class TurnExample:

@@ -4,7 +4,7 @@ Trains the fusion parts from scratch on the first 90% of the cached training tur
 hundred steps and reports teacher-forced exact-match text accuracy per question type on the
 last 10% (held-out sessions), so recipe/architecture variants can be compared in minutes.
 
-    PYTHONPATH=. python scripts/align_probe.py --run runs/fusionE --steps 300 --set pooled_clues=False
+    PYTHONPATH=. python scripts/align_probe.py --run runs/fusion --steps 400 --set pooled_clues=False
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--run", default="runs/fusionE")
+    p.add_argument("--run", default="runs/fusion", help="a fusion run with after_align + cache.pt")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -38,7 +38,8 @@ def main():
     from fusion.config import preset
     from fusion.model import FusionModel
     from fusion.tokens import get_tokenizer
-    from fusion.trainset import collate, reply_tokens
+    from fusion.train_fusion import FROZEN_AFTER_ENCODERS as frozen
+    from fusion.trainset import collate, pad_replies, reply_tokens
     run = Path(a.run)
     cfg, _ = read_header(run / "after_align.safetensors")
     over = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}
@@ -54,18 +55,13 @@ def main():
     tok = get_tokenizer(cfg.tokenizer)
     lay = model.layout
     replies = {e.answer: reply_tokens(lay, tok, e.answer, None) for e in ex}
-    frozen = {"audio_encoder", "vision_encoder", "mctp"}
     params = [p for n, m in model.named_children() if n not in frozen for p in m.parameters()]
     for n, m in model.named_children():
         m.requires_grad_(n not in frozen)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
 
     def batch(exs):
-        seqs = [replies[e.answer] for e in exs]
-        lens = torch.tensor([len(s) for s in seqs])
-        reply = torch.zeros(len(exs), int(lens.max()), dtype=torch.long)
-        for b, s in enumerate(seqs):
-            reply[b, :len(s)] = s
+        reply, lens = pad_replies([replies[e.answer] for e in exs])
         return collate(exs), reply, lens
 
     @torch.no_grad()

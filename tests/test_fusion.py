@@ -298,4 +298,3 @@ def test_hf_backbone_tiny_random(codec):
             h = m.backbone(x)
         P = int(prefix.length[0])
         assert int(m.text_logits(h[0, P]).argmax()) == int(reply[1])
-
