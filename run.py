@@ -26,7 +26,7 @@ def cmd_bench(args):
     if model == DEFAULT_MODEL and not os.path.exists(model):
         print(f"(no trained model at {model}: benchmarking the demo preset with random weights)")
         model = None
-    report = run_bench(model, device=args.device, json_path=args.json, quick=args.quick)
+    report = run_bench(model, device=args.device, json_path=args.json, quick=args.quick, train=not args.no_train)
     print(format_report(report))
     if args.json:
         print(f"\nJSON written to {args.json}")
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.add_argument("--quick", action="store_true", help="shorter runs (for smoke tests)")
+    b.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="render the demo world: sessions for val/test, shards for training")

@@ -134,8 +134,59 @@ def bench_latency(model, codec, device, repeats: int = 5):
             "repeats": repeats}
 
 
+def bench_training(model, codec, device, batch: int = 32, steps: int = 6, stages=("align", "sft", "mctp"),
+                   amps: tuple[bool, ...] | None = None) -> dict:
+    """Seconds per optimizer step of the fusion stages, through the training loop itself
+    (fusion.train_loop.train) on random features of the demo-world shapes, with bf16 autocast
+    off and (where it is native) on. The first step is warm-up. `model` is left untouched."""
+    import copy
+    import tempfile
+    from .dummy import random_features
+    from .tokens import get_tokenizer
+    from .train_fusion import FusionTrainOptions, _FusionStage, set_trainable, stage_modules
+    from .train_loop import LoopOptions, train, use_amp
+    from .trainset import pad_replies, reply_tokens
+    assert steps >= 3, steps
+    m = copy.deepcopy(model).float().to(device)
+    tok = get_tokenizer(m.config.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    # a cached turn is ~90 question frames, ~285 scene-audio frames and ~29 video frames; answers
+    # are ~1.2 s of speech
+    feats = random_features(m.config, batch=batch, question_frames=90, audio_frames=285, n_frames=29,
+                            device=device)
+    F = max(1, int(1.2 * codec.frame_rate))
+
+    def replies(with_audio):
+        seqs = [reply_tokens(m.layout, tok, "a red circle",
+                             torch.randint(0, codec.bins, (codec.n_q, F), generator=g) if with_audio else None)
+                for _ in range(batch)]
+        r, n = pad_replies(seqs)
+        return r.to(device), n.to(device)
+
+    amps = amps if amps is not None else tuple(sorted({False, use_amp(device, "auto")}))
+    rows = []
+    for stage in stages:
+        params = set_trainable(m, stage_modules(m, stage))
+        reply, lens = replies(stage != "align")
+        wrapper = _FusionStage(m, mctp_only=stage == "mctp")
+        for amp in amps:
+            with tempfile.TemporaryDirectory() as d:
+                hist = train(f"bench-{stage}", wrapper, params, lambda mod, step: mod(feats, reply, lens),
+                             LoopOptions(steps, warmup=1, log_every=steps, ckpt_every=10 ** 9, amp=amp),
+                             Path(d), resume=False, progress=False)
+            t = [h["elapsed_s"] for h in hist]  # each record follows a host sync (float(loss))
+            per = (t[-1] - t[0]) / (len(t) - 1)
+            rows.append({"stage": stage, "batch": batch, "amp": amp, "s_per_step": per, "examples_per_s": batch / per})
+    d = FusionTrainOptions()
+    auto = use_amp(device, "auto")
+    per = {r["stage"]: r["s_per_step"] for r in rows if r["amp"] == auto}
+    recipe = {"align": d.align_steps, "sft": d.sft_steps, "mctp": d.mctp_steps}
+    est = sum(per[s] * n for s, n in recipe.items() if s in per) if set(per) == set(recipe) else None
+    return {"rows": rows, "amp_auto": auto, "recipe_steps": recipe, "recipe_minutes": None if est is None else est / 60}
+
+
 def run_bench(model_path: str | None = None, device: str | None = None, json_path: str | None = None,
-              quick: bool = False) -> dict:
+              quick: bool = False, train: bool = True) -> dict:
     from speech.codec import build_codec, CODEC_PRESETS
     from .checkpoint import pick_device
     from .config import preset
@@ -163,6 +214,9 @@ def run_bench(model_path: str | None = None, device: str | None = None, json_pat
         report["codec"].append(bench_codec(c24, dev, seconds=4.0))
     report["generation"] = bench_generation(model, codec, dev, seconds=1.0 if quick else 2.0)
     report["latency"] = bench_latency(model, codec, dev, repeats=2 if quick else 5)
+    if train:
+        report["training"] = bench_training(model, codec, dev, steps=3 if quick else 6,
+                                            stages=("align",) if quick else ("align", "sft", "mctp"))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
     return report
@@ -193,4 +247,16 @@ def format_report(r: dict) -> str:
     lines.append(f"end of question -> first PCM chunk: median {lat['first_pcm_ms_median']:.0f} ms "
                  f"(min {lat['first_pcm_ms_min']:.0f} ms; question encode + aggregator "
                  f"{lat['question_encode_and_aggregate_ms']:.0f} ms)")
+    if "training" in r:
+        t = r["training"]
+        lines.append("")
+        lines.append("fusion training step (the training loop on random features of the demo shapes):")
+        lines.append(f"  {'stage':>6} {'batch':>6} {'bf16':>5} {'s/step':>8} {'examples/s':>11}")
+        for row in t["rows"]:
+            lines.append(f"  {row['stage']:>6} {row['batch']:>6} {'on' if row['amp'] else 'off':>5} "
+                         f"{row['s_per_step']:>8.3f} {row['examples_per_s']:>11.1f}")
+        if t["recipe_minutes"] is not None:
+            steps = ", ".join(f"{k} {v}" for k, v in t["recipe_steps"].items())
+            lines.append(f"  default recipe ({steps} steps, bf16 {'on' if t['amp_auto'] else 'off'}): "
+                         f"~{t['recipe_minutes']:.1f} min of fusion-stage steps")
     return "\n".join(lines)

@@ -113,6 +113,24 @@ def _adopt_codec(model, codec, audio_trained: bool) -> None:
     print(f"adopting codec {codec.spec.name!r} ({codec.spec.fingerprint}) for the audio stages")
 
 
+def set_trainable(model, modules) -> list[torch.nn.Parameter]:
+    """Freezes `model` except `modules`; returns their parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ps = [p for m in modules for p in m.parameters()]
+    for p in ps:
+        p.requires_grad_(True)
+    return ps
+
+
+def stage_modules(model, stage: str) -> list[torch.nn.Module]:
+    """What align / sft / mctp train."""
+    assert stage in ("align", "sft", "mctp"), stage
+    if stage == "mctp":
+        return [model.mctp]
+    return [m for name, m in model.named_children() if name not in FROZEN_AFTER_ENCODERS]
+
+
 class _FusionStage(torch.nn.Module):
     """Wraps the model so DDP sees one forward returning the stage's losses."""
 
@@ -173,14 +191,6 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             (run / "timings.json").write_text(json.dumps(timings, indent=2))
         barrier()
 
-    def trainable(params_of):
-        for p in model.parameters():
-            p.requires_grad_(False)
-        ps = [p for m in params_of for p in m.parameters()]
-        for p in ps:
-            p.requires_grad_(True)
-        return ps
-
     # --- 1a: encoders ---------------------------------------------------------------------------
     if "encoders" in o.stages and not stage_file("encoders").exists():
         t0 = time.perf_counter()
@@ -188,7 +198,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         mods = [pre.vision_encoder, pre.slot_head, pre.beep_head, pre.word_head]
         if not o.whisper:  # a pretrained Whisper encoder stays as it is
             mods.append(pre.audio_encoder)
-        params = trainable(mods)
+        params = set_trainable(model, mods)
         batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank)
         train("encoders", pre, params, lambda m, step: m(*batches(step, o.aux_batch, device)),
               LoopOptions(o.encoder_steps, lr=o.lr, ckpt_every=50), run, o.resume, o.progress)
@@ -244,14 +254,13 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     amp = use_amp(device, o.amp)
     if is_main() and amp:
         print("training align/sft/mctp with bf16 autocast (--amp off to disable)")
-    fusion_parts = [m for name, m in model.named_children() if name not in FROZEN_AFTER_ENCODERS]
     for stage, steps, with_audio, mctp_only, lr in [("align", o.align_steps, False, False, o.lr),
                                                     ("sft", o.sft_steps, True, False, o.lr * 0.5),
                                                     ("mctp", o.mctp_steps, True, True, o.lr)]:
         if stage not in later:
             continue
         t0 = time.perf_counter()
-        params = trainable([model.mctp] if mctp_only else fusion_parts)
+        params = set_trainable(model, stage_modules(model, stage))
         wrapper = _FusionStage(model, mctp_only).to(device)
         make = batch_fn(with_audio)
         train(stage, wrapper, params, lambda m, step: m(*make(step)), LoopOptions(steps, lr=lr, amp=amp),

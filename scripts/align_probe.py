@@ -38,7 +38,7 @@ def main():
     from fusion.config import preset
     from fusion.model import FusionModel
     from fusion.tokens import get_tokenizer
-    from fusion.train_fusion import FROZEN_AFTER_ENCODERS as frozen
+    from fusion.train_fusion import set_trainable, stage_modules
     from fusion.trainset import collate, pad_replies, reply_tokens
     run = Path(a.run)
     cfg, _ = read_header(run / "after_align.safetensors")
@@ -55,9 +55,7 @@ def main():
     tok = get_tokenizer(cfg.tokenizer)
     lay = model.layout
     replies = {e.answer: reply_tokens(lay, tok, e.answer, None) for e in ex}
-    params = [p for n, m in model.named_children() if n not in frozen for p in m.parameters()]
-    for n, m in model.named_children():
-        m.requires_grad_(n not in frozen)
+    params = set_trainable(model, stage_modules(model, "align"))
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=True)
 
     def batch(exs):

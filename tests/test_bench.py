@@ -1,0 +1,38 @@
+"""`run.py bench`: every section runs on a tiny checkpoint and reports what it measured."""
+import torch
+
+from fusion.bench import bench_training, format_report, run_bench
+from fusion.checkpoint import save_model
+from fusion.config import preset
+from fusion.model import FusionModel
+from speech.codec import build_codec, save_codec
+
+
+def test_training_bench_times_every_stage_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    codec = build_codec("tiny")
+    model = FusionModel(preset("tiny", codec.spec)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = bench_training(model, codec, torch.device("cpu"), batch=2, steps=3, amps=(False, True))
+    assert [(row["stage"], row["amp"]) for row in r["rows"]] == [
+        (s, a) for s in ("align", "sft", "mctp") for a in (False, True)]
+    for row in r["rows"]:
+        assert row["s_per_step"] > 0 and abs(row["examples_per_s"] * row["s_per_step"] - 2) < 1e-6, row
+    assert r["recipe_minutes"] > 0
+    assert r["recipe_steps"] == {"align": 1200, "sft": 600, "mctp": 250}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the benchmark trained the caller's model"
+
+
+def test_bench_command_reports_all_sections(tmp_path):
+    torch.manual_seed(0)
+    codec = build_codec("tiny")
+    save_codec(codec, tmp_path / "codec")  # found beside the checkpoint, as assets/ lays them out
+    path = save_model(FusionModel(preset("tiny", codec.spec)), tmp_path / "m.safetensors")
+    report = run_bench(str(path), device="cpu", json_path=str(tmp_path / "b.json"), quick=True)
+    assert (tmp_path / "b.json").exists()
+    assert report["generation"]["mctp_speedup_forwards"] > 1, report["generation"]
+    assert [row["stage"] for row in report["training"]["rows"]][0] == "align"
+    text = format_report(report)
+    for needle in ("codec streaming decode", "vanilla vs MCTP", "first PCM chunk", "fusion training step"):
+        assert needle in text, (needle, text)
