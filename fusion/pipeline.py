@@ -203,6 +203,8 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--eval-out", default=None, help="default: runs/eval")
     p.add_argument("--card-out", default=None, help="default: assets/MODEL_CARD.md")
     p.add_argument("--sessions-out", default=None, help="example sessions (default: assets/sessions)")
+    p.add_argument("--ablation-root", default=None,
+                   help="where the ablation runs go, as ablation-<name>/ (default: runs; small: runs/smoke)")
     p.add_argument("--no-ablations", action="store_true", help="skip training/evaluating the ablations")
     p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
     p.add_argument("--force", action="store_true",
@@ -215,7 +217,7 @@ def run_cli(args) -> None:
     o = PipelineOptions(
         budget=args.budget, data=args.data, codec_dir=args.codec_dir, run_dir=args.run_dir,
         model_out=args.model_out, eval_out=args.eval_out, card_out=args.card_out,
-        sessions_out=args.sessions_out, ablation_root=None, ablations=not args.no_ablations,
+        sessions_out=args.sessions_out, ablation_root=args.ablation_root, ablations=not args.no_ablations,
         recognizer=not args.no_recognizer, force=args.force, seed=args.seed, workers=args.workers,
         device=args.device, threads=args.threads)
     run_pipeline(o)
