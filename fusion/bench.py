@@ -172,16 +172,16 @@ def bench_training(model, codec, device, batch: int = 32, steps: int = 6, stages
         for amp in amps:
             with tempfile.TemporaryDirectory() as d:
                 hist = train(f"bench-{stage}", wrapper, params, lambda mod, step: mod(feats, reply, lens),
-                             LoopOptions(steps, warmup=1, log_every=steps, ckpt_every=10 ** 9, amp=amp),
+                             LoopOptions(steps, warmup=1, log_every=steps, ckpt_every=0, amp=amp),
                              Path(d), resume=False, progress=False)
             t = [h["elapsed_s"] for h in hist]  # each record follows a host sync (float(loss))
             per = (t[-1] - t[0]) / (len(t) - 1)
             rows.append({"stage": stage, "batch": batch, "amp": amp, "s_per_step": per, "examples_per_s": batch / per})
-    d = FusionTrainOptions()
+    defaults = FusionTrainOptions()
     auto = use_amp(device, "auto")
     per = {r["stage"]: r["s_per_step"] for r in rows if r["amp"] == auto}
-    recipe = {"align": d.align_steps, "sft": d.sft_steps, "mctp": d.mctp_steps}
-    est = sum(per[s] * n for s, n in recipe.items() if s in per) if set(per) == set(recipe) else None
+    recipe = {"align": defaults.align_steps, "sft": defaults.sft_steps, "mctp": defaults.mctp_steps}
+    est = sum(per[s] * n for s, n in recipe.items()) if set(per) == set(recipe) else None
     return {"rows": rows, "amp_auto": auto, "recipe_steps": recipe, "recipe_minutes": None if est is None else est / 60}
 
 

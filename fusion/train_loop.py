@@ -24,12 +24,12 @@ class LoopOptions:
     weight_decay: float = 0.01
     clip: float = 1.0
     log_every: int = 10
-    ckpt_every: int = 100
+    ckpt_every: int = 100    # steps between resumable checkpoints (and at the end); 0: none
     amp: bool = False        # bf16 autocast (CUDA; CPUs with AMX / AVX512-BF16)
 
     def __post_init__(self):
-        if self.steps < 0 or self.lr <= 0 or self.warmup < 0:
-            raise ValueError(f"LoopOptions: steps >= 0, lr > 0, warmup >= 0 needed, got {self}")
+        if self.steps < 0 or self.lr <= 0 or self.warmup < 0 or self.ckpt_every < 0:
+            raise ValueError(f"LoopOptions: steps >= 0, lr > 0, warmup >= 0, ckpt_every >= 0 needed, got {self}")
 
 
 AMP_CHOICES = ("auto", "on", "off")
@@ -125,7 +125,7 @@ def train(name: str, module: torch.nn.Module, params: list[torch.nn.Parameter],
         history.append(rec)
         if (step + 1) % opts.log_every == 0 or step + 1 == opts.steps:
             bar.set_postfix({k: f"{v:.3f}" for k, v in rec.items() if k not in ("step", "lr", "elapsed_s")})
-        if is_main() and ((step + 1) % opts.ckpt_every == 0 or step + 1 == opts.steps):
+        if is_main() and opts.ckpt_every and ((step + 1) % opts.ckpt_every == 0 or step + 1 == opts.steps):
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": module.state_dict(), "optim": optim.state_dict(), "step": step + 1,
                         "history": history}, tmp)

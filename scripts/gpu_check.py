@@ -72,8 +72,8 @@ def main():
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     from fusion.bench import format_report, run_bench
-    report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "cpu_count": os.cpu_count()}
+    report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_count": os.cpu_count()}
 
     def step(name, fn):
         t = time.perf_counter()

@@ -102,6 +102,20 @@ def test_bad_options_are_refused():
         FusionTrainOptions(preset="pretrained")
 
 
+def test_loop_checkpoints_unless_told_not_to(tmp_path):
+    from fusion.train_loop import LoopOptions, train
+    lin = torch.nn.Linear(3, 1)
+    x = torch.randn(8, 3)
+    loss = lambda m, step: {"loss": m(x).pow(2).mean()}  # noqa: E731
+    train("kept", lin, list(lin.parameters()), loss, LoopOptions(3, ckpt_every=100), tmp_path, progress=False)
+    train("none", lin, list(lin.parameters()), loss, LoopOptions(3, ckpt_every=0), tmp_path, progress=False)
+    assert (tmp_path / "kept.state.pt").is_file()            # at the last step, too
+    assert not (tmp_path / "none.state.pt").exists()
+    assert (tmp_path / "none.history.json").is_file()        # curves are still written
+    with pytest.raises(ValueError, match="ckpt_every"):
+        LoopOptions(3, ckpt_every=-1)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
