@@ -14,6 +14,7 @@ from vision.encoder import VisionConfig
 MODALITIES = ("audio", "vision")
 AGGREGATORS = ("cat", "mean")
 BACKBONES = ("native", "hf")
+POOLED_FRAMES = ("mean", "last")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class FusionConfig:
     modalities: tuple[str, ...] = MODALITIES  # scene inputs used (ablations: audio / vision only)
     n_clues: int = 16
     pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
+    pooled_frame: str = "mean"           # pooled cells: "mean" over the context | "last" frame only
     av_sync: bool = False                # add the scene audio around each frame's time to its tokens
     scene_audio_only: bool = False       # scene audio stops where the question starts (its speech out)
     agg_layers: int = 2
@@ -57,6 +59,8 @@ class FusionConfig:
             if not cond:
                 raise ValueError(f"FusionConfig: {msg}")
         need(self.d_model % self.n_head == 0, f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
+        need(self.pooled_frame in POOLED_FRAMES,
+             f"pooled_frame must be one of {POOLED_FRAMES}, got {self.pooled_frame!r}")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         need(self.backbone != "hf" or self.hf_model or self.hf_config,
@@ -140,6 +144,7 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
+                    pooled_frame="last",
                     av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":

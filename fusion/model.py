@@ -156,7 +156,13 @@ class FusionModel(nn.Module):
             agg = self.aggregator(question, qmask, context, cmask)
         clues = agg.clues
         if self.pooled is not None:
-            clues = torch.cat([clues, self.pooled(question, qmask, context, cmask, ccell).clues], 1)
+            pmask = cmask
+            if c.pooled_frame == "last" and parts:  # cells as the latest frame shows them: the
+                # question is asked over the current scene, while the 6 s context often still
+                # holds the previous scene's last second or two, which a mean over time mixes in
+                t_last = ctimes.masked_fill(~cmask | (ckind != _VISION), float("-inf")).amax(1)  # (B,)
+                pmask = cmask & ((ckind != _VISION) | (ctimes >= t_last[:, None]))
+            clues = torch.cat([clues, self.pooled(question, qmask, context, pmask, ccell).clues], 1)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)

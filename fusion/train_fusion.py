@@ -22,6 +22,7 @@ import torch
 from .train_loop import AMP_CHOICES
 
 STAGES = ("encoders", "align", "sft", "mctp")
+SAMPLING = ("uniform", "by_type")
 # align/sft train every model part but these (pooled clues, av-sync projector included: listing
 # parts by hand once left the pooled clues' projection untrained); mctp trains only `mctp`
 FROZEN_AFTER_ENCODERS = ("audio_encoder", "vision_encoder", "mctp")
@@ -50,6 +51,7 @@ class FusionTrainOptions:
     threads: int | None = None
     device: str | None = None
     amp: str = "auto"                    # bf16 autocast in align/sft/mctp: auto | on | off
+    sample: str = "uniform"              # align/sft/mctp batches: "uniform" over turns | "by_type"
     whisper: str | None = None           # pretrained preset: Whisper name or checkpoint (encoder)
     hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
     hf_config: str | None = None         # ... or a JSON file with a config (random weights)
@@ -64,6 +66,8 @@ class FusionTrainOptions:
             raise ValueError(f"ablation must be one of {[a for a in ABLATIONS if a]}, got {self.ablation!r}")
         if self.batch < 1 or self.aux_batch < 1:
             raise ValueError("batch sizes must be >= 1")
+        if self.sample not in SAMPLING:
+            raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.preset == "pretrained" and not (self.hf_model or self.hf_config):
@@ -144,6 +148,21 @@ class _FusionStage(torch.nn.Module):
             loss = sum(L.mctp)
             return {"loss": loss, **{f"mctp{k + 1}": v.detach() for k, v in enumerate(L.mctp)}}
         return {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
+
+
+def batch_indices(qtypes: list[str], batch: int, rng: np.random.Generator, sample: str = "uniform") -> list[int]:
+    """Indices of one training batch over examples of the given question types: "uniform" draws
+    turns without replacement; "by_type" draws a question type uniformly, then one of its turns,
+    so rare types (the spatial ones need hundreds of examples before they click) weigh the same."""
+    if sample == "by_type":
+        groups: dict[str, list[int]] = {}
+        for i, t in enumerate(qtypes):
+            groups.setdefault(t, []).append(i)
+        keys = sorted(groups)
+        return [int(groups[keys[k]][rng.integers(len(groups[keys[k]]))])
+                for k in rng.integers(len(keys), size=batch)]
+    assert sample == "uniform", sample
+    return [int(i) for i in rng.choice(len(qtypes), size=min(batch, len(qtypes)), replace=False)]
 
 
 def train_fusion(o: FusionTrainOptions) -> Path:
@@ -240,10 +259,12 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         raise ValueError(f"no answer audio for {sorted(missing)[:5]} in {o.data}/answers: regenerate the data")
     timings["cache"] = timings.get("cache", 0.0) + time.perf_counter() - t0
 
+    qtypes = [e.qtype for e in examples]
+
     def batch_fn(with_audio: bool):
         def make(step):
             rng = np.random.default_rng((o.seed, rank, step, 7))
-            idx = rng.choice(len(examples), size=min(o.batch, len(examples)), replace=False)
+            idx = batch_indices(qtypes, o.batch, rng, o.sample)
             ex = [examples[i] for i in idx]
             reply, lens = pad_replies([replies[e.answer][1 if with_audio else 0] for e in ex])
             return collate(ex, device), reply.to(device), lens.to(device)
@@ -302,6 +323,9 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="bf16 autocast for align/sft/mctp; auto = where bf16 is native (CUDA, AMX CPUs)")
+    g.add_argument("--sample", default=d.sample, choices=SAMPLING,
+                   help="align/sft/mctp batches: uniform over the cached turns, or each question type "
+                        "equally often (default: %(default)s)")
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
@@ -317,7 +341,7 @@ def run_fusion(args) -> None:
         preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
-        lr=args.lr, amp=args.amp, max_train_turns=args.max_train_turns, seed=args.seed,
+        lr=args.lr, amp=args.amp, sample=args.sample, max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
     train_fusion(o)

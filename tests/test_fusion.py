@@ -260,6 +260,27 @@ def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
     assert done.stats.backbone_forwards > 0
 
 
+def test_pooled_cells_of_the_last_frame_ignore_older_frames(codec):
+    torch.manual_seed(0)
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True, pooled_frame="last")).eval()
+    f = random_features(m.config, batch=2)
+    f.frame_mask[1, -3:] = False                             # item 1's last valid frame is -4
+    p = m.prefix(f)
+    pooled = slice(m.config.n_clues, m.config.n_prefix_clues - 1)              # the cells
+    def cells_after(edit):
+        g = dataclasses.replace(f, frames=f.frames.clone())
+        edit(g.frames)
+        return (m.prefix(g).embeds[:, pooled] - p.embeds[:, pooled]).abs().amax(-1) > 1e-4  # (B, cells)
+    older = cells_after(lambda x: x[:, :-4].add_(1.0))       # frames before either item's last
+    assert not older.any(), older
+    last = cells_after(lambda x: (x[0, -1].add_(1.0), x[1, -4].add_(1.0)))
+    assert last.all(), last
+    masked = cells_after(lambda x: x[1, -1].add_(1.0))       # a masked frame counts for nothing
+    assert not masked[1].any(), masked
+    with pytest.raises(ValueError, match="pooled_frame"):
+        preset("tiny", codec.spec, pooled_frame="first")
+
+
 def test_scene_audio_stops_at_the_question_and_frames_carry_what_was_heard(codec):
     torch.manual_seed(0)
     m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()

@@ -174,3 +174,19 @@ def test_pretrained_preset_with_tiny_random_weights(world, tmp_path, monkeypatch
     from fusion.checkpoint import load_with_codec
     model, codec = load_with_codec(final)
     assert codec.sample_rate == 24000
+
+
+def test_batches_by_type_weigh_every_question_type_alike():
+    import numpy as np
+    from fusion.train_fusion import batch_indices
+    qtypes = ["what_color"] * 90 + ["where_is"] * 10
+    rng = np.random.default_rng(0)
+    uni = [qtypes[i] for _ in range(50) for i in batch_indices(qtypes, 20, rng, "uniform")]
+    by = [qtypes[i] for _ in range(50) for i in batch_indices(qtypes, 20, rng, "by_type")]
+    assert 0.05 < uni.count("where_is") / len(uni) < 0.15
+    assert 0.4 < by.count("where_is") / len(by) < 0.6
+    b = batch_indices(qtypes, 20, rng, "uniform")
+    assert len(set(b)) == 20 and all(0 <= i < 100 for i in b)   # no turn twice in a batch
+    assert len(batch_indices(qtypes[:5], 20, rng, "uniform")) == 5
+    with pytest.raises(ValueError, match="sample"):
+        FusionTrainOptions(sample="balanced")
