@@ -617,10 +617,19 @@ def _ablation_workers(o: EvalOptions, n: int) -> int:
     return max(1, min(n, 2 if on_cpu and (os.cpu_count() or 1) >= 2 else 1))
 
 
+def worker_options(todo: list, workers: int, cpus: int) -> list:
+    """Training options for `workers` processes at once: each gets at most cpus/workers torch
+    threads (asking for more oversubscribes the cores: align steps went from 1 s to 7 s, 2 cores,
+    2 workers x 2 threads), and only the first shows progress."""
+    import dataclasses
+    cap = max(1, cpus // workers)
+    return [dataclasses.replace(kw, threads=min(kw.threads or cap, cap), progress=kw.progress and i == 0)
+            for i, kw in enumerate(todo)]
+
+
 def _train_all(todo: list, workers: int) -> None:
     """Trains the ablation runs, `workers` at once: single-threaded CPU trainings scale almost
     perfectly over cores, unlike one training's threads (each process gets cores/workers)."""
-    import dataclasses
     import os
     from .train_fusion import train_fusion
     if workers <= 1 or len(todo) <= 1:
@@ -629,9 +638,7 @@ def _train_all(todo: list, workers: int) -> None:
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    todo = [kw if kw.threads else dataclasses.replace(kw, threads=threads) for kw in todo]
-    todo = [dataclasses.replace(kw, progress=kw.progress and i == 0) for i, kw in enumerate(todo)]
+    todo = worker_options(todo, workers, os.cpu_count() or 1)
     print(f"training {len(todo)} ablation runs, {workers} at once ({todo[0].threads} thread(s) each)")
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         for f in [pool.submit(train_fusion, kw) for kw in todo]:

@@ -182,3 +182,13 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
     s = load_session(d)
     assert len([e for e in s.events if e["type"] == "question"]) == 1 and s.meta["split"] == "test"
+
+
+def test_parallel_ablation_workers_never_oversubscribe_the_cores():
+    from fusion.eval import worker_options
+    from fusion.train_fusion import FusionTrainOptions
+    asked = [FusionTrainOptions(threads=t, progress=True) for t in (None, 2, 1)]
+    got = worker_options(asked, workers=2, cpus=2)
+    assert [o.threads for o in got] == [1, 1, 1]                  # --threads 2 x 2 workers: capped
+    assert [o.progress for o in got] == [True, False, False]
+    assert [o.threads for o in worker_options(asked, workers=2, cpus=8)] == [4, 2, 1]
