@@ -150,19 +150,22 @@ class _FusionStage(torch.nn.Module):
         return {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
 
 
-def batch_indices(qtypes: list[str], batch: int, rng: np.random.Generator, sample: str = "uniform") -> list[int]:
-    """Indices of one training batch over examples of the given question types: "uniform" draws
-    turns without replacement; "by_type" draws a question type uniformly, then one of its turns,
-    so rare types (the spatial ones need hundreds of examples before they click) weigh the same."""
-    if sample == "by_type":
-        groups: dict[str, list[int]] = {}
-        for i, t in enumerate(qtypes):
-            groups.setdefault(t, []).append(i)
-        keys = sorted(groups)
-        return [int(groups[keys[k]][rng.integers(len(groups[keys[k]]))])
-                for k in rng.integers(len(keys), size=batch)]
-    assert sample == "uniform", sample
-    return [int(i) for i in rng.choice(len(qtypes), size=min(batch, len(qtypes)), replace=False)]
+def type_groups(qtypes: list[str]) -> list[list[int]]:
+    """Example indices per question type (types sorted), for `batch_indices(..., by_type=...)`."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(qtypes):
+        groups.setdefault(t, []).append(i)
+    return [groups[t] for t in sorted(groups)]
+
+
+def batch_indices(n: int, batch: int, rng: np.random.Generator,
+                  by_type: list[list[int]] | None = None) -> list[int]:
+    """Indices of one training batch over n examples: without `by_type`, turns drawn uniformly
+    without replacement; with it (`type_groups`), a question type drawn uniformly, then one of its
+    turns, so rare types (the spatial ones need hundreds of examples before they click) weigh the same."""
+    if by_type is not None:
+        return [int(by_type[k][rng.integers(len(by_type[k]))]) for k in rng.integers(len(by_type), size=batch)]
+    return [int(i) for i in rng.choice(n, size=min(batch, n), replace=False)]
 
 
 def train_fusion(o: FusionTrainOptions) -> Path:
@@ -259,12 +262,12 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         raise ValueError(f"no answer audio for {sorted(missing)[:5]} in {o.data}/answers: regenerate the data")
     timings["cache"] = timings.get("cache", 0.0) + time.perf_counter() - t0
 
-    qtypes = [e.qtype for e in examples]
+    by_type = type_groups([e.qtype for e in examples]) if o.sample == "by_type" else None
 
     def batch_fn(with_audio: bool):
         def make(step):
             rng = np.random.default_rng((o.seed, rank, step, 7))
-            idx = batch_indices(qtypes, o.batch, rng, o.sample)
+            idx = batch_indices(len(examples), o.batch, rng, by_type)
             ex = [examples[i] for i in idx]
             reply, lens = pad_replies([replies[e.answer][1 if with_audio else 0] for e in ex])
             return collate(ex, device), reply.to(device), lens.to(device)

@@ -78,6 +78,13 @@ def test_training_resumes_mid_stage(world, tmp_path):
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
 
 
+def test_align_trains_on_type_balanced_batches(world, tmp_path):
+    run = tmp_path / "run"
+    train_fusion(opts(world, run, stages=("align",), align_steps=2, sample="by_type"))
+    hist = json.loads((run / "align.history.json").read_text())
+    assert [h["step"] for h in hist] == [1, 2] and all(h["text"] > 0 for h in hist)
+
+
 def test_amp_trains_in_bf16_autocast(world, tmp_path):
     from fusion.train_loop import use_amp
     assert use_amp(torch.device("cpu"), "on") and not use_amp(torch.device("cpu"), "off")
@@ -178,15 +185,17 @@ def test_pretrained_preset_with_tiny_random_weights(world, tmp_path, monkeypatch
 
 def test_batches_by_type_weigh_every_question_type_alike():
     import numpy as np
-    from fusion.train_fusion import batch_indices
+    from fusion.train_fusion import batch_indices, type_groups
     qtypes = ["what_color"] * 90 + ["where_is"] * 10
+    groups = type_groups(qtypes)
+    assert groups == [list(range(90)), list(range(90, 100))]
     rng = np.random.default_rng(0)
-    uni = [qtypes[i] for _ in range(50) for i in batch_indices(qtypes, 20, rng, "uniform")]
-    by = [qtypes[i] for _ in range(50) for i in batch_indices(qtypes, 20, rng, "by_type")]
+    uni = [qtypes[i] for _ in range(50) for i in batch_indices(100, 20, rng)]
+    by = [qtypes[i] for _ in range(50) for i in batch_indices(100, 20, rng, groups)]
     assert 0.05 < uni.count("where_is") / len(uni) < 0.15
     assert 0.4 < by.count("where_is") / len(by) < 0.6
-    b = batch_indices(qtypes, 20, rng, "uniform")
+    b = batch_indices(100, 20, rng)
     assert len(set(b)) == 20 and all(0 <= i < 100 for i in b)   # no turn twice in a batch
-    assert len(batch_indices(qtypes[:5], 20, rng, "uniform")) == 5
+    assert len(batch_indices(5, 20, rng)) == 5
     with pytest.raises(ValueError, match="sample"):
         FusionTrainOptions(sample="balanced")
