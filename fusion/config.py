@@ -41,6 +41,7 @@ class FusionConfig:
     n_clues: int = 16
     pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
     pooled_frame: str = "mean"           # pooled cells: "mean" over the context | "last" frame only
+    question_query: bool = False         # the ASSISTANT input carries the question and all clues
     av_sync: bool = False                # add the scene audio around each frame's time to its tokens
     scene_audio_only: bool = False       # scene audio stops where the question starts (its speech out)
     agg_layers: int = 2
@@ -139,12 +140,12 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     if name == "tiny":
         base = dict(audio=AudioEncoderConfig.preset("tiny"), vision=VISION_PRESETS["tiny"], d_model=64,
                     n_layer=2, n_head=2, n_clues=4, agg_layers=1, max_seq_len=320, time_freqs=8,
-                    av_sync=True, scene_audio_only=True,
+                    av_sync=True, scene_audio_only=True, question_query=True,
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
-                    pooled_frame="last",
+                    pooled_frame="last", question_query=True,
                     av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":

@@ -148,7 +148,7 @@ class Generator:
 
         P = int(prefix.length[0])
         E[:P] = prefix.embeds[0, :P].to(self.dtype)
-        E[P] = m.embed.weight[lay.assistant]
+        E[P] = m.embed.weight[lay.assistant] if prefix.start is None else prefix.start[0].to(self.dtype)
         pos = self._backbone(0, P + 1, stats)          # prefill: [clues][question][ASSISTANT]
         m_pos = 0                                      # MCTP modules have processed [0, m_pos)
 

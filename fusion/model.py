@@ -47,6 +47,7 @@ class Prefix:
     attn: torch.Tensor            # (B, Nc, S) aggregator attention over the context
     context_times: torch.Tensor   # (B, S) time of each context token
     context_kind: torch.Tensor    # (B, S) 1 = scene audio, 2 = video
+    start: torch.Tensor | None = None  # (B, D) the reply's first input (ASSISTANT), question-aware
 
 
 @dataclass
@@ -89,6 +90,12 @@ class FusionModel(nn.Module):
             self.aggregator = MeanPoolClues(D, n_cells)
             self.pooled = None                                 # its clues are pooled already
         self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
+        # question_query: the ASSISTANT input carries a summary of the question and all the
+        # clues (flattened: a linear map of the whole scene), so the position that predicts the
+        # answer starts from the scene instead of having to find each fact by attention
+        self.q_query = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D)) if c.question_query else None
+        self.c_norm = nn.LayerNorm(D) if c.question_query else None
+        self.c_query = nn.Linear(c.n_prefix_clues * D, D) if c.question_query else None
         self.backbone = build_backbone(c)
         self.mctp = MCTPHead(c.mctp_k, D, c.n_head, c.mctp_layers, c.max_seq_len)
         self.apply(_init)
@@ -166,7 +173,13 @@ class FusionModel(nn.Module):
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)
-        return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind)
+        start = None
+        if self.q_query is not None:
+            qm = qmask[..., None].to(question.dtype)
+            q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)                 # (B, D)
+            start = (self.embed.weight[self.layout.assistant] + self.q_query(q_mean)
+                     + self.c_query(self.c_norm(clues).flatten(1)))                   # (B, D)
+        return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind, start)
 
     # --- heads ----------------------------------------------------------------------------
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -194,6 +207,8 @@ class FusionModel(nn.Module):
         L = max(p + r for p, r in zip(P, R))
         D = prefix.embeds.shape[-1]
         tok_emb = self.embed(reply.clamp(min=0))                                    # (B, R, D)
+        if prefix.start is not None:  # reply[:, 0] is ASSISTANT
+            tok_emb = torch.cat([prefix.start[:, None].to(tok_emb.dtype), tok_emb[:, 1:]], 1)
         embeds = prefix.embeds.new_zeros(B, L, D)
         targets = torch.full((B, L), IGNORE, dtype=torch.long, device=reply.device)
         mask = torch.zeros(B, L, dtype=torch.bool, device=reply.device)

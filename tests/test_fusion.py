@@ -93,7 +93,7 @@ def test_pack_keeps_positions_contiguous(model):
 def test_backbone_is_causal(model):
     x = torch.randn(1, 20, model.config.d_model)
     y = x.clone()
-    y[:, 12:] += 1.0
+    y[:, 12:] += torch.randn(8, model.config.d_model)  # not a constant: LayerNorm would remove it
     with torch.no_grad():
         hx, hy = model.backbone(x), model.backbone(y)
     assert torch.allclose(hx[:, :12], hy[:, :12], atol=1e-6)
@@ -236,6 +236,28 @@ def test_ablation_configs_run(codec):
         p1 = m.prefix(random_features(m.config, batch=1))
         ev, done = run(Generator(m, codec, GenerationOptions(max_text_tokens=2, max_audio_seconds=0.1)), p1)
         assert done.stats.backbone_forwards > 0
+
+
+def test_question_query_starts_the_reply_from_question_and_clues(codec):
+    torch.manual_seed(0)
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()
+    assert m.config.question_query
+    f = random_features(m.config, batch=2)
+    p = m.prefix(f)
+    assert p.start.shape == (2, m.config.d_model)
+    # the reply's first input is the start vector, at the first position after the prefix
+    reply = torch.tensor([[m.layout.assistant, 11, m.layout.eot]] * 2)
+    x, _, _ = m.pack(p, reply, torch.tensor([3, 3]))
+    for b, P in enumerate(p.length.tolist()):
+        assert torch.equal(x[b, P], p.start[b]) and torch.equal(x[b, P + 1], m.embed.weight[11])
+    # a scene change reaches the start vector directly (no attention hop needed)
+    g = dataclasses.replace(f, audio=f.audio + 1.0)
+    assert ((m.prefix(g).start - p.start).abs().amax(-1) > 1e-4).all()
+    # so does a question change; without the option the reply starts from the ASSISTANT token
+    h = dataclasses.replace(f, question=f.question.flip(1))
+    assert ((m.prefix(h).start - p.start).abs().amax(-1) > 1e-4).all()
+    plain = FusionModel(preset("tiny", codec.spec, question_query=False)).eval()
+    assert plain.prefix(f).start is None and not hasattr(plain.c_query, "weight")
 
 
 def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
