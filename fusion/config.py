@@ -140,12 +140,12 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     if name == "tiny":
         base = dict(audio=AudioEncoderConfig.preset("tiny"), vision=VISION_PRESETS["tiny"], d_model=64,
                     n_layer=2, n_head=2, n_clues=4, agg_layers=1, max_seq_len=320, time_freqs=8,
-                    av_sync=True, scene_audio_only=True, question_query=True,
+                    av_sync=True, scene_audio_only=True,
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
-                    pooled_frame="last", question_query=True,
+                    pooled_frame="last",
                     av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":

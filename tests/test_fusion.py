@@ -240,8 +240,7 @@ def test_ablation_configs_run(codec):
 
 def test_question_query_starts_the_reply_from_question_and_clues(codec):
     torch.manual_seed(0)
-    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()
-    assert m.config.question_query
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True, question_query=True)).eval()
     f = random_features(m.config, batch=2)
     p = m.prefix(f)
     assert p.start.shape == (2, m.config.d_model)
@@ -256,8 +255,16 @@ def test_question_query_starts_the_reply_from_question_and_clues(codec):
     # so does a question change; without the option the reply starts from the ASSISTANT token
     h = dataclasses.replace(f, question=f.question.flip(1))
     assert ((m.prefix(h).start - p.start).abs().amax(-1) > 1e-4).all()
-    plain = FusionModel(preset("tiny", codec.spec, question_query=False)).eval()
+    plain = FusionModel(preset("tiny", codec.spec)).eval()
     assert plain.prefix(f).start is None and not hasattr(plain.c_query, "weight")
+    # generation starts from the same vector: its first token is the teacher-forced argmax
+    p1 = m.prefix(random_features(m.config, seed=4))
+    _, done = run(Generator(m, codec, GenerationOptions(max_text_tokens=3, max_audio_seconds=0.1)), p1)
+    first = done.text_tokens[0] if done.text_tokens else m.layout.eot
+    with torch.no_grad():
+        x, _, _ = m.pack(p1, torch.tensor([[m.layout.assistant, first]]), torch.tensor([2]))
+        h = m.backbone(x)
+    assert int(m.text_logits(h[0, int(p1.length[0])]).argmax()) == first
 
 
 def test_pooled_clues_join_the_prefix_and_carry_the_scene(codec):
