@@ -15,6 +15,7 @@ MODALITIES = ("audio", "vision")
 AGGREGATORS = ("cat", "mean")
 BACKBONES = ("native", "hf")
 POOLED_FRAMES = ("mean", "last")
+QUERY_CLUES = ("all", "audio")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class FusionConfig:
     n_clues: int = 16
     pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
     pooled_frame: str = "mean"           # pooled cells: "mean" over the context | "last" frame only
-    question_query: bool = False         # the ASSISTANT input carries the question and all clues
+    question_query: bool = False         # the ASSISTANT input carries the question and the clues
+    query_clues: str = "all"             # ... all clues, or "audio": the pooled scene-audio clue only
     av_sync: bool = False                # add the scene audio around each frame's time to its tokens
     scene_audio_only: bool = False       # scene audio stops where the question starts (its speech out)
     agg_layers: int = 2
@@ -62,6 +64,9 @@ class FusionConfig:
         need(self.d_model % self.n_head == 0, f"d_model {self.d_model} must be divisible by n_head {self.n_head}")
         need(self.pooled_frame in POOLED_FRAMES,
              f"pooled_frame must be one of {POOLED_FRAMES}, got {self.pooled_frame!r}")
+        need(self.query_clues in QUERY_CLUES, f"query_clues must be one of {QUERY_CLUES}, got {self.query_clues!r}")
+        need(self.query_clues == "all" or self.aggregator == "mean" or self.pooled_clues,
+             "query_clues='audio' reads the pooled scene-audio clue: set pooled_clues=True")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         need(self.backbone != "hf" or self.hf_model or self.hf_config,

@@ -95,7 +95,8 @@ class FusionModel(nn.Module):
         # answer starts from the scene instead of having to find each fact by attention
         self.q_query = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, D)) if c.question_query else None
         self.c_norm = nn.LayerNorm(D) if c.question_query else None
-        self.c_query = nn.Linear(c.n_prefix_clues * D, D) if c.question_query else None
+        n_read = c.n_prefix_clues if c.query_clues == "all" else 1   # "audio": the last pooled clue
+        self.c_query = nn.Linear(n_read * D, D) if c.question_query else None
         self.backbone = build_backbone(c)
         self.mctp = MCTPHead(c.mctp_k, D, c.n_head, c.mctp_layers, c.max_seq_len)
         self.apply(_init)
@@ -177,8 +178,9 @@ class FusionModel(nn.Module):
         if self.q_query is not None:
             qm = qmask[..., None].to(question.dtype)
             q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)                 # (B, D)
+            read = clues if c.query_clues == "all" else clues[:, -1:]                 # (B, Nc|1, D)
             start = (self.embed.weight[self.layout.assistant] + self.q_query(q_mean)
-                     + self.c_query(self.c_norm(clues).flatten(1)))                   # (B, D)
+                     + self.c_query(self.c_norm(read).flatten(1)))                    # (B, D)
         return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind, start)
 
     # --- heads ----------------------------------------------------------------------------

@@ -238,9 +238,11 @@ def test_ablation_configs_run(codec):
         assert done.stats.backbone_forwards > 0
 
 
-def test_question_query_starts_the_reply_from_question_and_clues(codec):
+@pytest.mark.parametrize("query_clues", ["all", "audio"])
+def test_question_query_starts_the_reply_from_question_and_clues(codec, query_clues):
     torch.manual_seed(0)
-    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True, question_query=True)).eval()
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True, question_query=True,
+                           query_clues=query_clues)).eval()
     f = random_features(m.config, batch=2)
     p = m.prefix(f)
     assert p.start.shape == (2, m.config.d_model)
@@ -250,10 +252,14 @@ def test_question_query_starts_the_reply_from_question_and_clues(codec):
     for b, P in enumerate(p.length.tolist()):
         assert torch.equal(x[b, P], p.start[b]) and torch.equal(x[b, P + 1], m.embed.weight[11])
     # a scene change reaches the start vector directly (no attention hop needed)
-    g = dataclasses.replace(f, audio=f.audio + 1.0)
+    g = dataclasses.replace(f, audio=f.audio + torch.randn_like(f.audio))
     assert ((m.prefix(g).start - p.start).abs().amax(-1) > 1e-4).all()
+    # with "audio" only the scene audio does: a changed frame leaves the start vector alone
+    v = dataclasses.replace(f, frames=f.frames + torch.randn_like(f.frames))
+    moved = ((m.prefix(v).start - p.start).abs().amax(-1) > 1e-4).all()
+    assert bool(moved) == (query_clues == "all")
     # so does a question change; without the option the reply starts from the ASSISTANT token
-    h = dataclasses.replace(f, question=f.question.flip(1))
+    h = dataclasses.replace(f, question=f.question + torch.randn_like(f.question))
     assert ((m.prefix(h).start - p.start).abs().amax(-1) > 1e-4).all()
     plain = FusionModel(preset("tiny", codec.spec)).eval()
     assert plain.prefix(f).start is None and not hasattr(plain.c_query, "weight")
