@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .layers import MLP, CrossAttention
+from .layers import MLP, CrossAttention, masked_mean
 
 
 @dataclass
@@ -49,9 +49,7 @@ class ClueAggregator(nn.Module):
 
     def forward(self, question, q_mask, context, c_mask) -> AggregatorOutput:
         # question (B, Tq, D), q_mask (B, Tq) bool; context (B, S, D), c_mask (B, S) bool
-        qm = q_mask[..., None].to(question.dtype)
-        q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)        # (B, D)
-        x = self.queries[None] + self.cond(q_mean)[:, None]             # (B, Nc, D)
+        x = self.queries[None] + self.cond(masked_mean(question, q_mask))[:, None]  # (B, Nc, D)
         question, context = self.ln_question(question), self.ln_context(context)
         att = None
         for layer in self.layers:

@@ -132,6 +132,12 @@ class TimeEmbedding(nn.Module):
         return self.proj(torch.cat([a.sin(), a.cos()], dim=-1))
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T, D) over the T positions where mask (B, T) is True -> (B, D); 0 if none."""
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def pool_time(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool (B, T, D) along T by `factor` (a partial last window is averaged too)."""
     if factor == 1:

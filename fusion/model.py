@@ -18,7 +18,7 @@ from vision.encoder import build_vision_encoder
 from .aggregator import AggregatorOutput, ClueAggregator, MeanPoolClues
 from .backbone import build_backbone
 from .config import FusionConfig
-from .layers import TimeEmbedding, pool_time
+from .layers import TimeEmbedding, masked_mean, pool_time
 from .mctp import MCTPHead
 from .tokens import TokenLayout, layout_for
 
@@ -176,8 +176,7 @@ class FusionModel(nn.Module):
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)
         start = None
         if self.q_query is not None:
-            qm = qmask[..., None].to(question.dtype)
-            q_mean = (question * qm).sum(1) / qm.sum(1).clamp(min=1)                 # (B, D)
+            q_mean = masked_mean(question, qmask)                                     # (B, D)
             read = clues if c.query_clues == "all" else clues[:, -1:]                 # (B, Nc|1, D)
             start = (self.embed.weight[self.layout.assistant] + self.q_query(q_mean)
                      + self.c_query(self.c_norm(read).flatten(1)))                    # (B, D)
