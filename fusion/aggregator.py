@@ -77,3 +77,31 @@ class MeanPoolClues(nn.Module):
         clues = self.proj(sums / counts)
         attn = onehot.transpose(1, 2) / counts                                  # (B, G, S)
         return AggregatorOutput(clues, attn)
+
+
+class CellQuery(nn.Module):
+    """Question-conditioned clues per spatial cell: for each cell, the question picks the
+    moments of that cell's history that matter (attention over time within the cell), and a
+    bilinear gate scores how the pooled cell matches the question ("the red square?"), so a
+    cell can say "it is me" without the backbone having to learn that match by attention."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_q, self.ln_v = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.kv = nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(2 * d, d)
+
+    def forward(self, q_mean, frames, frame_mask):
+        # q_mean (B, D); frames (B, F, N, D); frame_mask (B, F) bool -> (B, N, D)
+        B, F_, N, D = frames.shape
+        H, hd = self.n_head, D // self.n_head
+        q = self.q(self.ln_q(q_mean)).view(B, H, hd)                          # (B, H, hd)
+        k, v = self.kv(self.ln_v(frames)).split(D, dim=-1)                    # (B, F, N, D)
+        s = torch.einsum("bhd,bfnhd->bhnf", q, k.view(B, F_, N, H, hd)) / hd ** 0.5
+        s = s.masked_fill(~frame_mask[:, None, None, :], float("-inf"))       # (B, H, N, F)
+        w = s.softmax(-1).nan_to_num(0.0)
+        pooled = torch.einsum("bhnf,bfnhd->bnhd", w, v.view(B, F_, N, H, hd)).reshape(B, N, D)
+        gate = self.a(pooled) * self.b(self.ln_q(q_mean))[:, None]           # (B, N, D)
+        return self.out(torch.cat([pooled, gate], -1))                       # (B, N, D)

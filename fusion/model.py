@@ -15,7 +15,7 @@ from speech.constants import AUDIO_FEATURE_RATE, SAMPLER_FPS
 from speech.whisper_encoder import AudioEncoder
 from vision.encoder import build_vision_encoder
 
-from .aggregator import AggregatorOutput, ClueAggregator, MeanPoolClues
+from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, MeanPoolClues
 from .backbone import build_backbone
 from .config import FusionConfig
 from .layers import TimeEmbedding, masked_mean, pool_time
@@ -86,9 +86,11 @@ class FusionModel(nn.Module):
             # while the aggregator learns the routing that needs time (which object pulsed with
             # which beep); the ablation table measures what the aggregator adds on top.
             self.pooled = MeanPoolClues(D, n_cells) if c.pooled_clues else None
+            self.cell_query = CellQuery(D, c.n_head) if c.cell_query else None
         else:
             self.aggregator = MeanPoolClues(D, n_cells)
             self.pooled = None                                 # its clues are pooled already
+            self.cell_query = None
         self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
         # question_query: the ASSISTANT input carries a summary of the question and all the
         # clues (flattened: a linear map of the whole scene), so the position that predicts the
@@ -124,6 +126,7 @@ class FusionModel(nn.Module):
         question = self.audio_proj(qf) + self.time_emb(q_t) + self.kind_emb.weight[_QUESTION]
         # context tokens: scene audio and/or video, time-stamped
         parts, masks, times, kinds, cells = [], [], [], [], []
+        frames = None                                                                # (B, Fv, N, D)
         audio_mask = s.audio_mask                                                    # (B, Sa)
         if c.scene_audio_only:  # the scene is silent while the user asks: drop their speech
             q_start = -s.question_len.to(s.audio_times.dtype) / AUDIO_FEATURE_RATE      # (B,)
@@ -146,7 +149,8 @@ class FusionModel(nn.Module):
                 near = ((gap <= 0.5 / SAMPLER_FPS) & audio_mask[:, None, :]).to(v.dtype)
                 heard = near @ s.audio.to(v.dtype) / near.sum(-1, keepdim=True).clamp(min=1)  # (B, Fv, Da)
                 v = v + self.sync_proj(heard)[:, :, None]                            # (B, Fv, N, D)
-            parts.append((v + self.kind_emb.weight[_VISION]).reshape(B, Fv * N, -1))
+            frames = v + self.kind_emb.weight[_VISION]
+            parts.append(frames.reshape(B, Fv * N, -1))
             masks.append(s.frame_mask[:, :, None].expand(B, Fv, N).reshape(B, -1))
             times.append(vt.reshape(B, -1))
             kinds.append(torch.full((B, Fv * N), _VISION, dtype=torch.long, device=dev))
@@ -170,7 +174,11 @@ class FusionModel(nn.Module):
                 # holds the previous scene's last second or two, which a mean over time mixes in
                 t_last = ctimes.masked_fill(~cmask | (ckind != _VISION), float("-inf")).amax(1)  # (B,)
                 pmask = cmask & ((ckind != _VISION) | (ctimes >= t_last[:, None]))
-            clues = torch.cat([clues, self.pooled(question, qmask, context, pmask, ccell).clues], 1)
+            pooled = self.pooled(question, qmask, context, pmask, ccell).clues          # (B, N+1, D)
+            if self.cell_query is not None and frames is not None:
+                cq = self.cell_query(masked_mean(question, qmask), frames, s.frame_mask)  # (B, N, D)
+                pooled = torch.cat([pooled[:, :-1] + cq, pooled[:, -1:]], 1)
+            clues = torch.cat([clues, pooled], 1)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)

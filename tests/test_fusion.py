@@ -316,6 +316,44 @@ def test_pooled_cells_of_the_last_frame_ignore_older_frames(codec):
         preset("tiny", codec.spec, pooled_frame="first")
 
 
+def test_cell_query_makes_each_cell_clue_ask_the_question_of_its_own_history(codec):
+    torch.manual_seed(0)
+    kw = dict(pooled_clues=True, pooled_frame="last")
+    m = FusionModel(preset("tiny", codec.spec, cell_query=True, **kw)).eval()
+    plain = FusionModel(preset("tiny", codec.spec, **kw)).eval()
+    with torch.no_grad():  # weights as after training: the std-0.02 init keeps its effects ~1e-5
+        for p in m.cell_query.parameters():
+            p.normal_(0.0, 0.3)
+    assert m.config.n_prefix_clues == plain.config.n_prefix_clues
+    f = random_features(m.config, batch=2)
+    cells = slice(m.config.n_clues, m.config.n_prefix_clues - 1)
+    audio = m.config.n_prefix_clues - 1
+
+    def changed(model, g):
+        d = (model.prefix(g).embeds - model.prefix(f).embeds).abs().amax(-1) > 1e-4   # (B, P)
+        return d[:, cells], d[:, audio]
+    # an older frame of cell 2 reaches cell 2's clue (not only the last frame) and no other cell
+    g = dataclasses.replace(f, frames=f.frames.clone())
+    g.frames[:, 1, 2] += 1.0
+    c, a = changed(m, g)
+    assert c[:, 2].all() and c.sum().item() == 2 and not a.any(), c
+    assert not changed(plain, g)[0].any()                   # last-frame cells alone ignore it
+    # the question reaches every cell clue (and not the plain pooled cells)
+    g = dataclasses.replace(f, question=f.question + torch.randn_like(f.question))
+    assert changed(m, g)[0].all() and not changed(plain, g)[0].any()
+    # trained, generated, validated
+    m.train()(f, *_text_replies(m, 2)).total.backward()
+    assert all(p.grad is not None for p in m.cell_query.parameters())
+    with pytest.raises(ValueError, match="cell_query"):
+        preset("tiny", codec.spec, cell_query=True)
+
+
+def _text_replies(m, batch):
+    lay = m.layout
+    reply = torch.tensor([[lay.assistant, 11, 12, lay.eot]] * batch)
+    return reply, torch.full((batch,), 4)
+
+
 def test_scene_audio_stops_at_the_question_and_frames_carry_what_was_heard(codec):
     torch.manual_seed(0)
     m = FusionModel(preset("tiny", codec.spec, pooled_clues=True)).eval()

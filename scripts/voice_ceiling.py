@@ -1,0 +1,63 @@
+"""How often the independent recogniser (Whisper tiny.en) hears each demo-world answer right when
+spoken by a candidate agent voice: the ceiling of the eval's "recognised" score for that voice
+(dev tool, not part of the app).
+
+    PYTHONPATH=. python scripts/voice_ceiling.py en-us+m3:165 en-us+m1:150 flite:rms
+
+Voices: `NAME[+VARIANT]:RATE_WPM` for espeak-ng, `flite:VOICE` for Debian's flite (not a
+project dependency: apt-get install flite).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+from math import gcd
+
+import numpy as np
+import torch
+import torchaudio.functional as AF
+
+from fusion import world as W
+from speech.constants import SAMPLE_RATE
+from speech.recognizer import IndependentRecognizer, is_recognized
+from speech.tts import Voice, parse_wav_bytes, synthesize, trim_silence
+
+
+def speak(voice: str, text: str) -> np.ndarray:
+    if voice.startswith("flite:"):
+        if shutil.which("flite") is None:
+            raise SystemExit("flite not found: apt-get install flite")
+        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+            subprocess.run(["flite", "-voice", voice.split(":", 1)[1], "-t", text, "-o", f.name],
+                           check=True)
+            x, sr = parse_wav_bytes(open(f.name, "rb").read())
+        if sr != SAMPLE_RATE:
+            g = gcd(sr, SAMPLE_RATE)
+            x = AF.resample(torch.from_numpy(x), sr // g, SAMPLE_RATE // g).numpy()
+        return trim_silence(x, SAMPLE_RATE)
+    name, _, rate = voice.partition(":")
+    name, _, variant = name.partition("+")
+    return synthesize(text, Voice(name, variant or None, int(rate or 165), 50), SAMPLE_RATE)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("voices", nargs="+", help="en-us+m3:165 | flite:rms ...")
+    a = p.parse_args()
+    rec = IndependentRecognizer(cpu_threads=2)
+    texts = sorted(W.all_answer_texts())
+    for voice in a.voices:
+        missed = []
+        for t in texts:
+            heard = rec.transcribe(speak(voice, t))
+            if not is_recognized(t, heard):
+                missed.append(f"{t!r} -> {heard!r}")
+        ok = len(texts) - len(missed)
+        print(f"{voice}: {ok}/{len(texts)} heard right; missed: {'; '.join(missed) or 'none'}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
