@@ -1,6 +1,10 @@
 """Stage 1a: pretrain the from-scratch encoders on auxiliary labels of the demo world.
 
-Vision: per frame, which object sits in each slot (13 classes) and whether it pulses.
+Vision: per frame, the colour and the shape of what sits in each slot (each with "empty"), and
+whether it pulses. Colour and shape are two heads, not one head over the 12 colour-shape pairs:
+the test split holds out some (colour, shape, slot) triples, and a joint head learnt "never a
+green triangle on the right" (frozen features + a linear probe: held-out triples 0-12% right,
+others 97-99%); with factorised heads and no position embedding, 59-68% after 600 steps.
 Audio: per encoder frame of a 1 s chunk, beep pitch (none/low/high) and speech; per question,
 which words it holds. Cheap, direct supervision, so the encoders are good before they are
 frozen and their features cached for the later stages. The heads are thrown away.
@@ -32,7 +36,13 @@ class EncoderPretrainer(nn.Module):
         assert cols == 3, ("the slot head needs 3 token columns (left/middle/right)", c.vision.grid)
         self.rows = rows
         Dv, Da = c.vision.width, c.audio.n_state
-        self.slot_head = nn.Linear(Dv, len(OBJECT_CLASSES) + 1)  # classes + pulse logit
+        self.n_color = len(W.COLORS) + 1                          # "empty" + colours
+        self.slot_head = nn.Linear(Dv, self.n_color + len(W.SHAPES) + 1 + 1)  # colour, shape, pulse
+        # OBJECT_CLASSES index -> (colour, shape) index, 0 = empty
+        cs = [(0, 0)] + [(1 + list(W.COLORS).index(n.split()[0]), 1 + list(W.SHAPES).index(n.split()[1]))
+                         for n in OBJECT_CLASSES[1:]]
+        self.register_buffer("_color_of", torch.tensor([c for c, _ in cs]), persistent=False)
+        self.register_buffer("_shape_of", torch.tensor([s for _, s in cs]), persistent=False)
         self.beep_head = nn.Linear(Da, len(BEEP_CLASSES) + 1)    # classes + speech logit
         self.word_head = nn.Linear(Da, len(self.vocab))
 
@@ -40,8 +50,11 @@ class EncoderPretrainer(nn.Module):
         # vision: (B, 3, H, W) -> (B, rows*3, Dv) -> per column mean -> (B, 3, Dv)
         v = self.vision_encoder(images)
         v = v.view(v.shape[0], self.rows, 3, -1).mean(1)
-        out = self.slot_head(v)                                         # (B, 3, 14)
-        l_obj = F.cross_entropy(out[..., :-1].flatten(0, 1), slot_cls.flatten())
+        out = self.slot_head(v)                                         # (B, 3, 5 + 4 + 1)
+        nc = self.n_color
+        color, shape = self._color_of[slot_cls], self._shape_of[slot_cls]  # (B, 3) each
+        l_obj = (F.cross_entropy(out[..., :nc].flatten(0, 1), color.flatten())
+                 + F.cross_entropy(out[..., nc:-1].flatten(0, 1), shape.flatten()))
         l_pulse = F.binary_cross_entropy_with_logits(out[..., -1], slot_pulse.float())
         # audio chunks: (B, n_mels, 100) -> (B, 50, Da)
         a = self.beep_head(self.audio_encoder(mel))                    # (B, 50, 4)
@@ -53,7 +66,7 @@ class EncoderPretrainer(nn.Module):
         m = (torch.arange(q.shape[1], device=q.device)[None] < n[:, None]).to(q.dtype)
         pooled = (q * m[..., None]).sum(1) / n[:, None].to(q.dtype)
         l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
-        acc_obj = (out[..., :-1].argmax(-1) == slot_cls).float().mean()
+        acc_obj = ((out[..., :nc].argmax(-1) == color) & (out[..., nc:-1].argmax(-1) == shape)).float().mean()
         return {"loss": l_obj + 0.5 * l_pulse + l_beep + 0.5 * l_speech + l_words,
                 "obj": l_obj.detach(), "beep": l_beep.detach(), "words": l_words.detach(),
                 "acc_obj": acc_obj.detach()}

@@ -275,6 +275,30 @@ def test_encoder_tokens_follow_object_position(preset):
         assert d[1, 0] == d.max() and d[1, 0] > 0.1 * out[0, 3].norm(), d
 
 
+@pytest.mark.parametrize("kind", ["patch", "conv"])
+def test_encoder_without_position_embedding_is_translation_equivariant(kind):
+    # the demo encoder has no position embedding: an object gives the same tokens wherever it
+    # stands (positions are the fusion's cell embeddings), so colour-shape-slot combinations
+    # never seen in training are not misread as ones that were
+    size, patch = (96, 72), 8
+    x = torch.full((2, 3, size[1], size[0]), 0.1)
+    x[0, :, 24:40, 24:40] = torch.tensor([0.9, 0.2, 0.1])[:, None, None]    # patches (3-4, 3-4)
+    x[1, :, 24:40, 56:72] = torch.tensor([0.9, 0.2, 0.1])[:, None, None]    # patches (3-4, 7-8)
+    tokens = {}
+    for pos_emb in (False, True):
+        torch.manual_seed(0)
+        cfg = VisionConfig(image_size=size, width=32, layers=1, heads=2, patch=patch, kind=kind,
+                           grid=(size[0] // patch, size[1] // patch), pos_emb=pos_emb)
+        with torch.no_grad():
+            out = build_vision_encoder(cfg).eval()(x).view(2, 9, 12, -1)          # per patch
+        tokens[pos_emb] = (out[0, 2:6, 2:6], out[1, 2:6, 6:10])                   # object + ring
+    a, b = tokens[False]
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    a, b = tokens[True]
+    assert not torch.allclose(a, b, atol=1e-2)
+    assert VISION_PRESETS["demo"].pos_emb is False
+
+
 def test_vision_config_validation_and_json():
     cfg = VISION_PRESETS["demo"]
     assert VisionConfig(**json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg

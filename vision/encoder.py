@@ -26,6 +26,7 @@ class VisionConfig:
     grid: tuple[int, int] = (3, 3)           # (cols, rows) output tokens per frame
     kind: str = "patch"                      # key in VISION_ENCODERS
     mlp_ratio: int = 4
+    pos_emb: bool = True                     # learned absolute position embedding of the patches
 
     def __post_init__(self):
         # JSON round trips turn tuples into lists: normalise here, the one place we validate
@@ -70,7 +71,10 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     "tiny": VisionConfig(image_size=(48, 36), width=32, layers=1, heads=2, patch=6),
     # conv stem: with a single linear 8x8 patch embedding the demo encoder told colours apart
     # within a few hundred CPU steps but still confused circle/square/triangle
-    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv"),
+    # no position embedding: the tokens then say what is there, and the fusion's cell embeddings
+    # say where, so colour-shape-slot triples never seen in training are still read right
+    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv",
+                         pos_emb=False),
 }
 
 
@@ -158,7 +162,9 @@ class PatchVisionEncoder(nn.Module):
             self.embed = conv_stem(c.width, c.patch)
         else:
             self.embed = nn.Conv2d(3, c.width, kernel_size=c.patch, stride=c.patch)
-        self.pos = nn.Parameter(torch.randn(1, c.width, gh, gw) * 0.02)  # (1, D, gh, gw)
+        # without pos_emb the encoder is translation-equivariant up to the conv padding: an object
+        # gives the same tokens wherever it stands, and position is left to the caller's grid
+        self.pos = nn.Parameter(torch.randn(1, c.width, gh, gw) * 0.02) if c.pos_emb else None
         self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp_ratio)
                                     for _ in range(c.layers))
         self.norm = nn.LayerNorm(c.width)
@@ -181,7 +187,9 @@ class PatchVisionEncoder(nn.Module):
         if images.dim() != 4 or tuple(images.shape[1:]) != (3, h, w):
             raise ValueError(f"PatchVisionEncoder expects (B, 3, {h}, {w}) images from "
                              f"preprocess(), got {tuple(images.shape)}")
-        x = self.embed((images - 0.5) * 4.0) + self.pos                  # (B, D, gh, gw)
+        x = self.embed((images - 0.5) * 4.0)                             # (B, D, gh, gw)
+        if self.pos is not None:
+            x = x + self.pos
         b, d, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)                                 # (B, gh*gw, D)
         for block in self.blocks:
