@@ -110,7 +110,21 @@ def accuracy_table(records: list[dict]) -> dict:
     for key, name in (("group", "by_group"), ("qtype", "by_type")):
         for v in sorted({r[key] for r in records}):
             out[name][v] = acc([r for r in records if r[key] == v])
+    if any(r.get("heldout_triple") is not None for r in records):
+        out["by_scene"] = {k: acc([r for r in records if r.get("heldout_triple") is v])
+                           for k, v in (("held-out triple", True), ("seen triples only", False))}
     return out
+
+
+def heldout_triple_turns(session_json: dict) -> list[bool] | None:
+    """Per turn of a demo-world session: does its scene show a colour-shape-slot triple that
+    the training split never shows (`world.HELDOUT_TRIPLES`)? None for other sessions."""
+    from .world import HELDOUT_TRIPLES
+    spec = session_json.get("spec") if session_json.get("world") == "demo" else None
+    if not isinstance(spec, dict):
+        return None
+    return [any((o["color"], o["shape"], o["slot"]) in HELDOUT_TRIPLES for o in t["scene"]["objects"])
+            for t in spec["turns"]]
 
 
 def code_agreement(a, b) -> float | None:
@@ -235,9 +249,12 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
         by_turn = {r.turn: None if c is None else _stack(c, agent.codec.n_q) for r, c in zip(rep.turns, codes)}
         turns += rep.turns
         qs = question_events(load_session(sdir))
+        held = heldout_triple_turns(json.loads((sdir / "session.json").read_text()))
         for q, r in zip(qs, match_turns(rep.turns, qs)):
-            rec = {"session": sdir.name, "turn": q.get("turn"), "qtype": q.get("qtype"),
+            turn = q.get("turn")
+            rec = {"session": sdir.name, "turn": turn, "qtype": q.get("qtype"),
                    "group": q.get("group"), "question": q.get("text"), "expected": q.get("answer"),
+                   "heldout_triple": held[turn] if held and isinstance(turn, int) and turn < len(held) else None,
                    "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
             if r is not None:
                 rec.update(engine_turn=r.turn, text=r.text, correct=answers_match(r.text, q.get("answer", "")),
@@ -420,10 +437,11 @@ def evaluate(options: EvalOptions) -> EvalReport:
 
 def _turn_rows(recs: dict) -> list[dict]:
     """One row per question: ground truth plus, per mode, what the agent said and its scores."""
-    skip = {"session", "turn", "qtype", "group", "question", "expected", "codes", "audio"}
+    keep = ("session", "turn", "qtype", "group", "question", "expected", "heldout_triple")
+    skip = {*keep, "codes", "audio"}
     rows = []
     for i, base in enumerate(next(iter(recs.values()))):
-        row = {k: base[k] for k in ("session", "turn", "qtype", "group", "question", "expected")}
+        row = {k: base.get(k) for k in keep}
         row["modes"] = {m: {k: v for k, v in rs[i].items() if k not in skip} for m, rs in recs.items()}
         rows.append(row)
     return rows

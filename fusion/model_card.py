@@ -67,6 +67,12 @@ def eval_markdown(results: dict) -> str:
            "Engine columns: the session engine on the recorded sessions (VAD turns, streaming "
            "encoders); ablation columns: the text-only fast path on ground-truth question spans.", "",
            accuracy_markdown(r), ""]
+    scenes = {m: s["accuracy"].get("by_scene") for m, s in modes.items() if s["accuracy"].get("by_scene")}
+    if scenes:
+        out += ["Scenes with a colour-shape-slot triple the training split never shows, vs the rest: "
+                + "; ".join(f"{m} {_pct(b['held-out triple']['accuracy'])} (n={b['held-out triple']['n']}) "
+                            f"vs {_pct(b['seen triples only']['accuracy'])} (n={b['seen triples only']['n']})"
+                            for m, b in scenes.items()) + ".", ""]
     missed = {m: s["missed"] for m, s in modes.items() if s["missed"]}
     if missed:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]

@@ -10,7 +10,7 @@ import torch
 
 from fusion.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
                          dtw_mel_distance, encoder_fingerprint, evaluate, match_turns,
-                         normalize_answer, recognise)
+                         heldout_triple_turns, normalize_answer, recognise)
 
 STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
              stages=("encoders", "align", "sft"))   # MCTP modules untrained: still MCTP decoding
@@ -79,6 +79,11 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert c["forwards_speedup"] > 1.5 and c["turns_compared"] == 2 and 0 <= c["audio_token_agreement"] <= 1
     assert r["spoken_reference"]["n"] == 2 and r["spoken_reference"]["recognised"] is not None
     assert [t["expected"] for t in r["turns"]] == [e["answer"] for e in events if e["type"] == "question"]
+    # each question knows whether its scene shows a colour-shape-slot triple training never shows
+    held = heldout_triple_turns(json.loads((world / "data/test/00000/session.json").read_text()))
+    assert [t["heldout_triple"] for t in r["turns"]] == [held[e["turn"]] for e in events if e["type"] == "question"]
+    scenes = r["modes"]["vanilla"]["accuracy"]["by_scene"]
+    assert scenes["held-out triple"]["n"] + scenes["seen triples only"]["n"] == 2
     # the ablation: trained from the main run's encoders, with its own config
     # (align only; the control is the main run's own align checkpoint: same steps, seed, init)
     assert set(r["ablations"]["models"]) == {"main", "full", "mean"}
@@ -93,7 +98,8 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     assert r["ablations"]["models"]["mean"]["n"] == 2
     md = (out / "eval.md").read_text()
     for section in ("## Answer accuracy", "## Vanilla vs MCTP", "## Spoken answers", "## Latency",
-                    "no aggregator (mean)", "main (text only)", "full model, same budget", *qtypes):
+                    "no aggregator (mean)", "main (text only)", "full model, same budget",
+                    "training split never shows", *qtypes):
         assert section in md, section
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert rep.accuracy("mctp") == r["modes"]["mctp"]["accuracy"]["overall"]
@@ -112,7 +118,16 @@ def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
     t = accuracy_table(recs)
     assert t["overall"] == 0.5 and t["n"] == 4
     assert t["by_type"]["pitch"] == {"accuracy": 0.5, "n": 2} and t["by_group"]["visual"]["accuracy"] == 1.0
-    assert t["by_group"]["audio-visual"] == {"accuracy": 0.0, "n": 1}
+    assert t["by_group"]["audio-visual"] == {"accuracy": 0.0, "n": 1} and "by_scene" not in t
+    for r, held in zip(recs, (True, True, False, None)):
+        r["heldout_triple"] = held
+    t = accuracy_table(recs)["by_scene"]
+    assert t == {"held-out triple": {"accuracy": 0.5, "n": 2}, "seen triples only": {"accuracy": 1.0, "n": 1}}
+    session = {"world": "demo", "spec": {"turns": [
+        {"scene": {"objects": [{"color": "green", "shape": "triangle", "slot": "right"}]}},
+        {"scene": {"objects": [{"color": "green", "shape": "triangle", "slot": "left"}]}}]}}
+    assert heldout_triple_turns(session) == [True, False]
+    assert heldout_triple_turns({"world": "recorded"}) is None
 
 
 def test_questions_match_the_last_overlapping_turn():
