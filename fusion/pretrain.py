@@ -1,10 +1,10 @@
 """Stage 1a: pretrain the from-scratch encoders on auxiliary labels of the demo world.
 
-Vision: per frame, the colour and the shape of what sits in each slot (each with "empty"), and
-whether it pulses. Colour and shape are two heads, not one head over the 12 colour-shape pairs:
-the test split holds out some (colour, shape, slot) triples, and a joint head learnt "never a
-green triangle on the right" (frozen features + a linear probe: held-out triples 0-12% right,
-others 97-99%); with factorised heads and no position embedding, 59-68% after 600 steps.
+Vision: per frame, what sits in each slot and whether it pulses. `slot_heads="joint"` (the
+default) is one head over the 13 classes (empty + 12 colour-shape pairs); "factorised" is one
+colour head and one shape head (each with "empty"). The test split holds out some (colour,
+shape, slot) triples, and the joint head learns "never a green triangle on the right" (frozen
+features + a linear probe: held-out triples 0-12% right, the others 97-99%); see CONTRIBUTING.
 Audio: per encoder frame of a 1 s chunk, beep pitch (none/low/high) and speech; per question,
 which words it holds. Cheap, direct supervision, so the encoders are good before they are
 frozen and their features cached for the later stages. The heads are thrown away.
@@ -26,9 +26,14 @@ from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_l
                        question_vocab, words_of)
 
 
+SLOT_HEADS = ("joint", "factorised")
+
+
 class EncoderPretrainer(nn.Module):
-    def __init__(self, model):
+    def __init__(self, model, slot_heads: str = "joint"):
         super().__init__()
+        if slot_heads not in SLOT_HEADS:
+            raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {slot_heads!r}")
         c = model.config
         self.audio_encoder, self.vision_encoder = model.audio_encoder, model.vision_encoder
         self.vocab = question_vocab()
@@ -36,13 +41,14 @@ class EncoderPretrainer(nn.Module):
         assert cols == 3, ("the slot head needs 3 token columns (left/middle/right)", c.vision.grid)
         self.rows = rows
         Dv, Da = c.vision.width, c.audio.n_state
-        self.n_color = len(W.COLORS) + 1                          # "empty" + colours
-        self.slot_head = nn.Linear(Dv, self.n_color + len(W.SHAPES) + 1 + 1)  # colour, shape, pulse
-        # OBJECT_CLASSES index -> (colour, shape) index, 0 = empty
-        cs = [(0, 0)] + [(1 + list(W.COLORS).index(n.split()[0]), 1 + list(W.SHAPES).index(n.split()[1]))
-                         for n in OBJECT_CLASSES[1:]]
-        self.register_buffer("_color_of", torch.tensor([c for c, _ in cs]), persistent=False)
-        self.register_buffer("_shape_of", torch.tensor([s for _, s in cs]), persistent=False)
+        # targets per head: OBJECT_CLASSES index -> class of that head (0 = empty)
+        colour = [0] + [1 + list(W.COLORS).index(n.split()[0]) for n in OBJECT_CLASSES[1:]]
+        shape = [0] + [1 + list(W.SHAPES).index(n.split()[1]) for n in OBJECT_CLASSES[1:]]
+        maps = ([list(range(len(OBJECT_CLASSES)))] if slot_heads == "joint" else [colour, shape])
+        self.head_sizes = [max(m) + 1 for m in maps]
+        for i, m in enumerate(maps):
+            self.register_buffer(f"_target{i}", torch.tensor(m), persistent=False)
+        self.slot_head = nn.Linear(Dv, sum(self.head_sizes) + 1)  # the heads' classes + pulse logit
         self.beep_head = nn.Linear(Da, len(BEEP_CLASSES) + 1)    # classes + speech logit
         self.word_head = nn.Linear(Da, len(self.vocab))
 
@@ -50,11 +56,13 @@ class EncoderPretrainer(nn.Module):
         # vision: (B, 3, H, W) -> (B, rows*3, Dv) -> per column mean -> (B, 3, Dv)
         v = self.vision_encoder(images)
         v = v.view(v.shape[0], self.rows, 3, -1).mean(1)
-        out = self.slot_head(v)                                         # (B, 3, 5 + 4 + 1)
-        nc = self.n_color
-        color, shape = self._color_of[slot_cls], self._shape_of[slot_cls]  # (B, 3) each
-        l_obj = (F.cross_entropy(out[..., :nc].flatten(0, 1), color.flatten())
-                 + F.cross_entropy(out[..., nc:-1].flatten(0, 1), shape.flatten()))
+        out = self.slot_head(v)                                         # (B, 3, classes + 1)
+        l_obj, right, i0 = 0.0, torch.ones_like(slot_cls, dtype=torch.bool), 0
+        for i, n in enumerate(self.head_sizes):
+            logits, target = out[..., i0:i0 + n], getattr(self, f"_target{i}")[slot_cls]  # (B, 3, n)
+            l_obj = l_obj + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            right &= logits.argmax(-1) == target
+            i0 += n
         l_pulse = F.binary_cross_entropy_with_logits(out[..., -1], slot_pulse.float())
         # audio chunks: (B, n_mels, 100) -> (B, 50, Da)
         a = self.beep_head(self.audio_encoder(mel))                    # (B, 50, 4)
@@ -66,7 +74,7 @@ class EncoderPretrainer(nn.Module):
         m = (torch.arange(q.shape[1], device=q.device)[None] < n[:, None]).to(q.dtype)
         pooled = (q * m[..., None]).sum(1) / n[:, None].to(q.dtype)
         l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
-        acc_obj = ((out[..., :nc].argmax(-1) == color) & (out[..., nc:-1].argmax(-1) == shape)).float().mean()
+        acc_obj = right.float().mean()
         return {"loss": l_obj + 0.5 * l_pulse + l_beep + 0.5 * l_speech + l_words,
                 "obj": l_obj.detach(), "beep": l_beep.detach(), "words": l_words.detach(),
                 "acc_obj": acc_obj.detach()}

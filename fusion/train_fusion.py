@@ -45,6 +45,7 @@ class FusionTrainOptions:
     mctp_steps: int = 250
     batch: int = 32
     aux_batch: int = 24
+    slot_heads: str = "joint"            # encoder pretraining: "joint" | "factorised" colour + shape
     lr: float = 1e-3
     max_train_turns: int | None = None
     seed: int = 0
@@ -66,6 +67,9 @@ class FusionTrainOptions:
             raise ValueError(f"ablation must be one of {[a for a in ABLATIONS if a]}, got {self.ablation!r}")
         if self.batch < 1 or self.aux_batch < 1:
             raise ValueError("batch sizes must be >= 1")
+        from .pretrain import SLOT_HEADS
+        if self.slot_heads not in SLOT_HEADS:
+            raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {self.slot_heads!r}")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
         if self.amp not in AMP_CHOICES:
@@ -216,7 +220,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     # --- 1a: encoders ---------------------------------------------------------------------------
     if "encoders" in o.stages and not stage_file("encoders").exists():
         t0 = time.perf_counter()
-        pre = EncoderPretrainer(model).to(device)
+        pre = EncoderPretrainer(model, o.slot_heads).to(device)
         mods = [pre.vision_encoder, pre.slot_head, pre.beep_head, pre.word_head]
         if not o.whisper:  # a pretrained Whisper encoder stays as it is
             mods.append(pre.audio_encoder)
@@ -329,6 +333,9 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--sample", default=d.sample, choices=SAMPLING,
                    help="align/sft/mctp batches: uniform over the cached turns, or each question type "
                         "equally often (default: %(default)s)")
+    g.add_argument("--slot-heads", default=d.slot_heads, choices=["joint", "factorised"],
+                   help="encoder pretraining: one head over colour-shape pairs per slot, or separate "
+                        "colour and shape heads (default: %(default)s)")
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
@@ -344,7 +351,7 @@ def run_fusion(args) -> None:
         preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
-        lr=args.lr, amp=args.amp, sample=args.sample, max_train_turns=args.max_train_turns, seed=args.seed,
+        lr=args.lr, amp=args.amp, sample=args.sample, slot_heads=args.slot_heads, max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
     train_fusion(o)

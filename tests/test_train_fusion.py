@@ -107,6 +107,31 @@ def test_bad_options_are_refused():
         FusionTrainOptions(stages=("warmup",))
     with pytest.raises(ValueError, match="hf-model"):
         FusionTrainOptions(preset="pretrained")
+    with pytest.raises(ValueError, match="slot_heads"):
+        FusionTrainOptions(slot_heads="pairs")
+
+
+def test_factorised_slot_heads_learn_colour_and_shape_apart(world, tmp_path):
+    from fusion.model import FusionModel
+    from fusion.pretrain import EncoderPretrainer
+    from fusion.trainset import OBJECT_CLASSES
+    model = FusionModel(_tiny_config(world))
+    joint, fact = EncoderPretrainer(model), EncoderPretrainer(model, "factorised")
+    assert joint.head_sizes == [13] and fact.head_sizes == [5, 4]
+    assert joint.slot_head.out_features == 14 and fact.slot_head.out_features == 10
+    gt = OBJECT_CLASSES.index("green triangle")
+    same_colour = OBJECT_CLASSES.index("green circle")
+    assert fact._target0[gt] == fact._target0[same_colour] != fact._target0[0] == 0
+    assert fact._target1[gt] != fact._target1[same_colour]
+    assert joint._target0[gt] == gt
+    train_fusion(opts(world, tmp_path / "run", stages=("encoders",), slot_heads="factorised"))
+    hist = json.loads((tmp_path / "run" / "encoders.history.json").read_text())
+    assert len(hist) == STEPS["encoder_steps"] and all(0 <= h["acc_obj"] <= 1 for h in hist)
+
+
+def _tiny_config(world):
+    from fusion.config import preset
+    return preset("tiny", load_codec(world / "codec").spec)
 
 
 def test_loop_checkpoints_unless_told_not_to(tmp_path):

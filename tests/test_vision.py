@@ -277,9 +277,8 @@ def test_encoder_tokens_follow_object_position(preset):
 
 @pytest.mark.parametrize("kind", ["patch", "conv"])
 def test_encoder_without_position_embedding_is_translation_equivariant(kind):
-    # the demo encoder has no position embedding: an object gives the same tokens wherever it
-    # stands (positions are the fusion's cell embeddings), so colour-shape-slot combinations
-    # never seen in training are not misread as ones that were
+    # pos_emb=False: an object gives the same tokens wherever it stands (positions are then the
+    # fusion's cell embeddings)
     size, patch = (96, 72), 8
     x = torch.full((2, 3, size[1], size[0]), 0.1)
     x[0, :, 24:40, 24:40] = torch.tensor([0.9, 0.2, 0.1])[:, None, None]    # patches (3-4, 3-4)
@@ -296,7 +295,6 @@ def test_encoder_without_position_embedding_is_translation_equivariant(kind):
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
     a, b = tokens[True]
     assert not torch.allclose(a, b, atol=1e-2)
-    assert VISION_PRESETS["demo"].pos_emb is False
 
 
 def test_vision_config_validation_and_json():

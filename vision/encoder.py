@@ -71,10 +71,7 @@ VISION_PRESETS: dict[str, VisionConfig] = {
     "tiny": VisionConfig(image_size=(48, 36), width=32, layers=1, heads=2, patch=6),
     # conv stem: with a single linear 8x8 patch embedding the demo encoder told colours apart
     # within a few hundred CPU steps but still confused circle/square/triangle
-    # no position embedding: the tokens then say what is there, and the fusion's cell embeddings
-    # say where, so colour-shape-slot triples never seen in training are still read right
-    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv",
-                         pos_emb=False),
+    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv"),
 }
 
 
