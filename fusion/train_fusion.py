@@ -351,7 +351,8 @@ def run_fusion(args) -> None:
         preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
-        lr=args.lr, amp=args.amp, sample=args.sample, slot_heads=args.slot_heads, max_train_turns=args.max_train_turns, seed=args.seed,
+        lr=args.lr, amp=args.amp, sample=args.sample, slot_heads=args.slot_heads,
+        max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
     train_fusion(o)
