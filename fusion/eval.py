@@ -248,8 +248,8 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
         codes = tap.replies if len(tap.replies) == len(rep.turns) else [None] * len(rep.turns)
         by_turn = {r.turn: None if c is None else _stack(c, agent.codec.n_q) for r, c in zip(rep.turns, codes)}
         turns += rep.turns
-        qs = question_events(load_session(sdir))
-        held = heldout_triple_turns(json.loads((sdir / "session.json").read_text()))
+        session = load_session(sdir)
+        qs, held = question_events(session), heldout_triple_turns(session.meta)
         for q, r in zip(qs, match_turns(rep.turns, qs)):
             turn = q.get("turn")
             rec = {"session": sdir.name, "turn": turn, "qtype": q.get("qtype"),

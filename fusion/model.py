@@ -124,6 +124,7 @@ class FusionModel(nn.Module):
         qmask = torch.arange(Tq, device=dev)[None] < qlen[:, None]                   # (B, Tq')
         q_t = (torch.arange(Tq, device=dev)[None] - qlen[:, None] + 1).float() * (c.question_pool / AUDIO_FEATURE_RATE)
         question = self.audio_proj(qf) + self.time_emb(q_t) + self.kind_emb.weight[_QUESTION]
+        q_mean = masked_mean(question, qmask)                                        # (B, D)
         # context tokens: scene audio and/or video, time-stamped
         parts, masks, times, kinds, cells = [], [], [], [], []
         frames = None                                                                # (B, Fv, N, D)
@@ -176,7 +177,7 @@ class FusionModel(nn.Module):
                 pmask = cmask & ((ckind != _VISION) | (ctimes >= t_last[:, None]))
             pooled = self.pooled(question, qmask, context, pmask, ccell).clues          # (B, N+1, D)
             if self.cell_query is not None and frames is not None:
-                cq = self.cell_query(masked_mean(question, qmask), frames, s.frame_mask)  # (B, N, D)
+                cq = self.cell_query(q_mean, frames, s.frame_mask)                      # (B, N, D)
                 pooled = torch.cat([pooled[:, :-1] + cq, pooled[:, -1:]], 1)
             clues = torch.cat([clues, pooled], 1)
         Nc = clues.shape[1]
@@ -184,7 +185,6 @@ class FusionModel(nn.Module):
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)
         start = None
         if self.q_query is not None:
-            q_mean = masked_mean(question, qmask)                                     # (B, D)
             read = clues if c.query_clues == "all" else clues[:, -1:]                 # (B, Nc|1, D)
             start = (self.embed.weight[self.layout.assistant] + self.q_query(q_mean)
                      + self.c_query(self.c_norm(read).flatten(1)))                    # (B, D)

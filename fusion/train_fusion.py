@@ -333,7 +333,8 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--sample", default=d.sample, choices=SAMPLING,
                    help="align/sft/mctp batches: uniform over the cached turns, or each question type "
                         "equally often (default: %(default)s)")
-    g.add_argument("--slot-heads", default=d.slot_heads, choices=["joint", "factorised"],
+    from .pretrain import SLOT_HEADS
+    g.add_argument("--slot-heads", default=d.slot_heads, choices=SLOT_HEADS,
                    help="encoder pretraining: one head over colour-shape pairs per slot, or separate "
                         "colour and shape heads (default: %(default)s)")
     g.add_argument("--max-train-turns", type=int, default=None)
