@@ -22,6 +22,7 @@ from speech.whisper_encoder import log_mel
 from vision.encoder import preprocess
 
 from . import world as W
+from .layers import masked_mean
 from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels,
                        question_vocab, words_of)
 
@@ -70,9 +71,8 @@ class EncoderPretrainer(nn.Module):
         l_speech = F.binary_cross_entropy_with_logits(a[..., -1], speech.float())
         # questions: padded mel + lengths -> mean over valid frames -> word bag
         q = self.audio_encoder(q_mel, q_len)                           # (B, Tq, Da)
-        n = (q_len + 1) // 2
-        m = (torch.arange(q.shape[1], device=q.device)[None] < n[:, None]).to(q.dtype)
-        pooled = (q * m[..., None]).sum(1) / n[:, None].to(q.dtype)
+        n = (q_len + 1) // 2                                           # valid encoder frames
+        pooled = masked_mean(q, torch.arange(q.shape[1], device=q.device)[None] < n[:, None])
         l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
         acc_obj = right.float().mean()
         return {"loss": l_obj + 0.5 * l_pulse + l_beep + 0.5 * l_speech + l_words,
