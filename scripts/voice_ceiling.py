@@ -4,8 +4,8 @@ spoken by a candidate agent voice: the ceiling of the eval's "recognised" score 
 
     PYTHONPATH=. python scripts/voice_ceiling.py en-us+m3:165 en-us+m1:150 flite:rms
 
-Voices: `NAME[+VARIANT]:RATE_WPM` for espeak-ng, `flite:VOICE` for Debian's flite (not a
-project dependency: apt-get install flite).
+Voices: `NAME[+VARIANT][:RATE_WPM]` for espeak-ng (rate and pitch default to the agent
+voice's), `flite:VOICE` for Debian's flite (not a project dependency: apt-get install flite).
 """
 from __future__ import annotations
 
@@ -13,16 +13,14 @@ import argparse
 import shutil
 import subprocess
 import tempfile
-from math import gcd
 
 import numpy as np
-import torch
-import torchaudio.functional as AF
 
 from fusion import world as W
+from speech.audio import resample
 from speech.constants import SAMPLE_RATE
 from speech.recognizer import IndependentRecognizer, is_recognized
-from speech.tts import Voice, parse_wav_bytes, synthesize, trim_silence
+from speech.tts import AGENT_VOICE, Voice, parse_wav_bytes, synthesize, trim_silence
 
 
 def speak(voice: str, text: str) -> np.ndarray:
@@ -33,13 +31,11 @@ def speak(voice: str, text: str) -> np.ndarray:
             subprocess.run(["flite", "-voice", voice.split(":", 1)[1], "-t", text, "-o", f.name],
                            check=True)
             x, sr = parse_wav_bytes(open(f.name, "rb").read())
-        if sr != SAMPLE_RATE:
-            g = gcd(sr, SAMPLE_RATE)
-            x = AF.resample(torch.from_numpy(x), sr // g, SAMPLE_RATE // g).numpy()
-        return trim_silence(x, SAMPLE_RATE)
+        return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
     name, _, rate = voice.partition(":")
     name, _, variant = name.partition("+")
-    return synthesize(text, Voice(name, variant or None, int(rate or 165), 50), SAMPLE_RATE)
+    voice = Voice(name, variant or None, int(rate or AGENT_VOICE.rate_wpm), AGENT_VOICE.pitch)
+    return synthesize(text, voice, SAMPLE_RATE)
 
 
 def main():
