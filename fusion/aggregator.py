@@ -105,3 +105,25 @@ class CellQuery(nn.Module):
         pooled = torch.einsum("bhnf,bfnhd->bnhd", w, v.view(B, F_, N, H, hd)).reshape(B, N, D)
         gate = self.a(pooled) * self.b(self.ln_q(q_mean))[:, None]           # (B, N, D)
         return self.out(torch.cat([pooled, gate], -1))                       # (B, N, D)
+
+
+class SoundCells(nn.Module):
+    """Which cell made the sound, as evidence per cell: each frame's cell features times the
+    scene audio heard around that frame (both projected), averaged over the frames. A cell
+    that pulses while a beep is heard scores on the (pulse x beep) directions; a silent
+    distractor pulse never overlaps a beep and a constant object scores the same in every
+    scene, so the backbone reads "this one beeped" off one clue instead of learning the
+    frame-by-frame coincidence as attention routing."""
+
+    def __init__(self, d_vision: int, d_audio: int, d: int):
+        super().__init__()
+        self.v = nn.Sequential(nn.LayerNorm(d_vision), nn.Linear(d_vision, d))
+        self.a = nn.Sequential(nn.LayerNorm(d_audio), nn.Linear(d_audio, d))
+        self.out = nn.Linear(d, d)
+
+    def forward(self, frames, heard, frame_mask):
+        # frames (B, F, N, Dv) encoder tokens; heard (B, F, Da) scene audio around each frame;
+        # frame_mask (B, F) bool -> (B, N, D)
+        z = self.v(frames) * self.a(heard)[:, :, None]                          # (B, F, N, D)
+        m = frame_mask[:, :, None, None].to(z.dtype)                            # (B, F, 1, 1)
+        return self.out((z * m).sum(1) / m.sum(1).clamp(min=1))

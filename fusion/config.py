@@ -43,6 +43,7 @@ class FusionConfig:
     pooled_clues: bool = False           # "cat": also pass the per-cell / audio means (see model)
     pooled_frame: str = "mean"           # pooled cells: "mean" over the context | "last" frame only
     cell_query: bool = False             # "cat" + pooled_clues: question-conditioned cells (CellQuery)
+    sound_cells: bool = False            # "cat" + pooled_clues: each cell's pulse x beep evidence (SoundCells)
     question_query: bool = False         # the ASSISTANT input carries the question and the clues
     query_clues: str = "all"             # ... all clues, or "audio": the pooled scene-audio clue only
     av_sync: bool = False                # add the scene audio around each frame's time to its tokens
@@ -70,6 +71,8 @@ class FusionConfig:
              "query_clues='audio' reads the pooled scene-audio clue: set pooled_clues=True")
         need(not self.cell_query or (self.aggregator == "cat" and self.pooled_clues),
              "cell_query adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
+        need(not self.sound_cells or (self.aggregator == "cat" and self.pooled_clues),
+             "sound_cells adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         need(self.backbone != "hf" or self.hf_model or self.hf_config,

@@ -15,7 +15,7 @@ from speech.constants import AUDIO_FEATURE_RATE, SAMPLER_FPS
 from speech.whisper_encoder import AudioEncoder
 from vision.encoder import build_vision_encoder
 
-from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, MeanPoolClues
+from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, MeanPoolClues, SoundCells
 from .backbone import build_backbone
 from .config import FusionConfig
 from .layers import TimeEmbedding, masked_mean, pool_time
@@ -87,10 +87,12 @@ class FusionModel(nn.Module):
             # which beep); the ablation table measures what the aggregator adds on top.
             self.pooled = MeanPoolClues(D, n_cells) if c.pooled_clues else None
             self.cell_query = CellQuery(D, c.n_head) if c.cell_query else None
+            self.sound_cells = SoundCells(c.vision.width, c.audio.n_state, D) if c.sound_cells else None
         else:
             self.aggregator = MeanPoolClues(D, n_cells)
             self.pooled = None                                 # its clues are pooled already
             self.cell_query = None
+            self.sound_cells = None
         self.embed = nn.Embedding(self.layout.vocab_size, D)  # text + specials + audio, tied heads
         # question_query: the ASSISTANT input carries a summary of the question and all the
         # clues (flattened: a linear map of the whole scene), so the position that predicts the
@@ -127,7 +129,7 @@ class FusionModel(nn.Module):
         q_mean = masked_mean(question, qmask)                                        # (B, D)
         # context tokens: scene audio and/or video, time-stamped
         parts, masks, times, kinds, cells = [], [], [], [], []
-        frames = None                                                                # (B, Fv, N, D)
+        frames = heard = None                                                        # (B, Fv, N, D), (B, Fv, Da)
         audio_mask = s.audio_mask                                                    # (B, Sa)
         if c.scene_audio_only:  # the scene is silent while the user asks: drop their speech
             q_start = -s.question_len.to(s.audio_times.dtype) / AUDIO_FEATURE_RATE      # (B,)
@@ -145,10 +147,11 @@ class FusionModel(nn.Module):
             _, Fv, N, _ = s.frames.shape
             vt = s.frame_times[:, :, None].expand(B, Fv, N)                          # (B, Fv, N)
             v = self.vision_proj(s.frames) + self.time_emb(vt) + self.cell_emb.weight[None, None]
-            if self.sync_proj is not None and use_audio:
+            if (self.sync_proj is not None or self.sound_cells is not None) and use_audio:
                 gap = (s.audio_times[:, None, :] - s.frame_times[:, :, None]).abs()  # (B, Fv, Sa)
                 near = ((gap <= 0.5 / SAMPLER_FPS) & audio_mask[:, None, :]).to(v.dtype)
                 heard = near @ s.audio.to(v.dtype) / near.sum(-1, keepdim=True).clamp(min=1)  # (B, Fv, Da)
+            if self.sync_proj is not None and heard is not None:
                 v = v + self.sync_proj(heard)[:, :, None]                            # (B, Fv, N, D)
             frames = v + self.kind_emb.weight[_VISION]
             parts.append(frames.reshape(B, Fv * N, -1))
@@ -179,6 +182,9 @@ class FusionModel(nn.Module):
             if self.cell_query is not None and frames is not None:
                 cq = self.cell_query(q_mean, frames, s.frame_mask)                      # (B, N, D)
                 pooled = torch.cat([pooled[:, :-1] + cq, pooled[:, -1:]], 1)
+            if self.sound_cells is not None and heard is not None:
+                sc = self.sound_cells(s.frames, heard, s.frame_mask)                    # (B, N, D)
+                pooled = torch.cat([pooled[:, :-1] + sc, pooled[:, -1:]], 1)
             clues = torch.cat([clues, pooled], 1)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)

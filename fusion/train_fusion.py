@@ -26,8 +26,9 @@ SAMPLING = ("uniform", "by_type")
 # align/sft train every model part but these (pooled clues, av-sync projector included: listing
 # parts by hand once left the pooled clues' projection untrained); mctp trains only `mctp`
 FROZEN_AFTER_ENCODERS = ("audio_encoder", "vision_encoder", "mctp")
-ABLATIONS = {None: {}, "none": {}, "full": {}, "mean": {"aggregator": "mean"}, "vision": {"modalities": ("vision",)},
-             "audio": {"modalities": ("audio",)}}
+# "mean" (no aggregator) also drops the cell clues' extras, which work beside the CAT clues
+ABLATIONS = {None: {}, "none": {}, "full": {}, "vision": {"modalities": ("vision",)}, "audio": {"modalities": ("audio",)},
+             "mean": {"aggregator": "mean", "cell_query": False, "sound_cells": False}}
 
 
 @dataclass(frozen=True)

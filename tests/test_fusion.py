@@ -228,8 +228,10 @@ def test_tokenizer_mismatch_refused(model, tmp_path):
 
 
 def test_ablation_configs_run(codec):
-    for kw in [dict(aggregator="mean"), dict(modalities=("vision",)), dict(modalities=("audio",))]:
-        m = FusionModel(preset("tiny", codec.spec, **kw)).eval()
+    from fusion.train_fusion import ABLATIONS
+    full = preset("tiny", codec.spec, pooled_clues=True, cell_query=True, sound_cells=True, question_query=True)
+    for name in ("mean", "vision", "audio"):
+        m = FusionModel(full.replace(**ABLATIONS[name])).eval()
         feats = random_features(m.config, batch=2)
         p = m.prefix(feats)
         assert torch.isfinite(p.embeds).all()
@@ -314,6 +316,38 @@ def test_pooled_cells_of_the_last_frame_ignore_older_frames(codec):
     assert not masked[1].any(), masked
     with pytest.raises(ValueError, match="pooled_frame"):
         preset("tiny", codec.spec, pooled_frame="first")
+
+
+def test_sound_cells_give_each_cell_clue_its_pulse_while_beep_evidence(codec):
+    torch.manual_seed(0)
+    kw = dict(pooled_clues=True, pooled_frame="last", av_sync=False)   # no other audio->cell path
+    m = FusionModel(preset("tiny", codec.spec, sound_cells=True, **kw)).eval()
+    plain = FusionModel(preset("tiny", codec.spec, **kw)).eval()
+    with torch.no_grad():  # weights as after training: the std-0.02 init keeps its effects tiny
+        for p in m.sound_cells.parameters():
+            p.normal_(0.0, 0.3)
+    f = random_features(m.config, batch=2)                   # questions start at -1.2 s or later
+    cells = slice(m.config.n_clues, m.config.n_prefix_clues - 1)
+
+    def changed(model, g):
+        return ((model.prefix(g).embeds - model.prefix(f).embeds).abs().amax(-1) > 1e-4)[:, cells]
+    # an older frame of cell 2 (heard audio around it) reaches cell 2's clue only
+    g = dataclasses.replace(f, frames=f.frames.clone())
+    g.frames[:, 1, 2] += torch.randn_like(g.frames[:, 1, 2])  # (not a constant: LayerNorm drops it)
+    c = changed(m, g)
+    assert c[:, 2].all() and c.sum().item() == 2, c
+    assert not changed(plain, g).any()                       # last-frame cells alone ignore it
+    # scene audio before the question reaches every cell; audio during the question none
+    before = (f.audio_times > -3.2) & (f.audio_times < -2.8)
+    g = dataclasses.replace(f, audio=f.audio + 3.0 * before[..., None] * torch.randn_like(f.audio))
+    assert changed(m, g).all() and not changed(plain, g).any()
+    during = f.audio_times > -0.5
+    g = dataclasses.replace(f, audio=f.audio + 3.0 * during[..., None] * torch.randn_like(f.audio))
+    assert not changed(m, g).any()
+    m.train()(f, *_text_replies(m, 2)).total.backward()
+    assert all(p.grad is not None for p in m.sound_cells.parameters())
+    with pytest.raises(ValueError, match="sound_cells"):
+        preset("tiny", codec.spec, sound_cells=True)
 
 
 def test_cell_query_makes_each_cell_clue_ask_the_question_of_its_own_history(codec):
