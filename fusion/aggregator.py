@@ -127,3 +127,20 @@ class SoundCells(nn.Module):
         z = self.v(frames) * self.a(heard)[:, :, None]                          # (B, F, N, D)
         m = frame_mask[:, :, None, None].to(z.dtype)                            # (B, F, 1, 1)
         return self.out((z * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class ClueReadout(nn.Module):
+    """The answer position's look-up: the question's summary attends over the clues and reads
+    one vector. Each head can select a clue by content ("the cell that is a red square", "the
+    cell that beeped") and bring its value (what and where it is), a content-based selection
+    the flattened linear map of `question_query` cannot make."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.ln_q, self.ln_c = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CrossAttention(d, n_head)
+
+    def forward(self, q_mean, clues):
+        # q_mean (B, D), clues (B, Nc, D) -> (B, D)
+        y, _ = self.attn(self.ln_q(q_mean)[:, None], self.ln_c(clues))
+        return y[:, 0]

@@ -46,6 +46,7 @@ class FusionConfig:
     sound_cells: bool = False            # "cat" + pooled_clues: each cell's pulse x beep evidence (SoundCells)
     question_query: bool = False         # the ASSISTANT input carries the question and the clues
     query_clues: str = "all"             # ... all clues, or "audio": the pooled scene-audio clue only
+    clue_readout: bool = False           # question_query: ... plus a question-conditioned attention read of the clues
     av_sync: bool = False                # add the scene audio around each frame's time to its tokens
     scene_audio_only: bool = False       # scene audio stops where the question starts (its speech out)
     agg_layers: int = 2
@@ -69,6 +70,8 @@ class FusionConfig:
         need(self.query_clues in QUERY_CLUES, f"query_clues must be one of {QUERY_CLUES}, got {self.query_clues!r}")
         need(self.query_clues == "all" or self.aggregator == "mean" or self.pooled_clues,
              "query_clues='audio' reads the pooled scene-audio clue: set pooled_clues=True")
+        need(not self.clue_readout or self.question_query,
+             "clue_readout adds to the question_query start: set question_query=True")
         need(not self.cell_query or (self.aggregator == "cat" and self.pooled_clues),
              "cell_query adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
         need(not self.sound_cells or (self.aggregator == "cat" and self.pooled_clues),

@@ -15,7 +15,7 @@ from speech.constants import AUDIO_FEATURE_RATE, SAMPLER_FPS
 from speech.whisper_encoder import AudioEncoder
 from vision.encoder import build_vision_encoder
 
-from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, MeanPoolClues, SoundCells
+from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, ClueReadout, MeanPoolClues, SoundCells
 from .backbone import build_backbone
 from .config import FusionConfig
 from .layers import TimeEmbedding, masked_mean, pool_time
@@ -101,6 +101,7 @@ class FusionModel(nn.Module):
         self.c_norm = nn.LayerNorm(D) if c.question_query else None
         n_read = c.n_prefix_clues if c.query_clues == "all" else 1   # "audio": the last pooled clue
         self.c_query = nn.Linear(n_read * D, D) if c.question_query else None
+        self.readout = ClueReadout(D, c.n_head) if c.clue_readout else None
         self.backbone = build_backbone(c)
         self.mctp = MCTPHead(c.mctp_k, D, c.n_head, c.mctp_layers, c.max_seq_len)
         self.apply(_init)
@@ -194,6 +195,8 @@ class FusionModel(nn.Module):
             read = clues if c.query_clues == "all" else clues[:, -1:]                 # (B, Nc|1, D)
             start = (self.embed.weight[self.layout.assistant] + self.q_query(q_mean)
                      + self.c_query(self.c_norm(read).flatten(1)))                    # (B, D)
+            if self.readout is not None:
+                start = start + self.readout(q_mean, clues)                          # (B, D)
         return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind, start)
 
     # --- heads ----------------------------------------------------------------------------

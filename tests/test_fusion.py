@@ -318,6 +318,34 @@ def test_pooled_cells_of_the_last_frame_ignore_older_frames(codec):
         preset("tiny", codec.spec, pooled_frame="first")
 
 
+def test_clue_readout_selects_clues_by_content_for_the_reply_start(codec):
+    from fusion.aggregator import ClueReadout
+    torch.manual_seed(0)
+    r = ClueReadout(32, 4)
+    q, clues = torch.randn(2, 32), torch.randn(2, 7, 32)
+    perm = torch.randperm(7)
+    # a look-up by content: the clues' order does not matter (the flattened map's does)
+    assert torch.allclose(r(q, clues), r(q, clues[:, perm]), atol=1e-6)
+    # one clue that matches the question's query dominates the read-out
+    with torch.no_grad():
+        r.attn.q.weight.copy_(torch.eye(32) * 10), r.attn.kv.weight[:32].copy_(torch.eye(32) * 10)
+        r.attn.q.bias.zero_(), r.attn.kv.bias.zero_()
+    target = clues.clone()
+    target[:, 3] = r.ln_q(q).detach() * 3                    # clue 3 "is" what the question asks
+    alone = r(q, target[:, 3:4])
+    assert torch.allclose(r(q, target), alone, atol=1e-2), (r(q, target) - alone).abs().max()
+    # in the model: with the audio-only map, frames now reach the start vector through the read-out
+    m = FusionModel(preset("tiny", codec.spec, pooled_clues=True, question_query=True,
+                           query_clues="audio", clue_readout=True)).eval()
+    f = random_features(m.config, batch=2)
+    v = dataclasses.replace(f, frames=f.frames + torch.randn_like(f.frames))
+    assert ((m.prefix(v).start - m.prefix(f).start).abs().amax(-1) > 1e-5).all()
+    m.train()(f, *_text_replies(m, 2)).total.backward()
+    assert all(p.grad is not None for p in m.readout.parameters())
+    with pytest.raises(ValueError, match="clue_readout"):
+        preset("tiny", codec.spec, clue_readout=True)
+
+
 def test_sound_cells_give_each_cell_clue_its_pulse_while_beep_evidence(codec):
     torch.manual_seed(0)
     kw = dict(pooled_clues=True, pooled_frame="last", av_sync=False)   # no other audio->cell path
