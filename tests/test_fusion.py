@@ -318,6 +318,14 @@ def test_pooled_cells_of_the_last_frame_ignore_older_frames(codec):
         preset("tiny", codec.spec, pooled_frame="first")
 
 
+def _trains_and_is_validated(m, module, f, codec, option):
+    """The option's module gets gradients, and the option alone (without what it needs) is refused."""
+    m.train()(f, *_text_replies(m, 2)).total.backward()
+    assert all(p.grad is not None for p in module.parameters())
+    with pytest.raises(ValueError, match=option):
+        preset("tiny", codec.spec, **{option: True})
+
+
 def test_clue_readout_selects_clues_by_content_for_the_reply_start(codec):
     from fusion.aggregator import ClueReadout
     torch.manual_seed(0)
@@ -340,10 +348,7 @@ def test_clue_readout_selects_clues_by_content_for_the_reply_start(codec):
     f = random_features(m.config, batch=2)
     v = dataclasses.replace(f, frames=f.frames + torch.randn_like(f.frames))
     assert ((m.prefix(v).start - m.prefix(f).start).abs().amax(-1) > 1e-5).all()
-    m.train()(f, *_text_replies(m, 2)).total.backward()
-    assert all(p.grad is not None for p in m.readout.parameters())
-    with pytest.raises(ValueError, match="clue_readout"):
-        preset("tiny", codec.spec, clue_readout=True)
+    _trains_and_is_validated(m, m.readout, f, codec, "clue_readout")
 
 
 def test_sound_cells_give_each_cell_clue_its_pulse_while_beep_evidence(codec):
@@ -372,10 +377,7 @@ def test_sound_cells_give_each_cell_clue_its_pulse_while_beep_evidence(codec):
     during = f.audio_times > -0.5
     g = dataclasses.replace(f, audio=f.audio + 3.0 * during[..., None] * torch.randn_like(f.audio))
     assert not changed(m, g).any()
-    m.train()(f, *_text_replies(m, 2)).total.backward()
-    assert all(p.grad is not None for p in m.sound_cells.parameters())
-    with pytest.raises(ValueError, match="sound_cells"):
-        preset("tiny", codec.spec, sound_cells=True)
+    _trains_and_is_validated(m, m.sound_cells, f, codec, "sound_cells")
 
 
 def test_cell_query_makes_each_cell_clue_ask_the_question_of_its_own_history(codec):
@@ -403,11 +405,8 @@ def test_cell_query_makes_each_cell_clue_ask_the_question_of_its_own_history(cod
     # the question reaches every cell clue (and not the plain pooled cells)
     g = dataclasses.replace(f, question=f.question + torch.randn_like(f.question))
     assert changed(m, g)[0].all() and not changed(plain, g)[0].any()
-    # trained, generated, validated
-    m.train()(f, *_text_replies(m, 2)).total.backward()
-    assert all(p.grad is not None for p in m.cell_query.parameters())
-    with pytest.raises(ValueError, match="cell_query"):
-        preset("tiny", codec.spec, cell_query=True)
+    # trained and validated
+    _trains_and_is_validated(m, m.cell_query, f, codec, "cell_query")
 
 
 def _text_replies(m, batch):
