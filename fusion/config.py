@@ -72,10 +72,9 @@ class FusionConfig:
              "query_clues='audio' reads the pooled scene-audio clue: set pooled_clues=True")
         need(not self.clue_readout or self.question_query,
              "clue_readout adds to the question_query start: set question_query=True")
-        need(not self.cell_query or (self.aggregator == "cat" and self.pooled_clues),
-             "cell_query adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
-        need(not self.sound_cells or (self.aggregator == "cat" and self.pooled_clues),
-             "sound_cells adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
+        for extra in ("cell_query", "sound_cells"):
+            need(not getattr(self, extra) or (self.aggregator == "cat" and self.pooled_clues),
+                 f"{extra} adds to the pooled cell clues: set aggregator='cat' and pooled_clues=True")
         need(self.aggregator in AGGREGATORS, f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         need(self.backbone in BACKBONES, f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         need(self.backbone != "hf" or self.hf_model or self.hf_config,

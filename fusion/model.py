@@ -180,12 +180,13 @@ class FusionModel(nn.Module):
                 t_last = ctimes.masked_fill(~cmask | (ckind != _VISION), float("-inf")).amax(1)  # (B,)
                 pmask = cmask & ((ckind != _VISION) | (ctimes >= t_last[:, None]))
             pooled = self.pooled(question, qmask, context, pmask, ccell).clues          # (B, N+1, D)
+            extra = 0.0                                                                 # (B, N, D) added to the cells
             if self.cell_query is not None and frames is not None:
-                cq = self.cell_query(q_mean, frames, s.frame_mask)                      # (B, N, D)
-                pooled = torch.cat([pooled[:, :-1] + cq, pooled[:, -1:]], 1)
+                extra = extra + self.cell_query(q_mean, frames, s.frame_mask)
             if self.sound_cells is not None and heard is not None:
-                sc = self.sound_cells(s.frames, heard, s.frame_mask)                    # (B, N, D)
-                pooled = torch.cat([pooled[:, :-1] + sc, pooled[:, -1:]], 1)
+                extra = extra + self.sound_cells(s.frames, heard, s.frame_mask)
+            if torch.is_tensor(extra):
+                pooled = torch.cat([pooled[:, :-1] + extra, pooled[:, -1:]], 1)
             clues = torch.cat([clues, pooled], 1)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)

@@ -229,7 +229,8 @@ def test_tokenizer_mismatch_refused(model, tmp_path):
 
 def test_ablation_configs_run(codec):
     from fusion.train_fusion import ABLATIONS
-    full = preset("tiny", codec.spec, pooled_clues=True, cell_query=True, sound_cells=True, question_query=True)
+    full = preset("tiny", codec.spec, pooled_clues=True, cell_query=True, sound_cells=True, question_query=True,
+                  clue_readout=True)
     for name in ("mean", "vision", "audio"):
         m = FusionModel(full.replace(**ABLATIONS[name])).eval()
         feats = random_features(m.config, batch=2)
