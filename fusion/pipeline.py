@@ -6,8 +6,10 @@ after a crash continues where it stopped. Per-step wall time goes to RUN_DIR/pip
 and into the model card. A few short rendered test sessions are written to assets/sessions/
 for trying `python run.py replay` at once.
 
-`--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all
-go under runs/smoke/, so it never touches the shipped assets.
+`--budget large` is the shipped model's recipe (3x the training scenes, 2x the align steps,
+2.5x SFT; its own data/demo-large and runs/fusion-large, the same assets). `--budget small` is
+a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go under runs/smoke/,
+so it never touches the shipped assets.
 """
 from __future__ import annotations
 
@@ -19,6 +21,10 @@ from pathlib import Path
 
 BUDGETS = {
     "full": {"data": {}, "codec": {"preset": "demo"}, "fusion": {"preset": "demo"}, "eval": {}},
+    # the shipped model's data and step counts (3x the training scenes, 2x the align steps,
+    # 2.5x SFT): about 3 h on 2 CPU cores, so not the default (see docs/CONTRIBUTING.md)
+    "large": {"data": {"n_train_sessions": 2100}, "codec": {"preset": "demo"},
+              "fusion": {"preset": "demo", "align_steps": 4800, "sft_steps": 1500}, "eval": {}},
     "small": {
         "data": dict(n_train_sessions=8, n_val_sessions=1, n_test_sessions=2, turns_per_session=3,
                      n_codec_sentences=40, n_codec_eval=4),
@@ -31,12 +37,15 @@ BUDGETS = {
 FULL_PATHS = dict(data="data/demo", codec_dir="assets/codec", run_dir="runs/fusion",
                   model_out="assets/fusion.safetensors", eval_out="runs/eval",
                   card_out="assets/MODEL_CARD.md", sessions_out="assets/sessions", ablation_root="runs")
+# "large" writes the same assets; its own data and runs keep the default budget's intact
+LARGE_PATHS = dict(FULL_PATHS, data="data/demo-large", run_dir="runs/fusion-large", eval_out="runs/eval-large",
+                   ablation_root="runs/large")
 SMOKE_ROOT = "runs/smoke"
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    budget: str = "full"                 # "full" | "small" (smoke run under runs/smoke/)
+    budget: str = "full"                 # "full" | "large" (the shipped recipe) | "small" (smoke run)
     data: str | None = None              # None: the budget's default (see FULL_PATHS)
     codec_dir: str | None = None
     run_dir: str | None = None
@@ -66,8 +75,8 @@ class PipelineOptions:
         given = getattr(self, name)
         if given:
             return Path(given)
-        if self.budget == "full":
-            return Path(FULL_PATHS[name])
+        if self.budget in ("full", "large"):
+            return Path((FULL_PATHS if self.budget == "full" else LARGE_PATHS)[name])
         rel = {"data": "data", "codec_dir": "codec", "run_dir": "fusion", "model_out": "fusion.safetensors",
                "eval_out": "eval", "card_out": "MODEL_CARD.md", "sessions_out": "sessions",
                "ablation_root": "."}[name]
@@ -196,7 +205,9 @@ def add_pipeline_arguments(p) -> None:
         if a.dest == "data":
             a.help = "the demo world's data (default: data/demo; small: runs/smoke/data)"
     p.add_argument("--budget", default="full", choices=sorted(BUDGETS),
-                   help="full: the shipped recipe; small: a quick smoke run under runs/smoke/")
+                   help="full: the 2-hour CPU recipe (default); large: the shipped model's recipe, 3x the "
+                        "scenes and 2x the align steps (about 3 h on 2 CPU cores; data/demo-large, "
+                        "runs/fusion-large); small: a quick smoke run under runs/smoke/")
     p.add_argument("--codec-dir", default=None, help="default: assets/codec (small: runs/smoke/codec)")
     p.add_argument("--run-dir", default=None, help="default: runs/fusion (small: runs/smoke/fusion)")
     p.add_argument("--model-out", default=None, help="default: assets/fusion.safetensors")

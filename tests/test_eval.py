@@ -195,6 +195,16 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(world / "data"), workers=1)) is False
     assert pipeline.PipelineOptions(budget="small").path("model_out") == Path("runs/smoke/fusion.safetensors")
     (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
+    # "large" (the shipped recipe) writes the shipped assets from its own data and run, and
+    # its options are valid for every step
+    from fusion.data import DataOptions
+    from fusion.train_fusion import FusionTrainOptions
+    big = pipeline.PipelineOptions(budget="large")
+    assert big.path("model_out") == pipeline.PipelineOptions().path("model_out")
+    assert big.path("data") != pipeline.PipelineOptions().path("data")
+    b = pipeline.BUDGETS["large"]
+    assert DataOptions(**b["data"]).n_train_sessions == 3 * DataOptions().n_train_sessions
+    assert FusionTrainOptions(**b["fusion"]).align_steps > FusionTrainOptions().align_steps
     s = load_session(d)
     assert len([e for e in s.events if e["type"] == "question"]) == 1 and s.meta["split"] == "test"
 
