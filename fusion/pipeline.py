@@ -40,13 +40,14 @@ FULL_PATHS = dict(data="data/demo", codec_dir="assets/codec", run_dir="runs/fusi
 # "large" writes the same assets; its own data and runs keep the default budget's intact
 LARGE_PATHS = dict(FULL_PATHS, data="data/demo-large", run_dir="runs/fusion-large", eval_out="runs/eval-large",
                    ablation_root="runs/large")
+BUDGET_PATHS = {"full": FULL_PATHS, "large": LARGE_PATHS}   # "small": everything under SMOKE_ROOT
 SMOKE_ROOT = "runs/smoke"
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     budget: str = "full"                 # "full" | "large" (the shipped recipe) | "small" (smoke run)
-    data: str | None = None              # None: the budget's default (see FULL_PATHS)
+    data: str | None = None              # None: the budget's default (see BUDGET_PATHS)
     codec_dir: str | None = None
     run_dir: str | None = None
     model_out: str | None = None
@@ -75,8 +76,8 @@ class PipelineOptions:
         given = getattr(self, name)
         if given:
             return Path(given)
-        if self.budget in ("full", "large"):
-            return Path((FULL_PATHS if self.budget == "full" else LARGE_PATHS)[name])
+        if self.budget in BUDGET_PATHS:
+            return Path(BUDGET_PATHS[self.budget][name])
         rel = {"data": "data", "codec_dir": "codec", "run_dir": "fusion", "model_out": "fusion.safetensors",
                "eval_out": "eval", "card_out": "MODEL_CARD.md", "sessions_out": "sessions",
                "ablation_root": "."}[name]
@@ -203,19 +204,19 @@ def add_pipeline_arguments(p) -> None:
     p.set_defaults(data=None)
     for a in p._actions:
         if a.dest == "data":
-            a.help = "the demo world's data (default: data/demo; small: runs/smoke/data)"
+            a.help = "the demo world's data (default: data/demo; large: data/demo-large; small: runs/smoke/data)"
     p.add_argument("--budget", default="full", choices=sorted(BUDGETS),
-                   help="full: the 2-hour CPU recipe (default); large: the shipped model's recipe, 3x the "
-                        "scenes and 2x the align steps (about 3 h on 2 CPU cores; data/demo-large, "
-                        "runs/fusion-large); small: a quick smoke run under runs/smoke/")
+                   help="full: the 2-hour CPU recipe (default); large: the shipped model's data and step counts, "
+                        "3x the scenes, 2x the align steps in one schedule, 2.5x SFT (about 3 h on 2 CPU "
+                        "cores); small: a quick smoke run under runs/smoke/")
     p.add_argument("--codec-dir", default=None, help="default: assets/codec (small: runs/smoke/codec)")
-    p.add_argument("--run-dir", default=None, help="default: runs/fusion (small: runs/smoke/fusion)")
+    p.add_argument("--run-dir", default=None, help="default: runs/fusion (large: runs/fusion-large; small: runs/smoke/fusion)")
     p.add_argument("--model-out", default=None, help="default: assets/fusion.safetensors")
-    p.add_argument("--eval-out", default=None, help="default: runs/eval")
+    p.add_argument("--eval-out", default=None, help="default: runs/eval (large: runs/eval-large)")
     p.add_argument("--card-out", default=None, help="default: assets/MODEL_CARD.md")
     p.add_argument("--sessions-out", default=None, help="example sessions (default: assets/sessions)")
     p.add_argument("--ablation-root", default=None,
-                   help="where the ablation runs go, as ablation-<name>/ (default: runs; small: runs/smoke)")
+                   help="where the ablation runs go, as ablation-<name>/ (default: runs; large: runs/large; small: runs/smoke)")
     p.add_argument("--no-ablations", action="store_true", help="skip training/evaluating the ablations")
     p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
     p.add_argument("--force", action="store_true",
