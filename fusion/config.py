@@ -158,7 +158,7 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     elif name == "demo":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
-                    sound_cells=True, question_query=True, av_sync=True, scene_audio_only=True,
+                    cell_query=True, sound_cells=True, question_query=True, av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
     elif name == "pretrained":
         base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=512,

@@ -6,8 +6,9 @@ after a crash continues where it stopped. Per-step wall time goes to RUN_DIR/pip
 and into the model card. A few short rendered test sessions are written to assets/sessions/
 for trying `python run.py replay` at once.
 
-`--budget large` is the shipped model's recipe (3x the training scenes, 2x the align steps,
-2.5x SFT; its own data/demo-large and runs/fusion-large, the same assets). `--budget small` is
+`--budget large` is the shipped model's data and step counts in one schedule (3x the training
+scenes, 2x the align steps, 2.5x SFT; the shipped model had a third align round on top, see
+assets/MODEL_CARD.md; its own data/demo-large and runs/fusion-large, the same assets). `--budget small` is
 a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go under runs/smoke/,
 so it never touches the shipped assets.
 """
@@ -46,7 +47,7 @@ SMOKE_ROOT = "runs/smoke"
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    budget: str = "full"                 # "full" | "large" (the shipped recipe) | "small" (smoke run)
+    budget: str = "full"                 # "full" | "large" (the shipped data + steps) | "small" (smoke run)
     data: str | None = None              # None: the budget's default (see BUDGET_PATHS)
     codec_dir: str | None = None
     run_dir: str | None = None

@@ -195,7 +195,7 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(world / "data"), workers=1)) is False
     assert pipeline.PipelineOptions(budget="small").path("model_out") == Path("runs/smoke/fusion.safetensors")
     (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
-    # "large" (the shipped recipe) writes the shipped assets from its own data and run, and
+    # "large" (the shipped data and step counts) writes the shipped assets from its own data and run, and
     # its options are valid for every step
     from fusion.data import DataOptions
     from fusion.train_fusion import FusionTrainOptions
