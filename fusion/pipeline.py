@@ -8,9 +8,9 @@ for trying `python run.py replay` at once.
 
 `--budget large` is the shipped model's data and step counts in one schedule (3x the training
 scenes, 2x the align steps, 2.5x SFT; the shipped model had a third align round on top, see
-assets/MODEL_CARD.md; its own data/demo-large and runs/fusion-large, the same assets). `--budget small` is
-a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go under runs/smoke/,
-so it never touches the shipped assets.
+assets/MODEL_CARD.md), with its own data/demo-large and runs/fusion-large and the same assets.
+`--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go
+under runs/smoke/, so it never touches the shipped assets.
 """
 from __future__ import annotations
 
