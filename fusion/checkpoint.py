@@ -104,16 +104,21 @@ def load_with_codec(path: str | Path, device: str | None = None, codec_path: str
     """Loads a fusion checkpoint together with the codec it was trained with: the codec named in
     its config (resolved next to the checkpoint, then as given), or `codec_path`."""
     from speech.codec import load_codec
-    config, _ = read_header(path)
+    config, extra = read_header(path)
     dev = pick_device(device)
     where = codec_path
     if where is None:
         name = config.codec.name  # a preset name ("demo") unless the codec was renamed
         here = Path(path).parent
         # beside the checkpoint: under its name, or `codec/` (assets/codec next to
-        # assets/fusion.safetensors, as `run.py train all` lays them out)
-        where = next((str(p) for p in (here / name, here / "codec")
-                      if p.exists() and _codec_fingerprint(p) in (None, config.codec.fingerprint)), name)
+        # assets/fusion.safetensors, as `run.py train all` lays them out); then the codec
+        # directory it was trained against (a run directory's model) and the shipped one
+        trained = ((extra or {}).get("options") or {}).get("codec")
+        near = [here / name, here / "codec"]
+        known = [Path(trained)] if isinstance(trained, str) and trained else []
+        known.append(Path(__file__).resolve().parent.parent / "assets" / "codec")
+        where = next((str(p) for p in near if p.exists() and _codec_fingerprint(p) in (None, config.codec.fingerprint)),
+                     next((str(p) for p in known if _codec_fingerprint(p) == config.codec.fingerprint), name))
     codec = load_codec(where, device=dev)
     model = load_model(path, device=str(dev), codec=codec)
     return model, codec

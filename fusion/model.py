@@ -48,6 +48,7 @@ class Prefix:
     context_times: torch.Tensor   # (B, S) time of each context token
     context_kind: torch.Tensor    # (B, S) 1 = scene audio, 2 = video
     start: torch.Tensor | None = None  # (B, D) the reply's first input (ASSISTANT), question-aware
+    cells: torch.Tensor | None = None  # (B, N, D) pooled cell clues (pooled_clues), as the LM reads them
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Losses:
     mctp: list[torch.Tensor]
     n_text: int
     n_audio: int
+    cells: torch.Tensor | None = None  # Prefix.cells, for auxiliary losses of the trainer
 
 
 class FusionModel(nn.Module):
@@ -171,7 +173,7 @@ class FusionModel(nn.Module):
             agg: AggregatorOutput = self.aggregator(question, qmask, context, cmask, ccell)
         else:
             agg = self.aggregator(question, qmask, context, cmask)
-        clues = agg.clues
+        clues, cells = agg.clues, None
         if self.pooled is not None:
             pmask = cmask
             if c.pooled_frame == "last" and parts:  # cells as the latest frame shows them: the
@@ -188,6 +190,7 @@ class FusionModel(nn.Module):
             if torch.is_tensor(extra):
                 pooled = torch.cat([pooled[:, :-1] + extra, pooled[:, -1:]], 1)
             clues = torch.cat([clues, pooled], 1)
+            cells = pooled[:, :-1]                                                      # (B, N, D)
         Nc = clues.shape[1]
         assert Nc == c.n_prefix_clues, (Nc, c.n_prefix_clues)
         embeds = torch.cat([clues, question], 1)                                    # (B, Nc+Tq', D)
@@ -198,7 +201,7 @@ class FusionModel(nn.Module):
                      + self.c_query(self.c_norm(read).flatten(1)))                    # (B, D)
             if self.readout is not None:
                 start = start + self.readout(q_mean, clues)                          # (B, D)
-        return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind, start)
+        return Prefix(embeds, Nc + qlen, agg.attn, ctimes, ckind, start, cells)
 
     # --- heads ----------------------------------------------------------------------------
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -251,7 +254,7 @@ class FusionModel(nn.Module):
             for k, hk in enumerate(self.mctp.forward_train(h, x, key_mask), start=1):
                 mctp_losses.append(self._head_losses(hk, targets[:, k:], audio_only=True)[1])
         total = text_loss + audio_loss + sum(mctp_losses)
-        return Losses(total, text_loss, audio_loss, mctp_losses, n_text, n_audio)
+        return Losses(total, text_loss, audio_loss, mctp_losses, n_text, n_audio, prefix.cells)
 
     def _head_losses(self, h, targets, audio_only: bool = False):
         valid = targets != IGNORE

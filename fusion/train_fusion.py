@@ -54,6 +54,7 @@ class FusionTrainOptions:
     device: str | None = None
     amp: str = "auto"                    # bf16 autocast in align/sft/mctp: auto | on | off
     sample: str = "uniform"              # align/sft/mctp batches: "uniform" over turns | "by_type"
+    referent_loss: float = 0.0           # align/sft: weight of the "which slot?" losses (fusion/referents.py)
     whisper: str | None = None           # pretrained preset: Whisper name or checkpoint (encoder)
     hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
     hf_config: str | None = None         # ... or a JSON file with a config (random weights)
@@ -73,6 +74,8 @@ class FusionTrainOptions:
             raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {self.slot_heads!r}")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
+        if not self.referent_loss >= 0:
+            raise ValueError(f"referent_loss must be >= 0, got {self.referent_loss}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.preset == "pretrained" and not (self.hf_model or self.hf_config):
@@ -143,16 +146,22 @@ def stage_modules(model, stage: str) -> list[torch.nn.Module]:
 class _FusionStage(torch.nn.Module):
     """Wraps the model so DDP sees one forward returning the stage's losses."""
 
-    def __init__(self, model, mctp_only: bool):
+    def __init__(self, model, mctp_only: bool, probe=None, probe_weight: float = 0.0):
         super().__init__()
         self.model, self.mctp_only = model, mctp_only
+        self.probe, self.probe_weight = probe, probe_weight    # ReferentProbe (align/sft) or None
 
-    def forward(self, feats, reply, lens):
+    def forward(self, feats, reply, lens, targets=None):
         L = self.model(feats, reply, lens, mctp=self.mctp_only)
         if self.mctp_only:
             loss = sum(L.mctp)
             return {"loss": loss, **{f"mctp{k + 1}": v.detach() for k, v in enumerate(L.mctp)}}
-        return {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
+        out = {"loss": L.text + L.audio, "text": L.text.detach(), "audio": L.audio.detach()}
+        if self.probe is not None:
+            aux = self.probe(L.cells, targets)
+            out["loss"] = out["loss"] + self.probe_weight * sum(aux.values())
+            out.update({k: v.detach() for k, v in aux.items()})
+        return out
 
 
 def type_groups(qtypes: list[str]) -> list[list[int]]:
@@ -268,6 +277,14 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     timings["cache"] = timings.get("cache", 0.0) + time.perf_counter() - t0
 
     by_type = type_groups([e.qtype for e in examples]) if o.sample == "by_type" else None
+    referents = None
+    if o.referent_loss > 0:
+        from .referents import referent_targets
+        if model.config.aggregator != "cat" or not model.config.pooled_clues:
+            raise ValueError("--referent-loss reads the pooled cell clues: it needs the 'cat' aggregator "
+                             "with pooled_clues (the demo preset), not this model or ablation")
+        referents = torch.stack([referent_targets(spec.turns[k])
+                                 for spec, k in (shards.turn(i) for i in range(len(examples)))])
 
     def batch_fn(with_audio: bool):
         def make(step):
@@ -275,7 +292,8 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             idx = batch_indices(len(examples), o.batch, rng, by_type)
             ex = [examples[i] for i in idx]
             reply, lens = pad_replies([replies[e.answer][1 if with_audio else 0] for e in ex])
-            return collate(ex, device), reply.to(device), lens.to(device)
+            tgt = referents[idx].to(device) if referents is not None else None
+            return collate(ex, device), reply.to(device), lens.to(device), tgt
         return make
 
     # bf16 autocast on the cached-feature stages: 1.3x faster steps on an AMX CPU with the same
@@ -290,7 +308,12 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             continue
         t0 = time.perf_counter()
         params = set_trainable(model, stage_modules(model, stage))
-        wrapper = _FusionStage(model, mctp_only).to(device)
+        probe = None
+        if referents is not None and not mctp_only:
+            from .referents import ReferentProbe
+            probe = ReferentProbe(model.config.d_model, model.config.vision.grid)
+            params += list(probe.parameters())
+        wrapper = _FusionStage(model, mctp_only, probe, o.referent_loss).to(device)
         make = batch_fn(with_audio)
         train(stage, wrapper, params, lambda m, step: m(*make(step)), LoopOptions(steps, lr=lr, amp=amp),
               run, o.resume, o.progress)
@@ -335,6 +358,9 @@ def add_fusion_arguments(p) -> None:
                    help="align/sft/mctp batches: uniform over the cached turns, or each question type "
                         "equally often (default: %(default)s)")
     from .pretrain import SLOT_HEADS
+    g.add_argument("--referent-loss", type=float, default=d.referent_loss,
+                   help="align/sft: weight of auxiliary 'which slot does the question point at / which "
+                        "slot beeped' losses on the pooled cell clues (0 = off; default: %(default)s)")
     g.add_argument("--slot-heads", default=d.slot_heads, choices=SLOT_HEADS,
                    help="encoder pretraining: one head over colour-shape pairs per slot, or separate "
                         "colour and shape heads (default: %(default)s)")
@@ -353,7 +379,7 @@ def run_fusion(args) -> None:
         preset=args.preset, stages=tuple(s for s in args.stages.split(",") if s),
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
-        lr=args.lr, amp=args.amp, sample=args.sample, slot_heads=args.slot_heads,
+        lr=args.lr, amp=args.amp, sample=args.sample, referent_loss=args.referent_loss, slot_heads=args.slot_heads,
         max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)

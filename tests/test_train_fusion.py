@@ -45,6 +45,8 @@ def test_staged_pipeline_trains_and_resumes(world, tmp_path):
         assert (run / f"{stage}.loss.png").stat().st_size > 1000
     codec = load_codec(world / "codec")
     model = load_model(final, codec=codec)
+    from fusion.checkpoint import load_with_codec   # a run directory's model finds the codec it
+    assert load_with_codec(final)[1].spec == codec.spec   # was trained against (its options)
     cfg, extra = read_header(final)
     assert set(extra["timings_s"]) >= {"encoders", "cache", "align", "sft", "mctp"}
     # align trains every fusion part (projectors, aggregator, LM) and no encoder
@@ -224,3 +226,45 @@ def test_batches_by_type_weigh_every_question_type_alike():
     assert len(batch_indices(5, 20, rng)) == 5
     with pytest.raises(ValueError, match="sample"):
         FusionTrainOptions(sample="balanced")
+
+
+def _turn(objects, question, sound_slot=None):
+    from fusion import world as W
+    objs = tuple(W.WorldObject(s, c, p, W.COLORS[c], 60.0, 120.0) for c, s, p in objects)
+    scene = W.Scene(W.Background("flat", (10, 10, 10), (10, 10, 10), 0, 0), objs, (), (), sound_slot)
+    q = W.Question("x", question, "x.", "visual")
+    return W.TurnSpec(scene, 0.0, q, None, 1.0, 2.0, 3.0, -20.0, None)
+
+
+def test_referent_targets_point_at_the_named_slot_object_or_none():
+    from fusion.referents import referent_targets
+    objs = [("red", "square", "left"), ("blue", "circle", "right")]
+    t = lambda q, snd=None: referent_targets(_turn(objs, q, snd)).tolist()  # noqa: E731
+    assert t("What shape is on the middle?") == [0, 1, 0, 0, 0, 0, 1]     # the named slot
+    assert t("Where is the blue circle?", "left") == [0, 0, 1, 1, 0, 0, 1]  # the object; who beeped
+    assert t("What color is the square?") == [1, 0, 0, 0, 0, 0, 1]       # the shape alone
+    assert t("Is there a red circle?") == [0, 0, 0, 0, 0, 0, 1]           # named, absent: no slot
+    assert t("How many objects are there?", "right") == [0, 0, 0, 0, 0, 1, 0]  # names nothing
+
+
+def test_referent_loss_trains_the_cell_clues(world, tmp_path):
+    """Align with `referent_loss` from a model with pooled cell clues: the probe's losses are
+    logged and fall, and the model it trains is a plain checkpoint (the probe is not in it)."""
+    from fusion.checkpoint import save_model
+    from fusion.model import FusionModel
+    with pytest.raises(ValueError, match="pooled cell clues"):        # tiny has none
+        train_fusion(opts(world, tmp_path / "plain", stages=("align",), referent_loss=1.0))
+    with pytest.raises(ValueError, match="referent_loss"):
+        FusionTrainOptions(referent_loss=-1)
+    torch.manual_seed(0)
+    cfg = _tiny_config(world).replace(pooled_clues=True, cell_query=True, sound_cells=True)
+    run = tmp_path / "ref"
+    save_model(FusionModel(cfg), run / "after_encoders.safetensors")
+    train_fusion(opts(world, run, stages=("align",), align_steps=30, batch=8, referent_loss=1.0, lr=3e-3))
+    hist = json.loads((run / "align.history.json").read_text())
+    ref = [h["referent"] for h in hist]
+    assert all(h["sound"] > 0 for h in hist) and ref[0] > 0
+    assert sum(ref[-5:]) < 0.8 * sum(ref[:5]), ref
+    model = load_model(run / "after_align.safetensors", codec=load_codec(world / "codec"))
+    assert model.config == cfg
+    assert not any("probe" in k for k in model.state_dict())
