@@ -617,8 +617,11 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     # The table scores reply text, which the align stage trains; SFT adds the spoken reply on
     # top. Ablations therefore train align only (`steps` steps, the main run's samples per
     # step) and are compared with the full model trained alike: the same budget, same cache.
+    # The auxiliary referent losses read the cell clues the "mean" ablation does not have, so no
+    # ablation (nor the control) trains with them: the table compares architectures on the
+    # answer loss alone.
     kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True,
-              align_steps=steps)
+              align_steps=steps, referent_loss=0.0)
     return kw
 
 

@@ -7,8 +7,9 @@ and into the model card. A few short rendered test sessions are written to asset
 for trying `python run.py replay` at once.
 
 `--budget large` is the shipped model's data and step counts in one schedule (3x the training
-scenes, 2x the align steps, 2.5x SFT; the shipped model had a third align round on top, see
-assets/MODEL_CARD.md), with its own data/demo-large and runs/fusion-large and the same assets.
+scenes, 2x the align steps, 2.5x SFT, the referent losses; the shipped model had a third and a
+fourth align round on top, see assets/MODEL_CARD.md), with its own data/demo-large and
+runs/fusion-large and the same assets.
 `--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go
 under runs/smoke/, so it never touches the shipped assets.
 """
@@ -23,9 +24,11 @@ from pathlib import Path
 BUDGETS = {
     "full": {"data": {}, "codec": {"preset": "demo"}, "fusion": {"preset": "demo"}, "eval": {}},
     # the shipped model's data and step counts (3x the training scenes, 2x the align steps,
-    # 2.5x SFT): about 3 h on 2 CPU cores, so not the default (see docs/CONTRIBUTING.md)
+    # 2.5x SFT) and its referent losses: about 3 h on 2 CPU cores, so not the default (see
+    # docs/CONTRIBUTING.md; the losses were measured on a warm round, not from scratch)
     "large": {"data": {"n_train_sessions": 2100}, "codec": {"preset": "demo"},
-              "fusion": {"preset": "demo", "align_steps": 4800, "sft_steps": 1500}, "eval": {}},
+              "fusion": {"preset": "demo", "align_steps": 4800, "sft_steps": 1500, "referent_loss": 0.5},
+              "eval": {}},
     "small": {
         "data": dict(n_train_sessions=8, n_val_sessions=1, n_test_sessions=2, turns_per_session=3,
                      n_codec_sentences=40, n_codec_eval=4),
