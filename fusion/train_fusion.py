@@ -219,6 +219,9 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         _adopt_codec(model, codec, audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
     model = model if model is not None else _build_model(o, codec)
     model.to(device)
+    if o.referent_loss > 0 and (model.config.aggregator != "cat" or not model.config.pooled_clues):
+        raise ValueError("--referent-loss reads the pooled cell clues: it needs the 'cat' aggregator "
+                         "with pooled_clues (the demo preset), not this model or ablation")
 
     def finish(stage, t0):
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
@@ -280,9 +283,6 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     referents = None
     if o.referent_loss > 0:
         from .referents import referent_targets
-        if model.config.aggregator != "cat" or not model.config.pooled_clues:
-            raise ValueError("--referent-loss reads the pooled cell clues: it needs the 'cat' aggregator "
-                             "with pooled_clues (the demo preset), not this model or ablation")
         referents = torch.stack([referent_targets(spec.turns[k])
                                  for spec, k in (shards.turn(i) for i in range(len(examples)))])
 
