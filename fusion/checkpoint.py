@@ -102,7 +102,8 @@ def load_model(path: str | Path, device: str | None = None, codec=None, dtype=No
 
 def load_with_codec(path: str | Path, device: str | None = None, codec_path: str | Path | None = None):
     """Loads a fusion checkpoint together with the codec it was trained with: the codec named in
-    its config (resolved next to the checkpoint, then as given), or `codec_path`."""
+    its config (resolved next to the checkpoint, then the codec directory it was trained against,
+    then the shipped assets/codec, then as given), or `codec_path`."""
     from speech.codec import load_codec
     config, extra = read_header(path)
     dev = pick_device(device)
@@ -113,12 +114,15 @@ def load_with_codec(path: str | Path, device: str | None = None, codec_path: str
         # beside the checkpoint: under its name, or `codec/` (assets/codec next to
         # assets/fusion.safetensors, as `run.py train all` lays them out); then the codec
         # directory it was trained against (a run directory's model) and the shipped one
+        # (those two only when their fingerprint matches)
+        want = config.codec.fingerprint
         trained = ((extra or {}).get("options") or {}).get("codec")
-        near = [here / name, here / "codec"]
         known = [Path(trained)] if isinstance(trained, str) and trained else []
         known.append(Path(__file__).resolve().parent.parent / "assets" / "codec")
-        where = next((str(p) for p in near if p.exists() and _codec_fingerprint(p) in (None, config.codec.fingerprint)),
-                     next((str(p) for p in known if _codec_fingerprint(p) == config.codec.fingerprint), name))
+        candidates = [p for p in (here / name, here / "codec")
+                      if p.exists() and _codec_fingerprint(p) in (None, want)]
+        candidates += [p for p in known if _codec_fingerprint(p) == want]
+        where = str(candidates[0]) if candidates else name
     codec = load_codec(where, device=dev)
     model = load_model(path, device=str(dev), codec=codec)
     return model, codec

@@ -11,20 +11,19 @@ The heads are thrown away after training; the model keeps what the clues learnt 
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import world as W
+from .trainset import words_of
 
 N_SLOTS = len(W.SLOTS)
 
 
 def referent_targets(turn: W.TurnSpec) -> torch.Tensor:
     """(2 * N_SLOTS + 1,) float: referent per slot, sound per slot, referent valid (0/1)."""
-    words = re.findall(r"[a-z]+", turn.question.text.lower())
+    words = words_of(turn.question.text)
     colour = next((w for w in words if w in W.COLORS), None)
     shape = next((w for w in words if w in W.SHAPES), None)
     slot = next((w for w in words if w in W.SLOTS), None)

@@ -282,7 +282,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     by_type = type_groups([e.qtype for e in examples]) if o.sample == "by_type" else None
     referents = None
     if o.referent_loss > 0:
-        from .referents import referent_targets
+        from .referents import ReferentProbe, referent_targets
         referents = torch.stack([referent_targets(spec.turns[k])
                                  for spec, k in (shards.turn(i) for i in range(len(examples)))])
 
@@ -310,7 +310,6 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         params = set_trainable(model, stage_modules(model, stage))
         probe = None
         if referents is not None and not mctp_only:
-            from .referents import ReferentProbe
             probe = ReferentProbe(model.config.d_model, model.config.vision.grid)
             params += list(probe.parameters())
         wrapper = _FusionStage(model, mctp_only, probe, o.referent_loss).to(device)
