@@ -619,9 +619,9 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     # step) and are compared with the full model trained alike: the same budget, same cache.
     # The auxiliary referent losses read the cell clues the "mean" ablation does not have, so no
     # ablation (nor the control) trains with them: the table compares architectures on the
-    # answer loss alone.
+    # answer loss alone. They start from RUN_DIR's encoders, never from the main run's --init.
     kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True,
-              align_steps=steps, referent_loss=0.0)
+              align_steps=steps, referent_loss=0.0, init=None)
     return kw
 
 

@@ -46,7 +46,13 @@ class FusionTrainOptions:
     mctp_steps: int = 250
     batch: int = 32
     aux_batch: int = 24
-    slot_heads: str = "joint"            # encoder pretraining: "joint" | "factorised" colour + shape
+    # encoder pretraining: "factorised" colour + shape heads (or "joint" pairs) on frames shifted
+    # sideways by up to shift_px (at 320x240): with the demo preset's encoder (no position
+    # embedding) it reads the test split's held-out colour-shape-slot triples (scripts/vision_probe.py)
+    slot_heads: str = "factorised"
+    shift_px: float = 20.0
+    encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains from scratch
+    init: str | None = None              # start from this fusion checkpoint (its encoder_parts rebuilt)
     lr: float = 1e-3
     max_train_turns: int | None = None
     seed: int = 0
@@ -72,6 +78,20 @@ class FusionTrainOptions:
         from .pretrain import SLOT_HEADS
         if self.slot_heads not in SLOT_HEADS:
             raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {self.slot_heads!r}")
+        if not 0 <= self.shift_px <= 40:
+            raise ValueError(f"shift_px must be in [0, 40] (px at 320x240; a slot is ~107 px wide), "
+                             f"got {self.shift_px}")
+        if self.init is not None and self.preset == "pretrained":
+            raise ValueError("--init rebuilds encoders from a from-scratch preset (tiny, demo); "
+                             "the pretrained preset loads its encoders with --whisper")
+        from .pretrain import ENCODER_PARTS
+        if not self.encoder_parts or set(self.encoder_parts) - set(ENCODER_PARTS):
+            raise ValueError(f"encoder_parts must be a non-empty subset of {ENCODER_PARTS}, got "
+                             f"{self.encoder_parts!r}")
+        if self.init is not None and not Path(self.init).is_file():
+            raise FileNotFoundError(f"--init {self.init}: no such fusion checkpoint")
+        if self.init is not None and self.ablation:
+            raise ValueError("--init starts from a trained model; ablations train from scratch")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
         if not self.referent_loss >= 0:
@@ -97,6 +117,26 @@ def _build_model(o: FusionTrainOptions, codec):
     model = FusionModel(preset(o.preset, codec.spec, **over))
     if enc is not None:
         model.audio_encoder.load_state_dict(enc.state_dict())
+    return model
+
+
+def _init_model(o: FusionTrainOptions, codec):
+    """The --init checkpoint, with the encoders the encoders stage will train (o.encoder_parts)
+    rebuilt at random from the preset's config; everything else keeps its trained weights."""
+    from dataclasses import replace
+    from .checkpoint import load_model
+    from .config import preset
+    from .model import FusionModel
+    old = load_model(o.init).float()
+    rebuild = [p for p in o.encoder_parts if "encoders" in o.stages]
+    fresh = preset(o.preset, codec.spec)
+    config = replace(old.config, **{p: getattr(fresh, p) for p in rebuild})
+    model = FusionModel(config)
+    keep = {k: v for k, v in old.state_dict().items()
+            if not any(k.startswith(f"{p}_encoder.") for p in rebuild)}
+    missing, unexpected = model.load_state_dict(keep, strict=False)
+    assert not unexpected and all(any(k.startswith(f"{p}_encoder.") for p in rebuild) for k in missing), \
+        (unexpected, missing)
     return model
 
 
@@ -215,6 +255,10 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             if is_main():
                 print(f"loaded {stage_file(s)} (stage {s} done)")
             break
+    if model is None and o.init:
+        model = _init_model(o, codec)
+        if is_main():
+            print(f"started from {o.init} (rebuilt: {', '.join(o.encoder_parts) if 'encoders' in o.stages else 'nothing'})")
     if model is not None and model.config.codec.fingerprint != codec.spec.fingerprint:
         _adopt_codec(model, codec, audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
     model = model if model is not None else _build_model(o, codec)
@@ -233,12 +277,17 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     # --- 1a: encoders ---------------------------------------------------------------------------
     if "encoders" in o.stages and not stage_file("encoders").exists():
         t0 = time.perf_counter()
-        pre = EncoderPretrainer(model, o.slot_heads).to(device)
-        mods = [pre.vision_encoder, pre.slot_head, pre.beep_head, pre.word_head]
-        if not o.whisper:  # a pretrained Whisper encoder stays as it is
-            mods.append(pre.audio_encoder)
+        pre = EncoderPretrainer(model, o.slot_heads, o.encoder_parts).to(device)
+        mods = []
+        if "vision" in o.encoder_parts:
+            mods += [pre.vision_encoder, pre.slot_head]
+        if "audio" in o.encoder_parts:
+            mods += [pre.beep_head, pre.word_head]
+            if not o.whisper:  # a pretrained Whisper encoder stays as it is
+                mods.append(pre.audio_encoder)
         params = set_trainable(model, mods)
-        batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank)
+        batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank,
+                             shift_px=o.shift_px, parts=o.encoder_parts)
         train("encoders", pre, params, lambda m, step: m(*batches(step, o.aux_batch, device)),
               LoopOptions(o.encoder_steps, lr=o.lr, ckpt_every=50), run, o.resume, o.progress)
         finish("encoders", t0)
@@ -363,6 +412,15 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--slot-heads", default=d.slot_heads, choices=SLOT_HEADS,
                    help="encoder pretraining: one head over colour-shape pairs per slot, or separate "
                         "colour and shape heads (default: %(default)s)")
+    g.add_argument("--shift-px", type=float, default=d.shift_px,
+                   help="encoder pretraining: shift frames sideways by up to this many px (at 320x240), "
+                        "within the slot (default: %(default)s)")
+    g.add_argument("--encoder-parts", default=",".join(d.encoder_parts),
+                   help="what the encoders stage trains from scratch: audio, vision or both "
+                        "(default: %(default)s)")
+    g.add_argument("--init", default=None,
+                   help="start from this fusion checkpoint instead of a fresh model; the encoders stage "
+                        "rebuilds and retrains only --encoder-parts")
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
@@ -379,6 +437,8 @@ def run_fusion(args) -> None:
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
         lr=args.lr, amp=args.amp, sample=args.sample, referent_loss=args.referent_loss, slot_heads=args.slot_heads,
+        shift_px=args.shift_px, init=args.init,
+        encoder_parts=tuple(p for p in args.encoder_parts.split(",") if p),
         max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)

@@ -268,3 +268,47 @@ def test_referent_loss_trains_the_cell_clues(world, tmp_path):
     model = load_model(run / "after_align.safetensors", codec=load_codec(world / "codec"))
     assert model.config == cfg
     assert not any("probe" in k for k in model.state_dict())
+
+
+def test_shift_augmentation_keeps_the_slot_and_its_labels(world):
+    """--shift-px moves frames sideways within the slot (labels unchanged); a vision-only
+    batch renders no audio."""
+    import numpy as np
+    from fusion.data import TrainShards
+    from fusion.pretrain import AuxBatches
+    from fusion.trainset import question_vocab
+    shards, vc = TrainShards(world / "data"), _tiny_config(world).vision
+    plain = AuxBatches(shards, vc, question_vocab(), 80, seed=3)(0, 1, "cpu")
+    moved = AuxBatches(shards, vc, question_vocab(), 80, seed=3, shift_px=40, parts=("vision",))(0, 1, "cpu")
+    assert torch.equal(plain[1], moved[1]) and torch.equal(plain[2], moved[2])   # same frame, same labels
+    assert all(x.numel() == 0 for x in moved[3:])                                 # no audio rendered
+    prof = [x[0].mean(dim=(0, 1)) for x in (plain[0], moved[0])]                  # (W,) column profile
+    err = {d: float((prof[0][max(0, -d):len(prof[0]) - max(0, d)] -
+                     prof[1][max(0, d):len(prof[1]) - max(0, -d)]).abs().mean()) for d in range(-8, 9)}
+    best = min(err, key=err.get)
+    assert best != 0 and abs(best) <= 40 * vc.image_size[0] / 320 + 1, err
+    with pytest.raises(ValueError, match="shift_px"):
+        AuxBatches(shards, vc, question_vocab(), 80, shift_px=200)
+
+
+def test_init_rebuilds_and_retrains_only_the_vision_encoder(world, tmp_path):
+    from fusion.checkpoint import save_model
+    from fusion.model import FusionModel
+    torch.manual_seed(1)
+    start = FusionModel(_tiny_config(world))
+    save_model(start, tmp_path / "start.safetensors")
+    run = tmp_path / "run"
+    train_fusion(opts(world, run, stages=("encoders",), init=str(tmp_path / "start.safetensors"),
+                      encoder_parts=("vision",), slot_heads="factorised", shift_px=20))
+    a = start.state_dict()
+    b = load_model(run / "after_encoders.safetensors", codec=load_codec(world / "codec")).state_dict()
+    changed = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {"vision_encoder"}, changed
+    hist = json.loads((run / "encoders.history.json").read_text())
+    assert "acc_obj" in hist[0] and "beep" not in hist[0], hist[0]
+    with pytest.raises(ValueError, match="shift_px"):
+        FusionTrainOptions(shift_px=100)
+    with pytest.raises(ValueError, match="encoder_parts"):
+        FusionTrainOptions(encoder_parts=("eyes",))
+    with pytest.raises(FileNotFoundError, match="no such"):
+        FusionTrainOptions(init=str(tmp_path / "missing.safetensors"))

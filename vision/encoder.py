@@ -70,8 +70,11 @@ class VisionConfig:
 VISION_PRESETS: dict[str, VisionConfig] = {
     "tiny": VisionConfig(image_size=(48, 36), width=32, layers=1, heads=2, patch=6),
     # conv stem: with a single linear 8x8 patch embedding the demo encoder told colours apart
-    # within a few hundred CPU steps but still confused circle/square/triangle
-    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv"),
+    # within a few hundred CPU steps but still confused circle/square/triangle. No position
+    # embedding: with one, the encoder tied colour-shape pairs to the slots it saw them in and
+    # could not read the test split's held-out triples (the fusion model adds a cell embedding)
+    "demo": VisionConfig(image_size=(96, 72), width=128, layers=2, heads=4, patch=8, kind="conv",
+                         pos_emb=False),
 }
 
 
