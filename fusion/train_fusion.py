@@ -88,6 +88,10 @@ class FusionTrainOptions:
         if not self.encoder_parts or set(self.encoder_parts) - set(ENCODER_PARTS):
             raise ValueError(f"encoder_parts must be a non-empty subset of {ENCODER_PARTS}, got "
                              f"{self.encoder_parts!r}")
+        if (set(self.encoder_parts) != set(ENCODER_PARTS) and "encoders" in self.stages
+                and self.init is None and not self.whisper):
+            raise ValueError(f"--encoder-parts {','.join(self.encoder_parts)} would leave the other "
+                             f"encoder at its random init: add --init MODEL to keep a trained one")
         if self.init is not None and not Path(self.init).is_file():
             raise FileNotFoundError(f"--init {self.init}: no such fusion checkpoint")
         if self.init is not None and self.ablation:

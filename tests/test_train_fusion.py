@@ -310,5 +310,7 @@ def test_init_rebuilds_and_retrains_only_the_vision_encoder(world, tmp_path):
         FusionTrainOptions(shift_px=100)
     with pytest.raises(ValueError, match="encoder_parts"):
         FusionTrainOptions(encoder_parts=("eyes",))
+    with pytest.raises(ValueError, match="--init"):
+        FusionTrainOptions(encoder_parts=("vision",))          # the audio encoder would stay random
     with pytest.raises(FileNotFoundError, match="no such"):
         FusionTrainOptions(init=str(tmp_path / "missing.safetensors"))
