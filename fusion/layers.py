@@ -138,6 +138,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
+def column_means(tokens: torch.Tensor, rows: int) -> torch.Tensor:
+    """Row-major (B, rows * cols, D) grid tokens -> (B, cols, D), each column's mean (one per
+    slot of the demo world's left / middle / right)."""
+    B, N, D = tokens.shape
+    assert N % rows == 0, ("tokens must fill whole rows", N, rows)
+    return tokens.view(B, rows, N // rows, D).mean(1)
+
+
 def pool_time(x: torch.Tensor, factor: int) -> torch.Tensor:
     """Average-pool (B, T, D) along T by `factor` (a partial last window is averaged too)."""
     if factor == 1:

@@ -7,9 +7,9 @@ and into the model card. A few short rendered test sessions are written to asset
 for trying `python run.py replay` at once.
 
 `--budget large` is the shipped model's data and step counts in one schedule (3x the training
-scenes, 2x the align steps, 2.5x SFT, the referent losses; the shipped model had a third and a
-fourth align round on top, see assets/MODEL_CARD.md), with its own data/demo-large and
-runs/fusion-large and the same assets.
+scenes, 2x the align steps, 2.5x SFT, the referent losses; the shipped model had three more
+align rounds on top and a retrained vision encoder, see assets/MODEL_CARD.md), with its own
+data/demo-large and runs/fusion-large and the same assets.
 `--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go
 under runs/smoke/, so it never touches the shipped assets.
 """

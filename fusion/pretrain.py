@@ -24,13 +24,38 @@ from speech.whisper_encoder import log_mel
 from vision.encoder import preprocess
 
 from . import world as W
-from .layers import masked_mean
+from .layers import column_means, masked_mean
 from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels,
                        question_vocab, words_of)
 
 
 SLOT_HEADS = ("joint", "factorised")
 ENCODER_PARTS = ("audio", "vision")
+MAX_SHIFT_PX = 40.0     # at 320x240 a slot is ~107 px wide and slot centres are 96 px apart
+
+
+def check_encoder_parts(parts) -> None:
+    if not parts or set(parts) - set(ENCODER_PARTS):
+        raise ValueError(f"encoder_parts must be a non-empty subset of {ENCODER_PARTS}, got {parts!r}")
+
+
+def check_shift_px(shift_px: float) -> None:
+    if not 0 <= shift_px <= MAX_SHIFT_PX:
+        raise ValueError(f"shift_px must be in [0, {MAX_SHIFT_PX:g}] (px at 320x240; a slot is ~107 px "
+                         f"wide), got {shift_px}")
+
+
+def augment_frame(img: np.ndarray, rng, shift_px: float = 0.0) -> np.ndarray:
+    """A rendered BGR frame as pretraining sees it: shifted sideways by up to `shift_px` (px at
+    320x240, edge pixels repeated; within the slot, so the object stays where it is said to be),
+    then through JPEG at a random quality (60-95), as a camera's frames come."""
+    if shift_px > 0:
+        dx = float(rng.uniform(-shift_px, shift_px)) * img.shape[1] / W.REF_W
+        img = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, 0]]), img.shape[1::-1],
+                             borderMode=cv2.BORDER_REPLICATE)
+    ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 96))])
+    assert ok, "cv2.imencode failed on a rendered frame"
+    return cv2.imdecode(jpg, cv2.IMREAD_COLOR)
 
 
 class EncoderPretrainer(nn.Module):
@@ -38,8 +63,7 @@ class EncoderPretrainer(nn.Module):
         super().__init__()
         if slot_heads not in SLOT_HEADS:
             raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {slot_heads!r}")
-        if not parts or set(parts) - set(ENCODER_PARTS):
-            raise ValueError(f"parts must be a non-empty subset of {ENCODER_PARTS}, got {parts!r}")
+        check_encoder_parts(parts)
         self.parts = tuple(parts)
         c = model.config
         self.audio_encoder, self.vision_encoder = model.audio_encoder, model.vision_encoder
@@ -70,8 +94,7 @@ class EncoderPretrainer(nn.Module):
 
     def _vision(self, images, slot_cls, slot_pulse):
         # (B, 3, H, W) -> (B, rows*3, Dv) -> per column mean -> (B, 3, Dv)
-        v = self.vision_encoder(images)
-        v = v.view(v.shape[0], self.rows, 3, -1).mean(1)
+        v = column_means(self.vision_encoder(images), self.rows)
         out = self.slot_head(v)                                         # (B, 3, classes + 1)
         l_obj, right, i0 = 0.0, torch.ones_like(slot_cls, dtype=torch.bool), 0
         for i, n in enumerate(self.head_sizes):
@@ -105,9 +128,8 @@ class AuxBatches:
     def __init__(self, shards, vision_config, vocab: list[str], n_mels: int, seed: int = 0,
                  rank: int = 0, *, shift_px: float = 0.0,
                  parts: tuple[str, ...] = ENCODER_PARTS):
-        if not 0 <= shift_px <= 40:
-            raise ValueError(f"shift_px must be in [0, 40] (px at 320x240; a slot is ~107 px "
-                             f"wide), got {shift_px}")
+        check_shift_px(shift_px)
+        check_encoder_parts(parts)
         self.shards, self.vc, self.vocab, self.n_mels = shards, vision_config, vocab, n_mels
         self.seed, self.rank, self.shift, self.parts = seed, rank, shift_px, parts
 
@@ -118,14 +140,9 @@ class AuxBatches:
             t = p.t0 + rng.uniform(0, p.dur)
         else:
             t = rng.uniform(max(0.0, tr.t_scene - 1.0), tr.t_next)
-        img = W.render_frame(spec, t)
-        if self.shift > 0:     # sideways within the slot: the object stays where it is said to be
-            dx = float(rng.uniform(-self.shift, self.shift)) * img.shape[1] / W.REF_W
-            img = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, 0]]), img.shape[1::-1],
-                                 borderMode=cv2.BORDER_REPLICATE)
-        ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 96))])
+        img = augment_frame(W.render_frame(spec, t), rng, self.shift)
         c, pl = frame_labels(W.scene_at(spec, t)[1], t)
-        return cv2.imdecode(jpg, cv2.IMREAD_COLOR), c, pl
+        return img, c, pl
 
     def __call__(self, step: int, batch: int, device):
         rng = np.random.default_rng((self.seed, self.rank, step))

@@ -75,19 +75,14 @@ class FusionTrainOptions:
             raise ValueError(f"ablation must be one of {[a for a in ABLATIONS if a]}, got {self.ablation!r}")
         if self.batch < 1 or self.aux_batch < 1:
             raise ValueError("batch sizes must be >= 1")
-        from .pretrain import SLOT_HEADS
+        from .pretrain import ENCODER_PARTS, SLOT_HEADS, check_encoder_parts, check_shift_px
         if self.slot_heads not in SLOT_HEADS:
             raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {self.slot_heads!r}")
-        if not 0 <= self.shift_px <= 40:
-            raise ValueError(f"shift_px must be in [0, 40] (px at 320x240; a slot is ~107 px wide), "
-                             f"got {self.shift_px}")
+        check_shift_px(self.shift_px)
+        check_encoder_parts(self.encoder_parts)
         if self.init is not None and self.preset == "pretrained":
             raise ValueError("--init rebuilds encoders from a from-scratch preset (tiny, demo); "
                              "the pretrained preset loads its encoders with --whisper")
-        from .pretrain import ENCODER_PARTS
-        if not self.encoder_parts or set(self.encoder_parts) - set(ENCODER_PARTS):
-            raise ValueError(f"encoder_parts must be a non-empty subset of {ENCODER_PARTS}, got "
-                             f"{self.encoder_parts!r}")
         if (set(self.encoder_parts) != set(ENCODER_PARTS) and "encoders" in self.stages
                 and self.init is None and not self.whisper):
             raise ValueError(f"--encoder-parts {','.join(self.encoder_parts)} would leave the other "
@@ -420,8 +415,8 @@ def add_fusion_arguments(p) -> None:
                    help="encoder pretraining: shift frames sideways by up to this many px (at 320x240), "
                         "within the slot (default: %(default)s)")
     g.add_argument("--encoder-parts", default=",".join(d.encoder_parts),
-                   help="what the encoders stage trains from scratch: audio, vision or both "
-                        "(default: %(default)s)")
+                   help="comma-separated encoders the encoders stage trains from scratch: audio, vision "
+                        "or both; with --init the other keeps its trained weights (default: %(default)s)")
     g.add_argument("--init", default=None,
                    help="start from this fusion checkpoint instead of a fresh model; the encoders stage "
                         "rebuilds and retrains only --encoder-parts")

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion import world as W
+from fusion.layers import column_means
+from fusion.pretrain import augment_frame
 from fusion.trainset import OBJECT_CLASSES, frame_labels
 from vision.encoder import VISION_PRESETS, build_vision_encoder, preprocess
 
@@ -62,19 +64,13 @@ def scene(rng, rules):
 
 def frame(rng, rules, shift=0.0):
     sc = scene(rng, rules)
-    img = W.render_frame(sc, 0.5)
-    if shift > 0:
-        dx = float(rng.uniform(-shift, shift))
-        img = cv2.warpAffine(img, np.float32([[1, 0, dx], [0, 1, 0]]), (img.shape[1], img.shape[0]),
-                             borderMode=cv2.BORDER_REPLICATE)
-    ok, jpg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(60, 96))])
+    img = augment_frame(W.render_frame(sc, 0.5), rng, shift)
     c, _ = frame_labels(sc, 0.5)
-    return cv2.imdecode(jpg, cv2.IMREAD_COLOR), c
+    return img, c
 
 
 def cols(x):
-    v = enc(x)
-    return v.view(v.shape[0], vc.grid[1], 3, -1).mean(1)           # (B, 3, D)
+    return column_means(enc(x), vc.grid[1])                         # (B, 3, D)
 
 
 rng = np.random.default_rng(a.seed)
