@@ -8,8 +8,12 @@ linear probe: held-out triples 0-12% right, the others 97-99%). Factorised heads
 without a position embedding and frames shifted sideways by up to `shift_px` (within the slot,
 so no held-out triple is ever shown) read them 98-99%; see CONTRIBUTING.
 Audio: per encoder frame of a 1 s chunk, beep pitch (none/low/high) and speech; per question,
-which words it holds. Cheap, direct supervision, so the encoders are good before they are
-frozen and their features cached for the later stages. The heads are thrown away.
+which words it holds (a bag, from the mean over frames) and, with `question_heads`, which
+colour, shape and slot word, each read by its own attention over the frames. With the bag
+alone, an attention probe on the frozen features reads the colour word of held-out voices'
+questions 85.6% of the time; with the heads 95.6% (`scripts/question_probe.py`).
+Cheap, direct supervision, so the encoders are good before they are frozen and their features
+cached for the later stages. The heads are thrown away.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_l
 
 SLOT_HEADS = ("joint", "factorised")
 ENCODER_PARTS = ("audio", "vision")
+QUESTION_WORDS = (tuple(W.COLORS), W.SHAPES, W.SLOTS)   # read by the question heads
 MAX_SHIFT_PX = 40.0     # at 320x240 a slot is ~107 px wide and slot centres are 96 px apart
 
 
@@ -58,8 +63,36 @@ def augment_frame(img: np.ndarray, rng, shift_px: float = 0.0) -> np.ndarray:
     return cv2.imdecode(jpg, cv2.IMREAD_COLOR)
 
 
+def _mel_hz(n_mels: int) -> np.ndarray:
+    """Approximate centre frequencies (Hz) of Whisper's mel bins (0-8 kHz, HTK mel scale)."""
+    m = np.linspace(0, 2595 * np.log10(1 + 8000 / 700), n_mels + 2)[1:-1]
+    return 700 * (10 ** (m / 2595) - 1)
+
+
+def augment_question(audio: np.ndarray, rng, n_mels: int) -> torch.Tensor:
+    """A question's log-mel as voice-augmented pretraining sees it: speed perturbed by 0.9-1.1x
+    (pitch and formants move together), its spectral envelope warped by 0.88-1.12x
+    (vocal-tract length) and two bands of up to 8 mel bins masked: voices the training split
+    never has. The words, and so the labels, stay."""
+    r = float(rng.uniform(0.9, 1.1))
+    x = np.interp(np.arange(0, len(audio) - 1, r), np.arange(len(audio)), audio).astype(np.float32)
+    mel = log_mel(x, n_mels).numpy()                                  # (n_mels, T)
+    hz = _mel_hz(n_mels)
+    src = np.interp(hz / float(rng.uniform(0.88, 1.12)), hz, np.arange(n_mels))  # bin read per bin
+    lo = np.floor(src).astype(int).clip(0, n_mels - 2)
+    w = (src - lo).clip(0, 1)[:, None]
+    mel = (1 - w) * mel[lo] + w * mel[lo + 1]
+    fill = float(mel.mean())
+    for _ in range(2):
+        wdt = int(rng.integers(0, 9))
+        f0 = int(rng.integers(0, n_mels - wdt + 1))
+        mel[f0:f0 + wdt] = fill
+    return torch.from_numpy(mel.astype(np.float32))
+
+
 class EncoderPretrainer(nn.Module):
-    def __init__(self, model, slot_heads: str = "joint", parts: tuple[str, ...] = ENCODER_PARTS):
+    def __init__(self, model, slot_heads: str = "joint", parts: tuple[str, ...] = ENCODER_PARTS,
+                 question_heads: bool = False):
         super().__init__()
         if slot_heads not in SLOT_HEADS:
             raise ValueError(f"slot_heads must be one of {SLOT_HEADS}, got {slot_heads!r}")
@@ -82,6 +115,15 @@ class EncoderPretrainer(nn.Module):
         self.slot_head = nn.Linear(Dv, sum(self.head_sizes) + 1)  # the heads' classes + pulse logit
         self.beep_head = nn.Linear(Da, len(BEEP_CLASSES) + 1)    # classes + speech logit
         self.word_head = nn.Linear(Da, len(self.vocab))
+        # which colour / shape / slot word the question holds (or none), each read by its own
+        # attention over the question's frames: the word, not the whole utterance, must carry it
+        self.question_heads = question_heads
+        if question_heads:
+            self.q_attn = nn.Linear(Da, len(QUESTION_WORDS))
+            self.q_heads = nn.ModuleList(nn.Linear(Da, len(ws) + 1) for ws in QUESTION_WORDS)
+            for i, ws in enumerate(QUESTION_WORDS):
+                self.register_buffer(f"_qwords{i}", torch.tensor([self.vocab.index(w) for w in ws]),
+                                     persistent=False)
 
     def forward(self, images, slot_cls, slot_pulse, mel, beep, speech, q_mel, q_len, q_words):
         out = {}
@@ -116,22 +158,36 @@ class EncoderPretrainer(nn.Module):
         n = (q_len + 1) // 2                                           # valid encoder frames
         pooled = masked_mean(q, torch.arange(q.shape[1], device=q.device)[None] < n[:, None])
         l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
-        return {"loss_audio": l_beep + 0.5 * l_speech + l_words, "beep": l_beep.detach(),
-                "words": l_words.detach()}
+        out = {"beep": l_beep.detach(), "words": l_words.detach()}
+        loss = l_beep + 0.5 * l_speech + l_words
+        if self.question_heads:
+            valid = torch.arange(q.shape[1], device=q.device)[None] < n[:, None]       # (B, Tq)
+            att = self.q_attn(q).masked_fill(~valid[..., None], float("-inf")).softmax(1)  # (B, Tq, K)
+            read = torch.einsum("btk,btd->bkd", att, q)                               # (B, K, Da)
+            l_q = 0.0
+            for i, head in enumerate(self.q_heads):
+                present = q_words[:, getattr(self, f"_qwords{i}")]                   # (B, n)
+                target = torch.where(present.any(1), present.argmax(1) + 1, 0)
+                l_q = l_q + F.cross_entropy(head(read[:, i]), target)
+            out["qwords"] = l_q.detach()
+            loss = loss + l_q
+        return {"loss_audio": loss, **out}
 
 
 class AuxBatches:
     """Random auxiliary batches rendered on the fly from the training shards (seeded).
     `shift_px`: frames shifted sideways by up to this many px (at 320x240; the edge pixels
-    repeat). Parts not in `parts` get empty tensors, and their rendering is skipped."""
+    repeat). `voice_aug`: questions through `augment_question`. Parts not in `parts` get empty
+    tensors, and their rendering is skipped."""
 
     def __init__(self, shards, vision_config, vocab: list[str], n_mels: int, seed: int = 0,
-                 rank: int = 0, *, shift_px: float = 0.0,
+                 rank: int = 0, *, shift_px: float = 0.0, voice_aug: bool = False,
                  parts: tuple[str, ...] = ENCODER_PARTS):
         check_shift_px(shift_px)
         check_encoder_parts(parts)
         self.shards, self.vc, self.vocab, self.n_mels = shards, vision_config, vocab, n_mels
         self.seed, self.rank, self.shift, self.parts = seed, rank, shift_px, parts
+        self.voice_aug = voice_aug
 
     def _frame(self, rng, spec, tr):
         # a frame, biased towards pulses half of the time
@@ -172,7 +228,7 @@ class AuxBatches:
             q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(-0.05, 0.05))
             q1 = tr.t_q1 + rng.uniform(-0.05, 0.05)
             qa = mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)]
-            qm = log_mel(qa, self.n_mels)
+            qm = augment_question(qa, rng, self.n_mels) if self.voice_aug else log_mel(qa, self.n_mels)
             qmels.append(qm), qlens.append(qm.shape[1])
             words = set(words_of(tr.question.text))
             qwords.append([1.0 if w in words else 0.0 for w in self.vocab])

@@ -11,6 +11,7 @@ or many GPUs/processes with torchrun (DDP).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -51,8 +52,11 @@ class FusionTrainOptions:
     # embedding) it reads the test split's held-out colour-shape-slot triples (scripts/vision_probe.py)
     slot_heads: str = "factorised"
     shift_px: float = 20.0
+    question_heads: bool = False         # audio pretraining: attention heads for the colour/shape/slot word
+    voice_aug: bool = False              # questions speed-perturbed, spectrally warped, masked (pretrain.augment_question)
     encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains from scratch
     init: str | None = None              # start from this fusion checkpoint (its encoder_parts rebuilt)
+    vision_cache: str | None = None      # with init + encoder_parts=("audio",): frames from this cache.pt
     lr: float = 1e-3
     max_train_turns: int | None = None
     seed: int = 0
@@ -91,6 +95,12 @@ class FusionTrainOptions:
             raise FileNotFoundError(f"--init {self.init}: no such fusion checkpoint")
         if self.init is not None and self.ablation:
             raise ValueError("--init starts from a trained model; ablations train from scratch")
+        if self.vision_cache is not None:
+            if self.init is None or tuple(self.encoder_parts) != ("audio",):
+                raise ValueError("--vision-cache reuses frame features: only with --init MODEL and "
+                                 "--encoder-parts audio (the vision encoder unchanged)")
+            if not Path(self.vision_cache).is_file():
+                raise FileNotFoundError(f"--vision-cache {self.vision_cache}: no such cache.pt")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
         if not self.referent_loss >= 0:
@@ -137,6 +147,22 @@ def _init_model(o: FusionTrainOptions, codec):
     assert not unexpected and all(any(k.startswith(f"{p}_encoder.") for p in rebuild) for k in missing), \
         (unexpected, missing)
     return model
+
+
+def _vision_cache(o: FusionTrainOptions, model, shards, ids: list[int]) -> dict:
+    """The frames of `ids` from o.vision_cache, checked against a fresh encoding of one session."""
+    from .trainset import encode_turns
+    old = torch.load(o.vision_cache, weights_only=False)
+    if len(old) <= max(ids):
+        raise ValueError(f"--vision-cache {o.vision_cache} holds {len(old)} turns, this run needs "
+                         f"{max(ids) + 1}: use the cache of a run on the same data")
+    first = [i for i in ids if shards.session_of(i) == shards.session_of(ids[0])]
+    for i, e in zip(first, encode_turns(model, shards, first, seed=o.seed, progress=False)):
+        a, b = e.feats.frames.float(), old[i].feats.frames.float()
+        if a.shape != b.shape or not torch.allclose(a, b, atol=2e-2, rtol=1e-2) or old[i].answer != e.answer:
+            raise ValueError(f"--vision-cache {o.vision_cache} does not match this run's data, seed and "
+                             f"vision encoder (turn {i} differs); drop the flag to encode everything")
+    return {i: old[i] for i in ids}
 
 
 def answer_codes(data_dir: Path, codec, device) -> dict[str, torch.Tensor]:
@@ -276,17 +302,17 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     # --- 1a: encoders ---------------------------------------------------------------------------
     if "encoders" in o.stages and not stage_file("encoders").exists():
         t0 = time.perf_counter()
-        pre = EncoderPretrainer(model, o.slot_heads, o.encoder_parts).to(device)
+        pre = EncoderPretrainer(model, o.slot_heads, o.encoder_parts, o.question_heads).to(device)
         mods = []
         if "vision" in o.encoder_parts:
             mods += [pre.vision_encoder, pre.slot_head]
         if "audio" in o.encoder_parts:
-            mods += [pre.beep_head, pre.word_head]
+            mods += [pre.beep_head, pre.word_head] + ([pre.q_attn, pre.q_heads] if o.question_heads else [])
             if not o.whisper:  # a pretrained Whisper encoder stays as it is
                 mods.append(pre.audio_encoder)
         params = set_trainable(model, mods)
         batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank,
-                             shift_px=o.shift_px, parts=o.encoder_parts)
+                             shift_px=o.shift_px, voice_aug=o.voice_aug, parts=o.encoder_parts)
         train("encoders", pre, params, lambda m, step: m(*batches(step, o.aux_batch, device)),
               LoopOptions(o.encoder_steps, lr=o.lr, ckpt_every=50), run, o.resume, o.progress)
         finish("encoders", t0)
@@ -304,8 +330,9 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         part = run / f"cache.part{rank}of{world}.pt"
         if not part.exists():
             model.eval()
-            torch.save((mine, encode_turns(model, shards, mine, seed=o.seed, progress=o.progress and is_main())),
-                       part)
+            reuse = _vision_cache(o, model, shards, mine) if o.vision_cache else None
+            torch.save((mine, encode_turns(model, shards, mine, seed=o.seed, progress=o.progress and is_main(),
+                                           vision_from=reuse)), part)
         barrier()
         if is_main():
             merged = {}
@@ -414,12 +441,21 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--shift-px", type=float, default=d.shift_px,
                    help="encoder pretraining: shift frames sideways by up to this many px (at 320x240), "
                         "within the slot (default: %(default)s)")
+    g.add_argument("--question-heads", action=argparse.BooleanOptionalAction, default=d.question_heads,
+                   help="audio pretraining: also read the colour, shape and slot word of each question, "
+                        "each with its own attention over the frames (default: %(default)s)")
+    g.add_argument("--voice-aug", action=argparse.BooleanOptionalAction, default=d.voice_aug,
+                   help="encoder pretraining: speed-perturb, spectrally warp and mask the questions, "
+                        "for voices the data never has (default: %(default)s)")
     g.add_argument("--encoder-parts", default=",".join(d.encoder_parts),
                    help="comma-separated encoders the encoders stage trains from scratch: audio, vision "
                         "or both; with --init the other keeps its trained weights (default: %(default)s)")
     g.add_argument("--init", default=None,
                    help="start from this fusion checkpoint instead of a fresh model; the encoders stage "
                         "rebuilds and retrains only --encoder-parts")
+    g.add_argument("--vision-cache", default=None,
+                   help="with --init and --encoder-parts audio: take the frame features from this cache.pt "
+                        "(the --init run's, same data and seed) instead of encoding them again")
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
@@ -436,7 +472,9 @@ def run_fusion(args) -> None:
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
         lr=args.lr, amp=args.amp, sample=args.sample, referent_loss=args.referent_loss, slot_heads=args.slot_heads,
-        shift_px=args.shift_px, init=args.init,
+        shift_px=args.shift_px, voice_aug=args.voice_aug, question_heads=args.question_heads,
+        init=args.init,
+        vision_cache=args.vision_cache,
         encoder_parts=tuple(p for p in args.encoder_parts.split(",") if p),
         max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -104,11 +104,14 @@ QUESTION_END_JITTER = (-0.04, 0.12)     # s added to the true end
 
 
 @torch.inference_mode()
-def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = True) -> list[TurnExample]:
+def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = True,
+                 vision_from: dict[int, TurnExample] | None = None) -> list[TurnExample]:
     """Encodes the given global turns through `SceneEncoder` (the runtime path). Question
     bounds vary as the VAD's do (QUESTION_*_JITTER); frames come at 10 fps with a random phase
     through the 5 fps sampler. Randomness is seeded per session, so any split of the turns
-    over processes gives the same features."""
+    over processes gives the same features. `vision_from` (turn -> example encoded with the
+    same seed and vision encoder): frames taken from it, not rendered and encoded again
+    (three quarters of the time)."""
     from .inputs import SceneEncoder
     by_session: dict[int, list[int]] = {}
     for i in turn_ids:
@@ -138,16 +141,21 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
                 frame_i += 1
             end = min(int(decision * SAMPLE_RATE), len(mic))
             times, images = [], []
-            while (t := frame_i / DEMO_WORLD_FPS + phase) < end / SAMPLE_RATE:
+            while vision_from is None and (t := frame_i / DEMO_WORLD_FPS + phase) < end / SAMPLE_RATE:
                 if sampler.offer(CamFrame(t, None, frame_i)):
                     times.append(t)
                     images.append(W.render_frame(spec, t, size))
                 frame_i += 1
             enc.push_frames(times, images)                # batched: same features as one by one
             enc.push_audio(mic[enc.samples:end])
-            feats = enc.features(q0, min(q1, enc.now))
+            feats = _to_storage(enc.features(q0, min(q1, enc.now)))
             q = tr.question
-            out[i] = TurnExample(_to_storage(feats), q.answer, q.qtype, q.type_group)
+            if vision_from is not None:
+                old = vision_from[i]
+                assert (old.answer, old.qtype) == (q.answer, q.qtype), (old.answer, q.answer, i)
+                feats = replace(feats, frames=old.feats.frames, frame_times=old.feats.frame_times,
+                                frame_mask=old.feats.frame_mask)
+            out[i] = TurnExample(feats, q.answer, q.qtype, q.type_group)
             bar.update(1)
     bar.close()
     return [out[i] for i in turn_ids]

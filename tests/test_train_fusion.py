@@ -314,3 +314,54 @@ def test_init_rebuilds_and_retrains_only_the_vision_encoder(world, tmp_path):
         FusionTrainOptions(encoder_parts=("vision",))          # the audio encoder would stay random
     with pytest.raises(FileNotFoundError, match="no such"):
         FusionTrainOptions(init=str(tmp_path / "missing.safetensors"))
+
+
+def test_voice_augmentation_keeps_the_words_and_changes_the_voice(world):
+    """--voice-aug: a question's mel is speed-perturbed, warped and masked, reproducibly; the
+    word labels stay those of the question."""
+    import numpy as np
+    from fusion.data import TrainShards
+    from fusion.pretrain import AuxBatches, augment_question
+    from fusion.trainset import question_vocab
+    from speech.whisper_encoder import log_mel
+    x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    a, b = (augment_question(x, np.random.default_rng(5), 80) for _ in range(2))
+    assert torch.equal(a, b) and a.shape[0] == 80 and 90 <= a.shape[1] <= 112, a.shape
+    plain = log_mel(x, 80)
+    assert a.shape != plain.shape or not torch.allclose(a, plain, atol=1e-3)
+    assert torch.isfinite(a).all()
+    shards, vc = TrainShards(world / "data"), _tiny_config(world).vision
+    p = AuxBatches(shards, vc, question_vocab(), 80, seed=3, parts=("audio",))(0, 2, "cpu")
+    q = AuxBatches(shards, vc, question_vocab(), 80, seed=3, voice_aug=True, parts=("audio",))(0, 2, "cpu")
+    assert torch.equal(p[-1], q[-1])                          # same questions, same word labels
+    assert not torch.equal(p[-3], q[-3])                      # heard in another voice
+
+
+def test_audio_retrain_reuses_the_frames_of_a_vision_cache(world, tmp_path):
+    """--vision-cache: an audio-only retrain (here with --question-heads) takes the frame
+    features from the --init run's cache and gives the same cache as encoding everything again."""
+    first = tmp_path / "first"
+    train_fusion(opts(world, first, stages=("align",), align_steps=1))
+    init = str(first / "after_align.safetensors")
+    kw = dict(stages=("encoders", "align"), align_steps=1, init=init, encoder_parts=("audio",), voice_aug=True,
+              question_heads=True)
+    train_fusion(opts(world, tmp_path / "fast", vision_cache=str(first / "cache.pt"), **kw))
+    hist = json.loads((tmp_path / "fast" / "encoders.history.json").read_text())
+    assert all(h["qwords"] > 0 for h in hist) and "acc_obj" not in hist[0], hist[0]
+    train_fusion(opts(world, tmp_path / "full", **kw))
+    old, fast, full = (torch.load(tmp_path / r / "cache.pt", weights_only=False) for r in ("first", "fast", "full"))
+    assert len(fast) == len(full) == len(old)
+    for o, a, b in zip(old, fast, full):
+        assert torch.equal(a.feats.frames, b.feats.frames) and torch.equal(a.feats.frame_times, b.feats.frame_times)
+        assert torch.allclose(a.feats.question.float(), b.feats.question.float(), atol=1e-2)
+        assert not torch.allclose(a.feats.question.float(), o.feats.question.float(), atol=1e-2)  # new audio encoder
+    # a cache from another vision encoder is refused, not silently mixed in
+    from fusion.checkpoint import save_model
+    from fusion.model import FusionModel
+    torch.manual_seed(7)
+    save_model(FusionModel(_tiny_config(world)), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="does not match"):
+        train_fusion(opts(world, tmp_path / "bad", **{**kw, "init": str(tmp_path / "other.safetensors")},
+                          vision_cache=str(first / "cache.pt")))
+    with pytest.raises(ValueError, match="--encoder-parts audio"):
+        FusionTrainOptions(init=init, vision_cache=str(first / "cache.pt"))
