@@ -619,9 +619,10 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     # step) and are compared with the full model trained alike: the same budget, same cache.
     # The auxiliary referent losses read the cell clues the "mean" ablation does not have, so no
     # ablation (nor the control) trains with them: the table compares architectures on the
-    # answer loss alone. They start from RUN_DIR's encoders, never from the main run's --init.
+    # answer loss alone. They start from RUN_DIR's encoders, never from the main run's --init
+    # (nor its --vision-cache: the cache is RUN_DIR's own).
     kw.update(run_dir=str(run_dir), out=None, ablation=name, stages=("align",), resume=True,
-              align_steps=steps, referent_loss=0.0, init=None)
+              align_steps=steps, referent_loss=0.0, init=None, vision_cache=None)
     return kw
 
 

@@ -59,16 +59,19 @@ def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
 def test_ablations_train_without_the_referent_losses_or_init(world, tmp_path):
     import shutil
     from fusion.eval import prepare_ablation_run
+    from fusion.train_fusion import FusionTrainOptions
     main = tmp_path / "main"
     main.mkdir()
     shutil.copyfile(world / "run" / "after_encoders.safetensors", main / "after_encoders.safetensors")
     opts = json.loads((world / "run" / "options.json").read_text())
-    (main / "options.json").write_text(json.dumps({**opts, "referent_loss": 0.5,
-                                                   "init": str(tmp_path / "gone.safetensors")}))
+    (main / "options.json").write_text(json.dumps({**opts, "referent_loss": 0.5, "encoder_parts": ["audio"],
+                                                   "init": str(tmp_path / "gone.safetensors"),
+                                                   "vision_cache": str(tmp_path / "gone.pt")}))
     for name in ("full", "mean"):     # "mean" has no cell clues for them: train_fusion would refuse
         kw = prepare_ablation_run(main, tmp_path / f"ablation-{name}", name, steps=2)
         assert kw["referent_loss"] == 0.0 and kw["ablation"] == name and kw["align_steps"] == 2
-        assert kw["init"] is None      # from the main run's encoders, not the main run's start
+        assert kw["init"] is None and kw["vision_cache"] is None  # the main run's encoders and cache
+        FusionTrainOptions(**kw)      # valid options, as the ablation trainer builds them
 
 
 def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
