@@ -52,7 +52,9 @@ class FusionTrainOptions:
     # embedding) it reads the test split's held-out colour-shape-slot triples (scripts/vision_probe.py)
     slot_heads: str = "factorised"
     shift_px: float = 20.0
-    question_heads: bool = False         # audio pretraining: attention heads for the colour/shape/slot word
+    # audio pretraining: attention heads for the colour/shape/slot word of each question (a probe
+    # then reads held-out voices' colour words 95.6%, 85.6% without: scripts/question_probe.py)
+    question_heads: bool = True
     voice_aug: bool = False              # questions speed-perturbed, spectrally warped, masked (pretrain.augment_question)
     encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains from scratch
     init: str | None = None              # start from this fusion checkpoint (its encoder_parts rebuilt)

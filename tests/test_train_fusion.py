@@ -43,6 +43,7 @@ def test_staged_pipeline_trains_and_resumes(world, tmp_path):
         hist = json.loads((run / f"{stage}.history.json").read_text())
         assert len(hist) == 3 and all(h["loss"] == h["loss"] for h in hist)  # ran, no NaN
         assert (run / f"{stage}.loss.png").stat().st_size > 1000
+    assert "qwords" in json.loads((run / "encoders.history.json").read_text())[0]  # question heads by default
     codec = load_codec(world / "codec")
     model = load_model(final, codec=codec)
     from fusion.checkpoint import load_with_codec   # a run directory's model finds the codec it
