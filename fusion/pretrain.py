@@ -155,13 +155,13 @@ class EncoderPretrainer(nn.Module):
         l_speech = F.binary_cross_entropy_with_logits(a[..., -1], speech.float())
         # questions: padded mel + lengths -> mean over valid frames -> word bag
         q = self.audio_encoder(q_mel, q_len)                           # (B, Tq, Da)
-        n = (q_len + 1) // 2                                           # valid encoder frames
-        pooled = masked_mean(q, torch.arange(q.shape[1], device=q.device)[None] < n[:, None])
+        n = self.audio_encoder.output_lengths(q_len)                   # valid encoder frames
+        valid = torch.arange(q.shape[1], device=q.device)[None] < n[:, None]            # (B, Tq)
+        pooled = masked_mean(q, valid)
         l_words = F.binary_cross_entropy_with_logits(self.word_head(pooled), q_words)
         out = {"beep": l_beep.detach(), "words": l_words.detach()}
         loss = l_beep + 0.5 * l_speech + l_words
         if self.question_heads:
-            valid = torch.arange(q.shape[1], device=q.device)[None] < n[:, None]       # (B, Tq)
             att = self.q_attn(q).masked_fill(~valid[..., None], float("-inf")).softmax(1)  # (B, Tq, K)
             read = torch.einsum("btk,btd->bkd", att, q)                               # (B, K, Da)
             l_q = 0.0

@@ -103,6 +103,13 @@ QUESTION_START_JITTER = (-0.05, 0.20)   # s added to (true start - QUESTION_PAD)
 QUESTION_END_JITTER = (-0.04, 0.12)     # s added to the true end
 
 
+def question_bounds(rng, turn: W.TurnSpec) -> tuple[float, float]:
+    """A turn's question span as the engine's VAD might find it (QUESTION_*_JITTER drawn from
+    `rng`, start then end), QUESTION_PAD before the start included."""
+    q0 = max(0.0, turn.t_q0 - QUESTION_PAD + rng.uniform(*QUESTION_START_JITTER))
+    return q0, turn.t_q1 + rng.uniform(*QUESTION_END_JITTER)
+
+
 @torch.inference_mode()
 def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = True,
                  vision_from: dict[int, TurnExample] | None = None) -> list[TurnExample]:
@@ -129,8 +136,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
         frame_i = 0
         for i in sorted(turns, key=lambda i: shards.turn(i)[1]):
             tr = spec.turns[shards.turn(i)[1]]
-            q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(*QUESTION_START_JITTER))
-            q1 = tr.t_q1 + rng.uniform(*QUESTION_END_JITTER)
+            q0, q1 = question_bounds(rng, tr)
             decision = q1 + END_OF_TURN_SILENCE
             t_lo = q1 - model.config.context_seconds - 1.0
             # skip ahead cheaply: nothing before t_lo matters for this turn

@@ -22,24 +22,25 @@ import torch.nn.functional as F
 from fusion import world as W
 from fusion.checkpoint import load_model
 from fusion.data import TrainShards
-from fusion.trainset import QUESTION_END_JITTER, QUESTION_START_JITTER
-from speech.constants import QUESTION_PAD, SAMPLE_RATE
+from fusion.pretrain import QUESTION_WORDS
+from fusion.trainset import question_bounds, words_of
+from speech.constants import SAMPLE_RATE
 from speech.whisper_encoder import log_mel
 
-CATS = {"qtype": list(W.QTYPE_IDS), "colour": [None, *W.COLORS], "shape": [None, *W.SHAPES],
-        "slot": [None, *W.SLOTS]}
+# the question type, then the word categories the pretraining's question heads read
+CATS = {"qtype": list(W.QTYPE_IDS),
+        **{name: [None, *ws] for name, ws in zip(("colour", "shape", "slot"), QUESTION_WORDS)}}
 
 
 def labels(q: W.Question) -> list[int]:
-    words = q.text.lower().rstrip("?").split()
+    words = words_of(q.text)
     return [CATS["qtype"].index(q.qtype)] + [
         next((i for i, x in enumerate(CATS[c]) if x in words), 0) for c in ("colour", "shape", "slot")]
 
 
 def crop(rng, mic, tr) -> torch.Tensor:
     """The question's log-mel with VAD-like bounds, as the cached training features have them."""
-    q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(*QUESTION_START_JITTER))
-    q1 = tr.t_q1 + rng.uniform(*QUESTION_END_JITTER)
+    q0, q1 = question_bounds(rng, tr)
     return log_mel(mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)], 80)
 
 
