@@ -2,8 +2,9 @@
 
 ```
 OUT/
-  manifest.json   options, counts, seed, held-out sets, espeak-ng version, content hash
-  answers/        the agent's spoken answers (AGENT_VOICE, 16 kHz) + answers.json text -> file
+  manifest.json   options, counts, seed, held-out sets, espeak-ng (flite) version, content hash
+  answers/        the agent's spoken answers (DataOptions.agent_voice, default AGENT_VOICE,
+                  16 kHz) + answers.json text -> file
   codec/          agent-voice sentences for codec training: train/*.wav, eval/*.wav,
                   sentences.json {"train": [{"file", "text"}], "eval": [...]}
   train/          sessions.jsonl (one SessionSpec per line) + mic.npy (int16, all sessions
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from fusion import world as W
+from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 from speech.constants import DEMO_WORLD_FPS, PCM16_MAX, SAMPLE_RATE
 
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
@@ -45,6 +47,7 @@ class DataOptions:
     workers: int = 2
     n_codec_sentences: int = 1500      # codec training sentences (answers included)
     n_codec_eval: int = 100            # held-out codec sentences (no answer text among them)
+    agent_voice: str = voice_spec(AGENT_VOICE)   # the answers' and codec corpus' voice (tts.parse_voice)
 
     def __post_init__(self):
         for name, lo in (("n_train_sessions", 0), ("n_val_sessions", 0),
@@ -53,6 +56,7 @@ class DataOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"DataOptions.{name} must be an integer >= {lo}, got {v!r}")
+        parse_voice(self.agent_voice)      # raises ValueError with the accepted forms
 
 
 # --- the agent-voice corpus ----------------------------------------------------------------
@@ -106,11 +110,11 @@ def _init_worker() -> None:
     torch.set_num_threads(1)        # resampling is tiny; threads only fight over 2 cores
 
 
-def _speak_to_wav(job: tuple[str, str]) -> float:
+def _speak_to_wav(job: tuple[str, str, str]) -> float:
     import soundfile as sf
-    from speech.tts import AGENT_VOICE, synthesize
-    text, path = job
-    x = synthesize(text, AGENT_VOICE, SAMPLE_RATE)
+    from speech.tts import synthesize
+    text, path, voice = job
+    x = synthesize(text, parse_voice(voice), SAMPLE_RATE)
     sf.write(path, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return len(x) / SAMPLE_RATE
 
@@ -212,11 +216,12 @@ def _hash_tree(root: Path) -> str:
     return h.hexdigest()
 
 
-def _espeak_version() -> str:
+def _tool_version(binary: str) -> str:
     try:
-        return subprocess.run(["espeak-ng", "--version"], capture_output=True,
-                              text=True).stdout.strip()
-    except FileNotFoundError:
+        lines = subprocess.run([binary, "--version"], capture_output=True,
+                               text=True).stdout.strip().splitlines()
+        return next((ln.strip() for ln in lines if "version:" in ln), lines[0])   # flite: 2nd line
+    except (FileNotFoundError, IndexError):
         return "missing"
 
 
@@ -224,7 +229,6 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
              overwrite: bool = False) -> dict:
     """Write the datasets described in the module docstring; returns the manifest."""
     from tqdm import tqdm
-    from speech.tts import AGENT_VOICE
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -240,8 +244,9 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
     tr_text, ev_text = codec_sentences(o.seed, o.n_codec_sentences, o.n_codec_eval)
     codec = {"train": [{"file": f"train/{i:06d}.wav", "text": t} for i, t in enumerate(tr_text)],
              "eval": [{"file": f"eval/{i:06d}.wav", "text": t} for i, t in enumerate(ev_text)]}
-    speak = [(t, str(out / "answers" / f)) for t, f in answers.items()]
-    speak += [(e["text"], str(out / "codec" / e["file"])) for k in ("train", "eval")
+    voice = parse_voice(o.agent_voice)
+    speak = [(t, str(out / "answers" / f), o.agent_voice) for t, f in answers.items()]
+    speak += [(e["text"], str(out / "codec" / e["file"]), o.agent_voice) for k in ("train", "eval")
               for e in codec[k]]
     jobs = [(o.seed, split, i, o.turns_per_session, str(out)) for split, n in
             (("train", o.n_train_sessions), ("val", o.n_val_sessions),
@@ -288,18 +293,20 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
          "sessions": index}, separators=(",", ":")))
     (out / "answers" / "answers.json").write_text(json.dumps(answers, indent=1))
     (out / "codec" / "sentences.json").write_text(json.dumps(
-        {"sample_rate": SAMPLE_RATE, "voice": AGENT_VOICE.to_dict(), **codec}, indent=1))
+        {"sample_rate": SAMPLE_RATE, "voice": voice.to_dict(), **codec}, indent=1))
     for split in ("val", "test"):
         counts[split]["seconds"] = sum(json.loads((p / "session.json").read_text())
                                        ["spec"]["duration"] for p in (out / split).iterdir())
     manifest = {"format": "tandem-demo-data", "version": 1, "world": "demo",
                 "seed": o.seed, "options": asdict(o), "counts": counts,
-                "answers": len(answers), "agent_voice": AGENT_VOICE.to_dict(),
+                "answers": len(answers), "agent_voice": voice.to_dict(),
                 "codec": {"train": len(tr_text), "eval": len(ev_text),
                           "seconds": round(sum(seconds), 3)},
                 "heldout": {"triples": W.HELDOUT_TRIPLES, "voices": W.HELDOUT_VOICE_NAMES,
                             "variants": W.HELDOUT_VARIANTS},
-                "espeak_ng": _espeak_version(), "content_sha256": _hash_tree(out)}
+                "espeak_ng": _tool_version("espeak-ng"), "content_sha256": _hash_tree(out)}
+    if o.agent_voice.startswith("flite:"):
+        manifest["flite"] = _tool_version("flite")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -310,8 +317,9 @@ def main(out_dir, *, n_train_sessions: int = DataOptions.n_train_sessions,
          turns_per_session: int = DataOptions.turns_per_session, seed: int = 0,
          workers: int = 2, progress: bool = True,
          n_codec_sentences: int = DataOptions.n_codec_sentences,
-         n_codec_eval: int = DataOptions.n_codec_eval, overwrite: bool = False) -> dict:
+         n_codec_eval: int = DataOptions.n_codec_eval,
+         agent_voice: str = DataOptions.agent_voice, overwrite: bool = False) -> dict:
     """Entry point of `python run.py data OUT`; see `DataOptions` for the defaults."""
     opts = DataOptions(n_train_sessions, n_val_sessions, n_test_sessions, turns_per_session,
-                       seed, workers, n_codec_sentences, n_codec_eval)
+                       seed, workers, n_codec_sentences, n_codec_eval, agent_voice)
     return generate(out_dir, opts, progress=progress, overwrite=overwrite)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from speech.tts import voice_from_dict, voice_spec
+
 GROUPS = ("visual", "audio", "audio-visual")
 ABLATION_LABELS = {"main": "main (text only)", "full": "full model, same budget",
                    "mean": "no aggregator (mean)",
@@ -164,8 +166,10 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
                       for s, c in counts.items()]), ""]
         held = manifest.get("heldout", {})
         espeak = str(manifest.get("espeak_ng", "?")).split("Data at")[0].strip()
+        voice = manifest.get("agent_voice")
+        voice = f" `{voice_spec(voice_from_dict(voice))}`" if voice else ""
         L += [f"Rendered with seed {manifest.get('seed')} ({espeak}); "
-              f"{manifest.get('answers', '?')} distinct answers spoken by the fixed agent voice; codec "
+              f"{manifest.get('answers', '?')} distinct answers spoken by the fixed agent voice{voice}; codec "
               f"corpus {manifest.get('codec', {}).get('train', '?')} sentences. The test split uses "
               f"held-out voices ({', '.join(held.get('voices', []))}; variants "
               f"{', '.join(held.get('variants', []))}) and forces held-out colour/shape/slot triples "

@@ -62,6 +62,7 @@ class PipelineOptions:
     ablations: bool = True
     recognizer: bool = True
     force: bool = False                  # re-render mismatching data, retrain codec and fusion
+    agent_voice: str | None = None       # the data's agent voice (tts.parse_voice); None: AGENT_VOICE
     example_sessions: int = 3
     example_turns: int = 2
     seed: int = 0
@@ -75,6 +76,9 @@ class PipelineOptions:
             raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
         if self.example_sessions < 0 or self.example_turns < 1 or self.workers < 1:
             raise ValueError("example_sessions must be >= 0, example_turns and workers >= 1")
+        if self.agent_voice is not None:
+            from speech.tts import parse_voice
+            parse_voice(self.agent_voice)
 
     def path(self, name: str) -> Path:
         given = getattr(self, name)
@@ -92,10 +96,13 @@ def data_step(o: PipelineOptions) -> bool:
     """Renders the data unless DATA/manifest.json already holds these options. True: rendered."""
     from .data import DataOptions, main
     data = o.path("data")
-    want = asdict(DataOptions(seed=o.seed, workers=o.workers, **BUDGETS[o.budget]["data"]))
+    voice = {"agent_voice": o.agent_voice} if o.agent_voice else {}
+    want = asdict(DataOptions(seed=o.seed, workers=o.workers, **{**BUDGETS[o.budget]["data"], **voice}))
     manifest = data / "manifest.json"
     if manifest.is_file():
-        have = json.loads(manifest.read_text()).get("options", {})
+        # data rendered before agent_voice was an option was spoken by the default voice
+        have = {"agent_voice": DataOptions.agent_voice,
+                **json.loads(manifest.read_text()).get("options", {})}
         if {k: v for k, v in have.items() if k != "workers"} == {k: v for k, v in want.items() if k != "workers"}:
             return False
     if data.is_dir() and any(data.iterdir()) and not o.force:
@@ -123,6 +130,21 @@ def write_example_sessions(out, n: int = 3, turns: int = 2, seed: int = 0) -> li
                        "example": True})
         dirs.append(d)
     return dirs
+
+
+def check_codec_voice(codec_dir: Path, data: Path) -> None:
+    """Refuses to reuse a codec trained on another voice than the data's agent voice."""
+    from speech.tts import AGENT_VOICE, voice_from_dict, voice_spec
+    from .train_codec import corpus_voice, resolve_corpus
+    report = codec_dir / "report.json"
+    # codecs trained before the report named the voice were all trained on AGENT_VOICE
+    trained = voice_from_dict(json.loads(report.read_text()).get("voice", AGENT_VOICE.to_dict())) \
+        if report.is_file() else AGENT_VOICE
+    speaks = corpus_voice(resolve_corpus(data))
+    if trained != speaks:
+        raise ValueError(f"the codec in {codec_dir} was trained on the voice {voice_spec(trained)} but "
+                         f"{data} speaks its answers with {voice_spec(speaks)}; pass --force to retrain "
+                         f"it, or choose another --codec-dir")
 
 
 def _set_aside(run_dir: Path) -> None:
@@ -170,6 +192,7 @@ def run_pipeline(o: PipelineOptions) -> dict:
 
     def codec():
         if (codec_dir / "codec.json").is_file() and not o.force:
+            check_codec_voice(codec_dir, o.path("data"))
             return False
         kw = {"seed": o.seed, "device": o.device or "cpu", "recognize": o.recognizer,
               **({"threads": o.threads} if o.threads else {}), **b["codec"]}
@@ -227,13 +250,24 @@ def add_pipeline_arguments(p) -> None:
                    help="re-render data rendered with other options, retrain the codec and the fusion model")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="data rendering processes")
+    p.add_argument("--agent-voice", default=None, metavar="SPEC",
+                   help="the agent's voice in the data (see `run.py data --help`; default: en-us+m3:165:50, "
+                        "the shipped model's); a codec trained on another voice is refused")
 
 
 def run_cli(args) -> None:
-    o = PipelineOptions(
+    import sys
+    try:
+        o = _options_from_args(args)
+        run_pipeline(o)
+    except (ValueError, FileNotFoundError) as e:     # bad options, mismatching data or codec
+        sys.exit(f"train all: {e}")
+
+
+def _options_from_args(args) -> PipelineOptions:
+    return PipelineOptions(
         budget=args.budget, data=args.data, codec_dir=args.codec_dir, run_dir=args.run_dir,
         model_out=args.model_out, eval_out=args.eval_out, card_out=args.card_out,
         sessions_out=args.sessions_out, ablation_root=args.ablation_root, ablations=not args.no_ablations,
         recognizer=not args.no_recognizer, force=args.force, seed=args.seed, workers=args.workers,
-        device=args.device, threads=args.threads)
-    run_pipeline(o)
+        device=args.device, threads=args.threads, agent_voice=args.agent_voice)

@@ -115,24 +115,27 @@ class CodecTrainResult:
 
 
 # --- corpus ----------------------------------------------------------------------------------
-def make_codec_corpus(out_dir, n: int, seed: int = 0, n_eval: int | None = None) -> Path:
+def make_codec_corpus(out_dir, n: int, seed: int = 0, n_eval: int | None = None,
+                      voice=None) -> Path:
     """Speak `n` training and `n_eval` (default n // 10) held-out sentences of the demo
-    world's vocabulary with AGENT_VOICE into OUT/train/*.wav, OUT/eval/*.wav and
-    OUT/sentences.json (the layout `python run.py data` writes under DATA/codec/)."""
+    world's vocabulary with `voice` (default AGENT_VOICE) into OUT/train/*.wav,
+    OUT/eval/*.wav and OUT/sentences.json (the layout `python run.py data` writes under
+    DATA/codec/)."""
     import soundfile as sf
     from fusion.data import codec_sentences
     from speech.tts import AGENT_VOICE, synthesize
+    voice = AGENT_VOICE if voice is None else voice
     n_eval = max(1, n // 10) if n_eval is None else n_eval
     if not isinstance(n, int) or n < 1 or not isinstance(n_eval, int) or n_eval < 0:
         raise ValueError(f"make_codec_corpus needs n >= 1 and n_eval >= 0, got {n}, {n_eval}")
     out = Path(out_dir)
     train, evals = codec_sentences(seed, n, n_eval)
-    meta = {"sample_rate": SAMPLE_RATE, "voice": AGENT_VOICE.to_dict(), "train": [], "eval": []}
+    meta = {"sample_rate": SAMPLE_RATE, "voice": voice.to_dict(), "train": [], "eval": []}
     for split, texts in (("train", train), ("eval", evals)):
         (out / split).mkdir(parents=True, exist_ok=True)
         for i, text in enumerate(texts):
             file = f"{split}/{i:06d}.wav"
-            sf.write(out / file, synthesize(text, AGENT_VOICE), SAMPLE_RATE, subtype="PCM_16")
+            sf.write(out / file, synthesize(text, voice), SAMPLE_RATE, subtype="PCM_16")
             meta[split].append({"file": file, "text": text})
     (out / "sentences.json").write_text(json.dumps(meta, indent=1))
     return out
@@ -160,6 +163,14 @@ def load_split(corpus: Path, split: str) -> tuple[list[np.ndarray], list[str | N
     files = sorted((corpus / split).glob("*.wav"))
     return ([load_audio(f, SAMPLE_RATE) for f in files],
             [texts.get(f"{split}/{f.name}") for f in files])
+
+
+def corpus_voice(corpus: Path):
+    """The voice a corpus was spoken with (its sentences.json; AGENT_VOICE when it says none)."""
+    from speech.tts import AGENT_VOICE, voice_from_dict
+    meta_file = Path(corpus) / "sentences.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return voice_from_dict(meta["voice"]) if "voice" in meta else AGENT_VOICE
 
 
 def random_batch(rng: np.random.Generator, waves: list[np.ndarray], batch: int,
@@ -329,10 +340,11 @@ def _asr_scores(recognizer, texts, waves) -> dict:
 
 
 def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
-                   asr_heldout: int = 30) -> dict:
+                   asr_heldout: int = 30, answer_voice=None) -> dict:
     """Reconstruction quality on held-out utterances: SI-SNR, mel distance, per-codebook
     usage/perplexity; with a recogniser, its accuracy on original vs reconstructed audio
-    (the world's answer texts spoken by AGENT_VOICE, and `asr_heldout` held-out sentences)."""
+    (the world's answer texts spoken by `answer_voice` (default AGENT_VOICE), and
+    `asr_heldout` held-out sentences)."""
     recs = [reconstruct(codec, w) for w in waves]
     counts = np.zeros((codec.n_q, codec.bins))
     for _, c in recs:
@@ -349,8 +361,9 @@ def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
     if answers:
         from fusion.world import all_answer_texts
         from speech.tts import AGENT_VOICE, synthesize
+        voice = AGENT_VOICE if answer_voice is None else answer_voice
         a_texts = list(all_answer_texts())
-        sets.append(("answers", a_texts, [synthesize(t, AGENT_VOICE) for t in a_texts]))
+        sets.append(("answers", a_texts, [synthesize(t, voice) for t in a_texts]))
     pairs = [(t, w) for t, w in zip(texts, waves) if t][:asr_heldout]
     if pairs:
         sets.append(("heldout", [t for t, _ in pairs], [w for _, w in pairs]))
@@ -529,7 +542,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
         if history:
             plot_history(history, evals, out / "loss.png")
         report = _final_report(codec, o, held_w, held_t, history, evals, step, elapsed,
-                               step - start_step, wall, progress, usage)
+                               step - start_step, wall, progress, usage, corpus_voice(corpus))
         (out / "report.json").write_text(json.dumps(report, indent=1))
         final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
         return CodecTrainResult(folder, step, wall, final, history, report)
@@ -538,7 +551,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 
 
 def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
-                  progress, usage) -> dict:
+                  progress, usage, voice) -> dict:
     import torch
     from .bench import cpu_name
     final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
@@ -548,7 +561,8 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
               "threads": o.threads, "device": o.device, "cpu": f"{cpu_name()} x {os.cpu_count()}",
               "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
               "torch": torch.__version__, "final_loss": round(final, 5),
-              "codebooks_train_recent": codebook_stats(usage), "evals": evals}
+              "codebooks_train_recent": codebook_stats(usage), "evals": evals,
+              "voice": voice.to_dict()}
     if not held_w:
         report["heldout"] = {"skipped": "the corpus has no eval/ (or heldout/) split"}
         return report
@@ -564,7 +578,8 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
     if progress:
         print("evaluating on held-out speech" + (" (+ recogniser)" if recognizer else ""))
     t = time.time()
-    report["heldout"] = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout)
+    report["heldout"] = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout,
+                                       answer_voice=voice)
     report["heldout"]["eval_seconds"] = round(time.time() - t, 1)
     if why:
         report["heldout"]["recognizer"] = {"skipped": why}

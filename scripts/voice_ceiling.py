@@ -5,7 +5,9 @@ spoken by a candidate agent voice: the ceiling of the eval's "recognised" score 
     PYTHONPATH=. python scripts/voice_ceiling.py en-us+m3:165 en-us+m1:150 flite:rms
 
 Voices: `NAME[+VARIANT][:RATE_WPM]` for espeak-ng (rate and pitch default to the agent
-voice's), `flite:VOICE` for Debian's flite (not a project dependency: apt-get install flite).
+voice's), `flite:VOICE[:STRETCH]` for Debian's flite (STRETCH: its duration_stretch), `festival:VOICE` for Debian's festival (e.g.
+`festival:cmu_us_slt_arctic_hts`, `festival:kal_diphone`; neither is a project dependency:
+apt-get install flite festival festvox-us-slt-hts).
 """
 from __future__ import annotations
 
@@ -28,8 +30,18 @@ def speak(voice: str, text: str) -> np.ndarray:
         if shutil.which("flite") is None:
             raise SystemExit("flite not found: apt-get install flite")
         with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-            subprocess.run(["flite", "-voice", voice.split(":", 1)[1], "-t", text, "-o", f.name],
+            _, name, *stretch = voice.split(":")
+            extra = ["--setf", f"duration_stretch={stretch[0]}"] if stretch else []
+            subprocess.run(["flite", "-voice", name, *extra, "-t", text, "-o", f.name],
                            check=True)
+            x, sr = parse_wav_bytes(open(f.name, "rb").read())
+        return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
+    if voice.startswith("festival:"):
+        if shutil.which("text2wave") is None:
+            raise SystemExit("festival not found: apt-get install festival festvox-us-slt-hts")
+        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+            subprocess.run(["text2wave", "-eval", f"(voice_{voice.split(':', 1)[1]})", "-o",
+                            f.name], input=text.encode(), check=True)
             x, sr = parse_wav_bytes(open(f.name, "rb").read())
         return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
     name, _, rate = voice.partition(":")

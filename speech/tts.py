@@ -1,9 +1,10 @@
-"""espeak-ng text-to-speech, used only to generate training and evaluation data.
+"""Text-to-speech (espeak-ng, optionally flite), used only to generate training and evaluation data.
 
 The user's questions in the demo world are spoken by many espeak-ng voices (see
-`fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE`.
-Needs the `espeak-ng` binary (Debian: `apt-get install espeak-ng`). MBROLA voices are not
-used (they need extra packages and fall back silently without them).
+`fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
+(`python run.py data --agent-voice SPEC` picks another: `parse_voice`). Needs the `espeak-ng`
+binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too. MBROLA
+voices are not used (they need extra packages and fall back silently without them).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +23,8 @@ from speech.constants import SAMPLE_RATE
 TRIM_MARGIN_SECONDS = 0.02     # silence kept before and after the speech when trimming
 TRIM_THRESHOLD_DB = -40.0      # "silence": below this level relative to the peak
 _INSTALL_HELP = "espeak-ng not found: apt-get install espeak-ng"
+_FLITE_HELP = "flite not found: apt-get install flite"
+FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")    # built into Debian's flite 2.2
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,53 @@ class Voice:
         return cls(str(d["name"]), d["variant"], int(d["rate_wpm"]), int(d["pitch"]))
 
 
-AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed
+@dataclass(frozen=True)
+class FliteVoice:
+    """One of flite's built-in voices (`flite -voice name`), at flite's own rate and pitch."""
+    name: str               # one of FLITE_VOICES
+
+    def __post_init__(self):
+        if self.name not in FLITE_VOICES:
+            raise ValueError(f"FliteVoice.name must be one of {', '.join(FLITE_VOICES)}, "
+                             f"got {self.name!r}")
+
+    def to_dict(self) -> dict:
+        return {"engine": "flite", "name": self.name}
+
+
+AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed (the shipped model's)
+
+
+def voice_spec(voice: Voice | FliteVoice) -> str:
+    """The text form `parse_voice` reads: "en-us+m3:165:50" or "flite:rms"."""
+    if isinstance(voice, FliteVoice):
+        return f"flite:{voice.name}"
+    return f"{voice.espeak_id}:{voice.rate_wpm}:{voice.pitch}"
+
+
+def parse_voice(spec: str) -> Voice | FliteVoice:
+    """"NAME[+VARIANT][:RATE_WPM[:PITCH]]" (espeak-ng; rate and pitch default to
+    AGENT_VOICE's) or "flite:NAME" (one of FLITE_VOICES) -> the voice."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a voice is 'en-us+m3:165:50' (espeak-ng) or 'flite:rms', got {spec!r}")
+    head, *rest = spec.strip().split(":")
+    if head == "flite":
+        if len(rest) != 1:
+            raise ValueError(f"a flite voice is 'flite:NAME' (NAME one of "
+                             f"{', '.join(FLITE_VOICES)}), got {spec!r}")
+        return FliteVoice(rest[0])
+    if len(rest) > 2 or not all(r.isdigit() for r in rest):
+        raise ValueError(f"an espeak-ng voice is 'NAME[+VARIANT][:RATE_WPM[:PITCH]]' with "
+                         f"whole numbers, e.g. 'en-us+m3:165:50', got {spec!r}")
+    name, _, variant = head.partition("+")
+    rate = int(rest[0]) if rest else AGENT_VOICE.rate_wpm
+    pitch = int(rest[1]) if len(rest) > 1 else AGENT_VOICE.pitch
+    return Voice(name, variant or None, rate, pitch)
+
+
+def voice_from_dict(d: dict) -> Voice | FliteVoice:
+    """Inverse of `to_dict` for either engine (dicts without "engine" are espeak-ng's)."""
+    return FliteVoice(str(d["name"])) if d.get("engine") == "flite" else Voice.from_dict(d)
 
 
 def _binary() -> str:
@@ -118,21 +168,39 @@ def trim_silence(x: np.ndarray, sample_rate: int,
     return x[max(0, loud[0] - margin):min(len(x), loud[-1] + 1 + margin)]
 
 
-def synthesize(text: str, voice: Voice, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def _flite(text: str, voice: FliteVoice) -> bytes:
+    binary = shutil.which("flite")
+    if binary is None:
+        raise RuntimeError(_FLITE_HELP)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/speech.wav"
+        res = subprocess.run([binary, "-voice", voice.name, "-t", text, "-o", path],
+                             capture_output=True, check=False, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"flite -voice {voice.name} failed (exit {res.returncode}): "
+                               f"{res.stderr.decode(errors='replace').strip()}")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def synthesize(text: str, voice: Voice | FliteVoice, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Speak `text` with `voice`: float32 mono (T,) at `sample_rate`, silence trimmed to
-    ~20 ms at both ends. Deterministic for a given espeak-ng installation."""
+    ~20 ms at both ends. Deterministic for a given espeak-ng (or flite) installation."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"synthesize needs non-empty text, got {text!r}")
-    args = ["-v", voice.espeak_id, "-s", str(voice.rate_wpm), "-p", str(voice.pitch),
-            "-b", "1", "--stdout"]
-    x, sr = parse_wav_bytes(_run(args, stdin=text.encode("utf-8")))
+    if isinstance(voice, FliteVoice):
+        x, sr = parse_wav_bytes(_flite(text, voice))
+    else:
+        args = ["-v", voice.espeak_id, "-s", str(voice.rate_wpm), "-p", str(voice.pitch),
+                "-b", "1", "--stdout"]
+        x, sr = parse_wav_bytes(_run(args, stdin=text.encode("utf-8")))
     if sr != sample_rate:
         from speech.audio import resample
         x = np.asarray(resample(x, sr, sample_rate), dtype=np.float32)
     x = trim_silence(x, sample_rate)
     if len(x) == 0:
-        raise RuntimeError(f"espeak-ng produced no audio for {text!r} with voice "
-                           f"{voice.espeak_id}")
+        raise RuntimeError(f"the TTS produced no audio for {text!r} with voice "
+                           f"{voice_spec(voice)}")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 

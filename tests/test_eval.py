@@ -124,6 +124,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     card = write_model_card(out / "eval.json", world / "run", tmp_path / "no-report.json", tmp_path / "CARD.md")
     text = card.read_text()
     assert "## Data" in text and "## Training" in text and "## Limits" in text and "### Spoken answers" in text
+    assert "spoken by the fixed agent voice `en-us+m3:165:50`" in text
 
 
 def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
@@ -211,6 +212,14 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     small = {**pipeline.BUDGETS["small"], "data": {k: v for k, v in have.items() if k not in ("seed", "workers")}}
     monkeypatch.setitem(pipeline.BUDGETS, "small", small)
     assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(world / "data"), workers=1)) is False
+    old = tmp_path / "old"                      # rendered before agent_voice was an option: the default voice
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"options": {k: v for k, v in have.items() if k != "agent_voice"}}))
+    assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old))) is False
+    with pytest.raises(ValueError, match="--force"):       # another agent voice asked for
+        pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old), agent_voice="flite:rms"))
+    with pytest.raises(ValueError, match="must be one of awb"):
+        pipeline.PipelineOptions(agent_voice="flite:")
     assert pipeline.PipelineOptions(budget="small").path("model_out") == Path("runs/smoke/fusion.safetensors")
     (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
     # "large" (the shipped data and step counts) writes the shipped assets from its own data and run, and

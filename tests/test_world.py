@@ -306,6 +306,25 @@ def test_tts(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RuntimeError, match="apt-get install espeak-ng"):
         tts.synthesize("hello", tts.Voice("en-us", None, 150, 50))
+    with pytest.raises(RuntimeError, match="apt-get install flite"):
+        tts.synthesize("hello", tts.FliteVoice("rms"))
+
+
+def test_voice_specs_and_the_flite_engine():
+    for voice in (tts.AGENT_VOICE, tts.Voice("en-gb", None, 130, 20), tts.FliteVoice("slt")):
+        assert tts.parse_voice(tts.voice_spec(voice)) == voice
+        assert tts.voice_from_dict(voice.to_dict()) == voice
+    assert tts.parse_voice("en-us+m3") == tts.AGENT_VOICE                # rate, pitch: the agent's
+    for bad in ("", "flite", "flite:bob", "flite:rms:1.2", "en-us:fast", "en-us:1:2:3", "en us"):
+        with pytest.raises(ValueError):
+            tts.parse_voice(bad)
+    x = tts.synthesize("the yellow triangle.", tts.FliteVoice("rms"))
+    assert x.dtype == np.float32 and x.ndim == 1 and 0.4 < len(x) / SAMPLE_RATE < 3.0
+    y = tts.synthesize("the yellow triangle.", tts.AGENT_VOICE)
+    n = min(len(x), len(y))
+    assert np.abs(x[:n] - y[:n]).mean() > 0.01                           # another voice indeed
+    slow = tts.synthesize("the yellow triangle.", tts.FliteVoice("kal"))  # 8 kHz: resampled
+    assert 0.4 < len(slow) / SAMPLE_RATE < 3.0
 
 
 def test_data_main_tiny(tmp_path):
@@ -346,3 +365,29 @@ def test_data_main_tiny(tmp_path):
          for t in spec.turns]
     m2 = main(tmp_path / "b", **kw)                                 # same seed: same bytes
     assert m2["content_sha256"] == m["content_sha256"]
+    assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE) and "flite" not in m
+
+
+def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
+    from fusion.data import main
+    from fusion.pipeline import check_codec_voice
+    from fusion.train_codec import corpus_voice
+    from speech.audio import load_audio
+    m = main(tmp_path / "d", n_train_sessions=0, n_val_sessions=0, n_test_sessions=0, workers=1,
+             progress=False, n_codec_sentences=3, n_codec_eval=1, agent_voice="flite:rms")
+    out = tmp_path / "d"
+    assert m["agent_voice"] == {"engine": "flite", "name": "rms"} and "flite-2" in m["flite"]
+    assert corpus_voice(out / "codec") == tts.FliteVoice("rms")
+    answers = json.loads((out / "answers" / "answers.json").read_text())
+    got = load_audio(out / "answers" / answers["high."], SAMPLE_RATE)
+    want = tts.synthesize("high.", tts.FliteVoice("rms"))
+    assert len(got) == len(want) and np.abs(got - want).max() < 1e-3   # 16-bit files
+    codec = tmp_path / "codec"                  # a codec whose report names no voice: AGENT_VOICE's
+    codec.mkdir()
+    (codec / "report.json").write_text(json.dumps({"steps": 1}))
+    with pytest.raises(ValueError, match="en-us\\+m3:165:50 but .* flite:rms; pass --force"):
+        check_codec_voice(codec, out)
+    (codec / "report.json").write_text(json.dumps({"voice": {"engine": "flite", "name": "rms"}}))
+    check_codec_voice(codec, out)
+    with pytest.raises(ValueError, match="flite:NAME"):
+        main(tmp_path / "e", agent_voice="flite", progress=False)
