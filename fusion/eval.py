@@ -344,6 +344,7 @@ class References:
 def score_spoken(records: list, refs: References) -> dict:
     """Adds spoken-answer scores to each record; returns their means."""
     from speech.audio import load_audio
+    from speech.recognizer import is_recognized
     for r in records:
         ref = refs.get(r["expected"])
         if ref is None:
@@ -354,10 +355,13 @@ def score_spoken(records: list, refs: References) -> dict:
         r["mel_dtw"] = dtw_mel_distance(ref["audio16k"], audio) if len(audio) >= 1024 else None
         if refs.recognizer is not None:
             r["transcript"], r["recognised"] = recognise(refs.recognizer, audio, r["expected"])
+            # the voice's intelligibility apart from the answer's correctness
+            r["heard_as_reply"] = bool(r["text"].strip()) and is_recognized(r["text"], r["transcript"])
     scored = [r for r in records if refs.get(r["expected"]) is not None]
     return {"n": len(scored), "codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored),
             "mel_dtw": _mean(r.get("mel_dtw") for r in scored),
-            "recognised": _mean(float(r["recognised"]) for r in scored if "recognised" in r)}
+            "recognised": _mean(float(r["recognised"]) for r in scored if "recognised" in r),
+            "heard_as_reply": _mean(float(r["heard_as_reply"]) for r in scored if "heard_as_reply" in r)}
 
 
 # --- main -----------------------------------------------------------------------------------

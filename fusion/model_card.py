@@ -98,15 +98,19 @@ def eval_markdown(results: dict) -> str:
                 f"{_pct(c['audio_token_agreement'])} over {c['turns_compared']} turns; same reply text: "
                 f"{_pct(c['text_agreement'])}.", ""]
     rows = [[m, str(s["spoken"]["n"]), _pct(s["spoken"]["codes_vs_reference"]),
-             _num(s["spoken"]["mel_dtw"]), _pct(s["spoken"]["recognised"])] for m, s in modes.items()]
+             _num(s["spoken"]["mel_dtw"]), _pct(s["spoken"]["recognised"]),
+             _pct(s["spoken"].get("heard_as_reply"))] for m, s in modes.items()]
     ref = r["spoken_reference"]
-    rows.append(["reference (agent voice)", str(ref["n"]), "100.0%", "0.000", _pct(ref["recognised"])])
+    rows.append(["reference (agent voice)", str(ref["n"]), "100.0%", "0.000", _pct(ref["recognised"]),
+                 _pct(ref["recognised"])])
     out += ["## Spoken answers", "",
             "Reply audio vs the reference answer in the agent's voice: codec codes equal to the "
             "reference's (over the shorter), log-mel distance after DTW alignment, and whether "
-            "Whisper tiny.en (independent of Tandem) hears the expected answer; the reference row "
-            "is the recogniser's ceiling.", "",
-            _table(["replies", "n", "codes = reference", "mel distance (DTW)", "recognised"], rows), ""]
+            "Whisper tiny.en (independent of Tandem) hears the expected answer (recognised) or the "
+            "reply's own text, right or wrong (heard as the reply: the voice's intelligibility); "
+            "the reference row is the recogniser's ceiling.", "",
+            _table(["replies", "n", "codes = reference", "mel distance (DTW)", "recognised",
+                    "heard as the reply"], rows), ""]
     rows = [[m, _num(s["response_latency"]["median"]), _num(s["response_latency"]["p90"]),
              _num(s["compute_latency"]["median"]), _num(s["compute_latency"]["p90"])] for m, s in modes.items()]
     out += ["## Latency (s)", "",

@@ -11,6 +11,7 @@ import torch
 from fusion.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
                          dtw_mel_distance, encoder_fingerprint, evaluate, match_turns,
                          heldout_triple_turns, normalize_answer, recognise)
+from speech.recognizer import is_recognized
 
 STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
              stages=("encoders", "align", "sft"))   # MCTP modules untrained: still MCTP decoding
@@ -93,6 +94,10 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
         assert m["response_latency"]["median"] > 0 and m["compute_latency"]["p90"] > 0
         assert m["spoken"]["n"] == 2 and m["spoken"]["mel_dtw"] > 0 and m["spoken"]["recognised"] is not None
         assert 0 <= m["spoken"]["codes_vs_reference"] <= 1
+        heard = [is_recognized(t["modes"][mode]["text"], t["modes"][mode]["transcript"])
+                 and bool(t["modes"][mode]["text"].strip()) for t in r["turns"]]
+        assert [t["modes"][mode]["heard_as_reply"] for t in r["turns"]] == heard
+        assert m["spoken"]["heard_as_reply"] == sum(heard) / 2
     c = r["mctp_vs_vanilla"]
     assert c["forwards_speedup"] > 1.5 and c["turns_compared"] == 2 and 0 <= c["audio_token_agreement"] <= 1
     assert r["spoken_reference"]["n"] == 2 and r["spoken_reference"]["recognised"] is not None
