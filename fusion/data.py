@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from fusion import world as W
-from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 from speech.constants import DEMO_WORLD_FPS, PCM16_MAX, SAMPLE_RATE
+from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 OWNED = ("manifest.json", "answers", "codec", "train", "val", "test")
@@ -56,7 +56,8 @@ class DataOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"DataOptions.{name} must be an integer >= {lo}, got {v!r}")
-        parse_voice(self.agent_voice)      # raises ValueError with the accepted forms
+        # raises ValueError with the accepted forms; one spelling per voice ("en-us+m3" -> "en-us+m3:165:50")
+        object.__setattr__(self, "agent_voice", voice_spec(parse_voice(self.agent_voice)))
 
 
 # --- the agent-voice corpus ----------------------------------------------------------------

@@ -366,6 +366,8 @@ def test_data_main_tiny(tmp_path):
     m2 = main(tmp_path / "b", **kw)                                 # same seed: same bytes
     assert m2["content_sha256"] == m["content_sha256"]
     assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE) and "flite" not in m
+    from fusion.data import DataOptions
+    assert DataOptions(agent_voice="en-us+m3") == DataOptions()           # one spelling per voice
 
 
 def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
