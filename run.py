@@ -37,7 +37,9 @@ def cmd_data(args):
     opts = {k: v for k, v in dict(n_train_sessions=args.train, n_val_sessions=args.val,
                                   n_test_sessions=args.test, turns_per_session=args.turns).items()
             if v is not None}
-    main(args.out, seed=args.seed, workers=args.workers, agent_voice=args.agent_voice, **opts)
+    if args.agent_voice is not None:
+        opts["agent_voice"] = args.agent_voice
+    main(args.out, seed=args.seed, workers=args.workers, **opts)
 
 
 def _voice_arg(spec: str) -> str:
@@ -71,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--turns", type=int, default=None, help="turns per session")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--agent-voice", type=_voice_arg, default="en-us+m3:165:50", metavar="SPEC",
+    d.add_argument("--agent-voice", type=_voice_arg, default=None, metavar="SPEC",
                    help="the agent's voice for the answers and the codec corpus: espeak-ng "
                         "NAME[+VARIANT][:RATE_WPM[:PITCH]] or flite:NAME (awb, kal, kal16, rms, "
-                        "slt; needs apt-get install flite) (default: %(default)s, the shipped "
+                        "slt; needs apt-get install flite) (default: en-us+m3:165:50, the shipped "
                         "model's)")
     d.set_defaults(func=cmd_data)
 

@@ -111,11 +111,11 @@ def _init_worker() -> None:
     torch.set_num_threads(1)        # resampling is tiny; threads only fight over 2 cores
 
 
-def _speak_to_wav(job: tuple[str, str, str]) -> float:
+def _speak_to_wav(job) -> float:
     import soundfile as sf
     from speech.tts import synthesize
     text, path, voice = job
-    x = synthesize(text, parse_voice(voice), SAMPLE_RATE)
+    x = synthesize(text, voice, SAMPLE_RATE)
     sf.write(path, x, SAMPLE_RATE, subtype="PCM_16", format="WAV")
     return len(x) / SAMPLE_RATE
 
@@ -246,8 +246,8 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
     codec = {"train": [{"file": f"train/{i:06d}.wav", "text": t} for i, t in enumerate(tr_text)],
              "eval": [{"file": f"eval/{i:06d}.wav", "text": t} for i, t in enumerate(ev_text)]}
     voice = parse_voice(o.agent_voice)
-    speak = [(t, str(out / "answers" / f), o.agent_voice) for t, f in answers.items()]
-    speak += [(e["text"], str(out / "codec" / e["file"]), o.agent_voice) for k in ("train", "eval")
+    speak = [(t, str(out / "answers" / f), voice) for t, f in answers.items()]
+    speak += [(e["text"], str(out / "codec" / e["file"]), voice) for k in ("train", "eval")
               for e in codec[k]]
     jobs = [(o.seed, split, i, o.turns_per_session, str(out)) for split, n in
             (("train", o.n_train_sessions), ("val", o.n_val_sessions),

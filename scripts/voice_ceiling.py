@@ -4,10 +4,10 @@ spoken by a candidate agent voice: the ceiling of the eval's "recognised" score 
 
     PYTHONPATH=. python scripts/voice_ceiling.py en-us+m3:165 en-us+m1:150 flite:rms
 
-Voices: `NAME[+VARIANT][:RATE_WPM]` for espeak-ng (rate and pitch default to the agent
-voice's), `flite:VOICE[:STRETCH]` for Debian's flite (STRETCH: its duration_stretch), `festival:VOICE` for Debian's festival (e.g.
-`festival:cmu_us_slt_arctic_hts`, `festival:kal_diphone`; neither is a project dependency:
-apt-get install flite festival festvox-us-slt-hts).
+Voices: what `run.py data --agent-voice` takes (`NAME[+VARIANT][:RATE_WPM[:PITCH]]` for
+espeak-ng, `flite:NAME`), plus `flite:NAME:STRETCH` (flite's duration_stretch) and
+`festival:VOICE` for Debian's festival (e.g. `festival:cmu_us_slt_arctic_hts`,
+`festival:kal_diphone`; not a project dependency: apt-get install festival festvox-us-slt-hts).
 """
 from __future__ import annotations
 
@@ -22,32 +22,29 @@ from fusion import world as W
 from speech.audio import resample
 from speech.constants import SAMPLE_RATE
 from speech.recognizer import IndependentRecognizer, is_recognized
-from speech.tts import AGENT_VOICE, Voice, parse_wav_bytes, synthesize, trim_silence
+from speech.tts import parse_voice, parse_wav_bytes, synthesize, trim_silence
+
+
+def _external(args: list[str], stdin: bytes | None = None) -> np.ndarray:
+    """A TTS command that writes a WAV file (`-o PATH` appended) -> 16 kHz, trimmed."""
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run([*args, "-o", f.name], input=stdin, check=True)
+        x, sr = parse_wav_bytes(open(f.name, "rb").read())
+    return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
 
 
 def speak(voice: str, text: str) -> np.ndarray:
-    if voice.startswith("flite:"):
-        if shutil.which("flite") is None:
-            raise SystemExit("flite not found: apt-get install flite")
-        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-            _, name, *stretch = voice.split(":")
-            extra = ["--setf", f"duration_stretch={stretch[0]}"] if stretch else []
-            subprocess.run(["flite", "-voice", name, *extra, "-t", text, "-o", f.name],
-                           check=True)
-            x, sr = parse_wav_bytes(open(f.name, "rb").read())
-        return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
-    if voice.startswith("festival:"):
+    engine, _, rest = voice.partition(":")
+    if engine == "festival":
         if shutil.which("text2wave") is None:
             raise SystemExit("festival not found: apt-get install festival festvox-us-slt-hts")
-        with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-            subprocess.run(["text2wave", "-eval", f"(voice_{voice.split(':', 1)[1]})", "-o",
-                            f.name], input=text.encode(), check=True)
-            x, sr = parse_wav_bytes(open(f.name, "rb").read())
-        return trim_silence(resample(x, sr, SAMPLE_RATE), SAMPLE_RATE)
-    name, _, rate = voice.partition(":")
-    name, _, variant = name.partition("+")
-    voice = Voice(name, variant or None, int(rate or AGENT_VOICE.rate_wpm), AGENT_VOICE.pitch)
-    return synthesize(text, voice, SAMPLE_RATE)
+        return _external(["text2wave", "-eval", f"(voice_{rest})"], stdin=text.encode())
+    if engine == "flite" and ":" in rest:          # flite:NAME:STRETCH, beyond the data's voices
+        if shutil.which("flite") is None:
+            raise SystemExit("flite not found: apt-get install flite")
+        name, stretch = rest.split(":", 1)
+        return _external(["flite", "-voice", name, "--setf", f"duration_stretch={stretch}", "-t", text])
+    return synthesize(text, parse_voice(voice), SAMPLE_RATE)   # what `run.py data --agent-voice` takes
 
 
 def main():
