@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val", type=int, default=None, help="validation sessions")
     d.add_argument("--test", type=int, default=None, help="test sessions")
     d.add_argument("--turns", type=int, default=None, help="turns per session")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0,
+                   help="world seed; another seed renders other scenes and voices, e.g. a second test "
+                        "split for choosing between models (default: %(default)s)")
+    d.add_argument("--workers", type=int, default=2, help="rendering processes (default: %(default)s)")
     d.add_argument("--agent-voice", type=_voice_arg, default=None, metavar="SPEC",
                    help="the agent's voice for the answers and the codec corpus: espeak-ng "
                         "NAME[+VARIANT][:RATE_WPM[:PITCH]] or flite:NAME (awb, kal, kal16, rms, "

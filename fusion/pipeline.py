@@ -248,8 +248,8 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
     p.add_argument("--force", action="store_true",
                    help="re-render data rendered with other options, retrain the codec and the fusion model")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2, help="data rendering processes")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="data rendering processes (default: %(default)s)")
     p.add_argument("--agent-voice", default=None, metavar="SPEC",
                    help="the agent's voice in the data (see `run.py data --help`; default: en-us+m3:165:50, "
                         "the shipped model's); a codec trained on another voice is refused")
