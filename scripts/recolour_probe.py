@@ -21,8 +21,7 @@ from app.session import load_session
 from fusion import world as W
 from fusion.checkpoint import load_model
 from fusion.data import write_session
-from fusion.eval import encode_session_turns, text_answer
-from fusion.generator import GenerationOptions, Generator
+from fusion.eval import encode_session_turns, evaluate_text_only
 
 
 def _recolour(s: str) -> tuple[int, tuple[int, int, int]]:
@@ -46,7 +45,6 @@ def main() -> None:
     p.add_argument("--model", default="assets/fusion.safetensors")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    variants = args.recolour
     torch.set_num_threads(args.threads)
     src = Path(args.session)
     meta = json.loads((src / "session.json").read_text())
@@ -56,18 +54,17 @@ def main() -> None:
     if not 0 <= args.turn < len(turns):
         p.error(f"--turn {args.turn}: the session has turns 0..{len(turns) - 1}")
     objs = turns[args.turn]["scene"]["objects"]
-    for o, _ in variants:
+    for o, _ in args.recolour:
         if not 0 <= o < len(objs):
             p.error(f"--recolour {o}:...: turn {args.turn}'s scene has objects 0..{len(objs) - 1}: "
                     + ", ".join(f"{x['color']} {x['shape']} ({x['slot']})" for x in objs))
     model = load_model(args.model, device="cpu").float().eval()
-    gen = Generator(model, None, GenerationOptions(mode="vanilla", max_text_tokens=24, max_audio_seconds=0.1))
     audio = load_session(src).audio
     q = turns[args.turn]["question"]
     print(f"{q['text']!r} expected {q['answer']!r}; scene: "
           + ", ".join(f"[{i}] {x['color']} {x['shape']} ({x['slot']}) rgb {tuple(x['rgb'])}" for i, x in enumerate(objs)))
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (o, rgb) in enumerate([(None, None)] + variants):
+        for n, (o, rgb) in enumerate([(None, None)] + args.recolour):
             spec = copy.deepcopy(meta["spec"])
             if o is not None:
                 for t in spec["turns"]:
@@ -77,7 +74,8 @@ def main() -> None:
             out = Path(tmp) / f"v{n}"
             write_session(out, W.SessionSpec.from_dict(spec), audio,
                           {k: meta[k] for k in ("world", "split", "seed", "session_index") if k in meta})
-            reply = text_answer(model, gen, encode_session_turns(model, out)[args.turn])
+            ex = encode_session_turns(model, out)[args.turn]
+            reply = evaluate_text_only(model, examples=[ex])["replies"][0]["text"]   # the eval's text path
             what = "as recorded" if o is None else f"[{o}] drawn rgb {rgb}"
             print(f"  {what:32s} -> {reply.strip()!r}", flush=True)
             shutil.rmtree(out)
