@@ -28,6 +28,7 @@ from speech.recognizer import normalize_text as _words
 
 MODES = ("vanilla", "mctp")              # fusion.generator.MODES
 ABLATION_NAMES = ("mean", "vision", "audio")
+ENCODER_PREFIXES = ("audio_encoder.", "vision_encoder.")   # what an ablation shares with an --init run
 ABLATION_STEPS = 500                     # align steps of every ablation run (and the control)
 GROUPS = ("visual", "audio", "audio-visual")
 
@@ -581,7 +582,10 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     copied) and the main run's feature cache. Returns the training options: the main run's,
     with `steps` align steps. Name "full" is the control: the unchanged model, trained alike;
     when the main run's own align stage had exactly `steps` steps, its checkpoint is that
-    control (same init, seed, batches and steps) and is reused instead of retrained."""
+    control (same init, seed, batches and steps) and is reused instead of retrained. A main run
+    started from a trained model (`--init`) holds that model's backbone, projectors and heads
+    beside its encoders: only the encoders are copied then, the rest is a fresh seed init, and
+    the main run's align is no control."""
     import shutil
     import torch
     from .checkpoint import load_model, save_model
@@ -589,10 +593,12 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     from .train_fusion import ABLATIONS, FusionTrainOptions
     enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
+    encoders_only = base.get("init") is not None        # warm weights beside the encoders
     source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run),
-              "align_steps": steps}
+              "align_steps": steps, "encoders_only": encoders_only}
     had = _read_json(run_dir / "source.json")
-    if had and any(had.get(k) != source[k] for k in ("after_encoders_sha256", "align_steps")):
+    if had and (any(had.get(k) != source[k] for k in ("after_encoders_sha256", "align_steps"))
+                or had.get("encoders_only", False) != encoders_only):
         shutil.rmtree(run_dir)                     # other encoders or budget: start over
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "after_encoders.safetensors").is_file():
@@ -600,11 +606,12 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
         torch.manual_seed(base.get("seed", 0))
         model = FusionModel(main.config.replace(**ABLATIONS[name]))
         mine, theirs = model.state_dict(), main.state_dict()
-        model.load_state_dict({k: theirs[k] if k in theirs and theirs[k].shape == v.shape else v
-                               for k, v in mine.items()})
+        share = (lambda k: k.startswith(ENCODER_PREFIXES)) if encoders_only else (lambda k: True)
+        model.load_state_dict({k: theirs[k] if share(k) and k in theirs and theirs[k].shape == v.shape
+                               else v for k, v in mine.items()})
         save_model(model, run_dir / "after_encoders.safetensors")
     main_align = main_run / "after_align.safetensors"
-    if (name == "full" and base.get("align_steps") == steps and main_align.is_file()
+    if (name == "full" and not encoders_only and base.get("align_steps") == steps and main_align.is_file()
             and not (run_dir / "model.safetensors").is_file()):
         for f in ("after_align.safetensors", "align.history.json", "align.loss.png"):
             if (main_run / f).is_file():

@@ -75,6 +75,40 @@ def test_ablations_train_without_the_referent_losses_or_init(world, tmp_path):
         FusionTrainOptions(**kw)      # valid options, as the ablation trainer builds them
 
 
+def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
+    """An --init run's after_encoders.safetensors holds the init's trained backbone beside the
+    encoders: the ablations (and the control) take the encoders only, or they compare warm
+    starts instead of architectures. A run without --init shares every common weight."""
+    import shutil
+    from fusion.checkpoint import load_model, save_model
+    from fusion.eval import ENCODER_PREFIXES, prepare_ablation_run
+    opts = json.loads((world / "run" / "options.json").read_text())
+    trained = load_model(world / "run" / "after_encoders.safetensors")
+    with torch.no_grad():                       # stands in for the init's trained weights
+        for k, v in trained.named_parameters():
+            if not k.startswith(ENCODER_PREFIXES):
+                v.add_(1.0)
+    theirs = trained.state_dict()
+    for init in (None, str(world / "assets" / "fusion.safetensors")):
+        main = tmp_path / f"main-{init is not None}"
+        main.mkdir()
+        save_model(trained, main / "after_encoders.safetensors")
+        shutil.copyfile(world / "run" / "after_align.safetensors", main / "after_align.safetensors")
+        (main / "options.json").write_text(json.dumps({**opts, "init": init}))
+        for name in ("full", "mean"):
+            run = tmp_path / f"abl-{init is not None}-{name}"
+            prepare_ablation_run(main, run, name, steps=opts["align_steps"])
+            mine = load_model(run / "after_encoders.safetensors").state_dict()
+            enc = [k for k in mine if k.startswith(ENCODER_PREFIXES)]
+            rest = [k for k in mine if not k.startswith(ENCODER_PREFIXES) and k in theirs
+                    and theirs[k].shape == mine[k].shape and theirs[k].is_floating_point()]
+            assert enc and rest and all(torch.equal(mine[k], theirs[k]) for k in enc), name
+            copied = [torch.equal(mine[k], theirs[k]) for k in rest]
+            assert all(copied) if init is None else not any(copied), (name, init, sum(copied), len(rest))
+            # the main run's own align is the control only when it started where the control does
+            assert (run / "model.safetensors").is_file() == (name == "full" and init is None), (name, init)
+
+
 def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     from fusion.checkpoint import load_model, read_header
     from fusion.model_card import write_model_card
