@@ -28,7 +28,6 @@ from speech.recognizer import normalize_text as _words
 
 MODES = ("vanilla", "mctp")              # fusion.generator.MODES
 ABLATION_NAMES = ("mean", "vision", "audio")
-ENCODER_PREFIXES = ("audio_encoder.", "vision_encoder.")   # what an ablation shares with an --init run
 ABLATION_STEPS = 500                     # align steps of every ablation run (and the control)
 GROUPS = ("visual", "audio", "audio-visual")
 
@@ -589,16 +588,16 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     import shutil
     import torch
     from .checkpoint import load_model, save_model
-    from .model import FusionModel
+    from .model import FusionModel, is_encoder_key
     from .train_fusion import ABLATIONS, FusionTrainOptions
     enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
     encoders_only = base.get("init") is not None        # warm weights beside the encoders
     source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run),
               "align_steps": steps, "encoders_only": encoders_only}
-    had = _read_json(run_dir / "source.json")
-    if had and (any(had.get(k) != source[k] for k in ("after_encoders_sha256", "align_steps"))
-                or had.get("encoders_only", False) != encoders_only):
+    had = _read_json(run_dir / "source.json")     # one without "encoders_only" shared all: False
+    if had and any(had.get(k, False) != source[k]
+                   for k in ("after_encoders_sha256", "align_steps", "encoders_only")):
         shutil.rmtree(run_dir)                     # other encoders or budget: start over
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "after_encoders.safetensors").is_file():
@@ -606,9 +605,8 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
         torch.manual_seed(base.get("seed", 0))
         model = FusionModel(main.config.replace(**ABLATIONS[name]))
         mine, theirs = model.state_dict(), main.state_dict()
-        share = (lambda k: k.startswith(ENCODER_PREFIXES)) if encoders_only else (lambda k: True)
-        model.load_state_dict({k: theirs[k] if share(k) and k in theirs and theirs[k].shape == v.shape
-                               else v for k, v in mine.items()})
+        model.load_state_dict({k: theirs[k] if (is_encoder_key(k) or not encoders_only) and k in theirs
+                               and theirs[k].shape == v.shape else v for k, v in mine.items()})
         save_model(model, run_dir / "after_encoders.safetensors")
     main_align = main_run / "after_align.safetensors"
     if (name == "full" and not encoders_only and base.get("align_steps") == steps and main_align.is_file()

@@ -24,6 +24,12 @@ from .tokens import TokenLayout, layout_for
 
 IGNORE = -100
 _QUESTION, _AUDIO, _VISION = 0, 1, 2
+ENCODER_PARTS = ("audio", "vision")       # FusionModel.audio_encoder, .vision_encoder
+
+
+def is_encoder_key(key: str, parts: tuple[str, ...] = ENCODER_PARTS) -> bool:
+    """True for a state-dict key of the named encoders ("audio_encoder.*", "vision_encoder.*")."""
+    return key.startswith(tuple(f"{p}_encoder." for p in parts))
 
 
 @dataclass

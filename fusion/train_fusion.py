@@ -137,17 +137,15 @@ def _init_model(o: FusionTrainOptions, codec):
     from dataclasses import replace
     from .checkpoint import load_model
     from .config import preset
-    from .model import FusionModel
+    from .model import FusionModel, is_encoder_key
     old = load_model(o.init).float()
     rebuild = [p for p in o.encoder_parts if "encoders" in o.stages]
     fresh = preset(o.preset, codec.spec)
     config = replace(old.config, **{p: getattr(fresh, p) for p in rebuild})
     model = FusionModel(config)
-    keep = {k: v for k, v in old.state_dict().items()
-            if not any(k.startswith(f"{p}_encoder.") for p in rebuild)}
+    keep = {k: v for k, v in old.state_dict().items() if not is_encoder_key(k, tuple(rebuild))}
     missing, unexpected = model.load_state_dict(keep, strict=False)
-    assert not unexpected and all(any(k.startswith(f"{p}_encoder.") for p in rebuild) for k in missing), \
-        (unexpected, missing)
+    assert not unexpected and all(is_encoder_key(k, tuple(rebuild)) for k in missing), (unexpected, missing)
     return model
 
 

@@ -81,12 +81,13 @@ def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
     starts instead of architectures. A run without --init shares every common weight."""
     import shutil
     from fusion.checkpoint import load_model, save_model
-    from fusion.eval import ENCODER_PREFIXES, prepare_ablation_run
+    from fusion.eval import prepare_ablation_run
+    from fusion.model import is_encoder_key
     opts = json.loads((world / "run" / "options.json").read_text())
     trained = load_model(world / "run" / "after_encoders.safetensors")
     with torch.no_grad():                       # stands in for the init's trained weights
         for k, v in trained.named_parameters():
-            if not k.startswith(ENCODER_PREFIXES):
+            if not is_encoder_key(k):
                 v.add_(1.0)
     theirs = trained.state_dict()
     for init in (None, str(world / "assets" / "fusion.safetensors")):
@@ -99,8 +100,8 @@ def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
             run = tmp_path / f"abl-{init is not None}-{name}"
             prepare_ablation_run(main, run, name, steps=opts["align_steps"])
             mine = load_model(run / "after_encoders.safetensors").state_dict()
-            enc = [k for k in mine if k.startswith(ENCODER_PREFIXES)]
-            rest = [k for k in mine if not k.startswith(ENCODER_PREFIXES) and k in theirs
+            enc = [k for k in mine if is_encoder_key(k)]
+            rest = [k for k in mine if not is_encoder_key(k) and k in theirs
                     and theirs[k].shape == mine[k].shape and theirs[k].is_floating_point()]
             assert enc and rest and all(torch.equal(mine[k], theirs[k]) for k in enc), name
             copied = [torch.equal(mine[k], theirs[k]) for k in rest]
