@@ -105,8 +105,15 @@ def load_with_codec(path: str | Path, device: str | None = None, codec_path: str
     its config (resolved next to the checkpoint, then the codec directory it was trained against,
     then the shipped assets/codec, then as given), or `codec_path`."""
     from speech.codec import load_codec
-    config, extra = read_header(path)
     dev = pick_device(device)
+    codec = load_codec(codec_location(path, codec_path), device=dev)
+    model = load_model(path, device=str(dev), codec=codec)
+    return model, codec
+
+
+def codec_location(path: str | Path, codec_path: str | Path | None = None) -> str:
+    """Where `load_with_codec` takes the codec of the fusion checkpoint PATH from."""
+    config, extra = read_header(path)
     where = codec_path
     if where is None:
         name = config.codec.name  # a preset name ("demo") unless the codec was renamed
@@ -123,9 +130,7 @@ def load_with_codec(path: str | Path, device: str | None = None, codec_path: str
                       if p.exists() and _codec_fingerprint(p) in (None, want)]
         candidates += [p for p in known if _codec_fingerprint(p) == want]
         where = str(candidates[0]) if candidates else name
-    codec = load_codec(where, device=dev)
-    model = load_model(path, device=str(dev), codec=codec)
-    return model, codec
+    return str(where)
 
 
 def _codec_fingerprint(folder: Path) -> str | None:

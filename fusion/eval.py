@@ -51,6 +51,7 @@ class EvalOptions:
     ablation_names: tuple[str, ...] = ABLATION_NAMES
     ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control
     train_run: str = "runs/fusion"       # the main run: options, encoders, feature cache
+    ablation_data: str | None = None     # instead of train_run: MODEL's encoders on this data's train split
     ablation_root: str = "runs"          # ablation runs: ROOT/ablation-<name>/
     ablation_workers: int | None = None  # ablations trained at once (None: 2 on a 2+ core CPU, else 1)
     progress: bool = True
@@ -391,7 +392,9 @@ def evaluate(options: EvalOptions) -> EvalReport:
         torch.set_num_threads(o.threads)
     try:
         sessions = session_dirs(o.data, o.split, o.max_sessions)
-        if o.ablations:            # fail before the long part, not after it
+        if o.ablations and o.ablation_data:   # fail before the long part, not after it
+            check_train_split(o.ablation_data)
+        elif o.ablations:
             check_main_run(Path(o.train_run))
         agent = load_eval_agent(o)
         out = Path(o.out)
@@ -575,6 +578,53 @@ def check_main_run(main_run: Path) -> Path:
     return enc_file
 
 
+def check_train_split(data) -> Path:
+    train = Path(data) / "train"
+    if not (train / "index.json").is_file():
+        raise FileNotFoundError(f"--ablation-data {data}: no training split there; render one with "
+                                f"`python run.py data --out {data}` (the model card's: --train 2100)")
+    return train
+
+
+def main_run_from_model(model_path, data, run_dir: Path, *, codec: str | None = None,
+                        device: str | None = None, progress: bool = True) -> Path:
+    """A training run's stand-in for the ablations of a model whose run is gone (the shipped
+    one): RUN_DIR/after_encoders.safetensors is the model, options.json the trainer's defaults
+    on DATA with `init` = the model (so the ablations take its encoders only, the rest a fresh
+    init), cache.pt DATA's training turns encoded with its encoders (the trainer's own
+    `encode_turns`, seed 0). Made once; remade when the model, data or codec changes."""
+    import shutil
+    import torch
+    from .checkpoint import codec_location, load_model, save_model
+    from .data import TrainShards
+    from .train_fusion import FusionTrainOptions
+    from .trainset import encode_turns
+    check_train_split(data)
+    source = {"model_sha256": _file_sha256(Path(model_path)), "data": str(Path(data).resolve()),
+              "codec": str(codec or codec_location(model_path))}
+    if _read_json(run_dir / "source.json") != source and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "source.json").write_text(json.dumps(source, indent=1))
+    o = FusionTrainOptions(data=str(data), codec=source["codec"], run_dir=str(run_dir), out=None,
+                           init=str(model_path), stages=("align",), device=device)
+    (run_dir / "options.json").write_text(json.dumps({**asdict(o), "world_size": 1}, indent=2))
+    model = load_model(model_path, device=device).float()
+    if not (run_dir / "after_encoders.safetensors").is_file():
+        save_model(model, run_dir / "after_encoders.safetensors")
+    if not (run_dir / "cache.pt").is_file():
+        t0 = time.perf_counter()
+        shards = TrainShards(Path(data) / "train")
+        if progress:
+            print(f"encoding the {len(shards)} training turns of {data} with {model_path}'s encoders")
+        model.eval()
+        examples = encode_turns(model, shards, list(range(len(shards))), seed=o.seed, progress=progress)
+        torch.save(examples, run_dir / "cache.pt.part")
+        (run_dir / "cache.pt.part").replace(run_dir / "cache.pt")   # a killed run leaves no half cache
+        (run_dir / "timings.json").write_text(json.dumps({"cache": time.perf_counter() - t0}))
+    return run_dir
+
+
 def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = ABLATION_STEPS) -> dict:
     """Sets up RUN_DIR so `train_fusion` starts the ablation from the main run's encoders:
     after_encoders.safetensors rebuilt with the ablation's config (every weight the two share
@@ -678,13 +728,19 @@ def _train_all(todo: list, workers: int) -> None:
 
 def run_ablations(options: EvalOptions) -> dict:
     """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage,
-    `ablation_steps` steps, from the main run's encoders and feature cache), and the full model
+    `ablation_steps` steps, from the main run's encoders and feature cache, or with
+    `ablation_data` from the evaluated model's encoders on that data), and the full model
     trained alike as the control, and evaluates them and the main model text-only."""
     from .train_fusion import FusionTrainOptions
     o, main_run = options, Path(options.train_run)
     if o.random:
         raise ValueError("ablations compare trained models: drop --random")
-    out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None}
+    if o.ablation_data:
+        main_run = main_run_from_model(o.model, o.ablation_data, Path(o.ablation_root) / "ablation-source",
+                                       codec=o.codec, device=o.device, progress=o.progress)
+    out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None,
+           "main_run": str(main_run), "ablation_data": o.ablation_data,
+           "encoders_only": _read_json(main_run / "options.json").get("init") is not None}
     runs, todo = {}, []
     for name in ("full", *o.ablation_names):
         run_dir = Path(o.ablation_root) / f"ablation-{name}"

@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--train-run", default="runs/fusion", metavar="DIR",
                    help="the main model's training run (options, encoders, cache; default: %(default)s)")
+    g.add_argument("--ablation-data", default=None, metavar="DIR",
+                   help="no training run at hand (the shipped model): start the ablations from --model's "
+                        "encoders instead, with the training split of DIR encoded by them once "
+                        "(into ABLATION_ROOT/ablation-source/); e.g. data/demo-large")
     g.add_argument("--ablation-workers", type=int, default=None, metavar="N",
                    help="ablation trainings at once (default: 2 on a CPU with 2+ cores, else 1)")
     g.add_argument("--ablation-root", default="runs", metavar="DIR",
@@ -58,7 +62,7 @@ def options_from_args(args):
         recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
         ablation_names=split(args.ablation_names), ablation_steps=args.ablation_steps,
-        train_run=args.train_run,
+        train_run=args.train_run, ablation_data=args.ablation_data,
         ablation_root=args.ablation_root, ablation_workers=args.ablation_workers, progress=not args.quiet)
 
 

@@ -79,10 +79,15 @@ def eval_markdown(results: dict) -> str:
     if missed:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]
     if r.get("ablations"):
-        st = r["ablations"].get("steps") or {}
+        ab = r["ablations"]
+        st = ab.get("steps") or {}
+        start = (f"from this model's encoders (their features of {ab['ablation_data']}'s training split)"
+                 if ab.get("ablation_data") else "from the main run's encoders and feature cache")
+        if ab.get("encoders_only"):
+            start += ", everything else a fresh seed init"
         out += [f"Ablations: each trained with the same budget, the align stage (text answers; "
-                f"{st.get('align_steps')} steps, batch {st.get('batch')}) from the main run's encoders "
-                f"and feature cache, scored on the same questions; *full model, same budget* is the "
+                f"{st.get('align_steps')} steps, batch {st.get('batch')}) {start}, "
+                f"scored on the same questions; *full model, same budget* is the "
                 f"unchanged architecture trained alike (the control), *main (text only)* the "
                 f"shipped model with its whole training.", ""]
     rows = [[m, _num(s["backbone_forwards_per_audio_second"], ".1f"),

@@ -110,6 +110,51 @@ def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
             assert (run / "model.safetensors").is_file() == (name == "full" and init is None), (name, init)
 
 
+def test_ablations_of_a_model_whose_run_is_gone(world, tmp_path):
+    """--ablation-data: the ablations start from the evaluated model's encoders (everything
+    else a fresh init), with the data's training turns encoded by them once, as the trainer's
+    cache stage encodes them; a second call trains and encodes nothing again."""
+    from fusion.checkpoint import load_model, save_model
+    from fusion.data import TrainShards
+    from fusion.eval import run_ablations
+    from fusion.model import is_encoder_key
+    trained = load_model(world / "assets" / "fusion.safetensors").float()
+    with torch.no_grad():                    # away from any init, so a copied weight shows
+        for k, v in trained.named_parameters():
+            if not is_encoder_key(k):
+                v.add_(1.0)
+    model = save_model(trained, tmp_path / "shipped" / "fusion.safetensors")
+    o = EvalOptions(data=str(world / "data"), model=str(model), codec=str(world / "assets" / "codec"),
+                    device="cpu", max_text_tokens=4,
+                    ablations=True, ablation_names=("mean",), ablation_steps=2,
+                    train_run=str(tmp_path / "no-such-run"), ablation_data=str(world / "data"),
+                    ablation_root=str(tmp_path), progress=False)
+    r = run_ablations(o)
+    assert set(r["models"]) == {"main", "full", "mean"} and r["encoders_only"] and r["models"]["mean"]["n"] == 2
+    src = tmp_path / "ablation-source"
+    cache = torch.load(src / "cache.pt", weights_only=False)
+    trainer = torch.load(world / "run" / "cache.pt", weights_only=False)   # same encoders, fp32 there
+    assert len(cache) == len(TrainShards(world / "data")) == len(trainer)
+    for a, b in zip(cache, trainer):
+        assert a.answer == b.answer and a.feats.frames.shape == b.feats.frames.shape
+        assert torch.allclose(a.feats.frames.float(), b.feats.frames.float(), atol=2e-2, rtol=1e-2)
+    main = load_model(model).float().state_dict()
+    for name in ("full", "mean"):
+        start = load_model(tmp_path / f"ablation-{name}" / "after_encoders.safetensors").state_dict()
+        enc = [k for k in start if is_encoder_key(k)]
+        rest = [k for k in start if not is_encoder_key(k) and k in main and main[k].shape == start[k].shape
+                and main[k].is_floating_point()]
+        assert enc and rest and all(torch.equal(start[k], main[k]) for k in enc), name
+        assert not any(torch.equal(start[k], main[k]) for k in rest), name
+    stamps = {f: f.stat().st_mtime_ns for f in (src / "cache.pt", tmp_path / "ablation-mean" / "model.safetensors")}
+    again = run_ablations(o)
+    assert {f: f.stat().st_mtime_ns for f in stamps} == stamps
+    assert again["models"]["mean"]["overall"] == r["models"]["mean"]["overall"]
+    with pytest.raises(FileNotFoundError, match="run.py data --out"):
+        evaluate(EvalOptions(data=str(world / "data"), model=str(model), ablations=True,
+                             codec=str(world / "assets" / "codec"), ablation_data=str(tmp_path / "empty"), out=str(tmp_path / "eval"), progress=False))
+
+
 def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     from fusion.checkpoint import load_model, read_header
     from fusion.model_card import write_model_card
@@ -231,13 +276,15 @@ def test_options_are_validated():
 def test_command_lines_parse():
     import run
     a = run.build_parser().parse_args(["eval", "--modes", "mctp", "--no-recognizer", "--max-sessions", "2",
-                                       "--ablations", "--ablation-names", "vision", "--ablation-steps", "7"])
+                                       "--ablations", "--ablation-names", "vision", "--ablation-steps", "7",
+                                       "--ablation-data", "data/demo-large"])
     from fusion.eval_cli import options_from_args
     o = options_from_args(a)
-    assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps) == (
-        ("mctp",), False, 2, True, ("vision",), 7)
+    assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps,
+            o.ablation_data) == (("mctp",), False, 2, True, ("vision",), 7, "data/demo-large")
     d = options_from_args(run.build_parser().parse_args(["eval"]))
-    assert (d.ablation_names, d.ablation_steps) == (EvalOptions().ablation_names, EvalOptions().ablation_steps)
+    assert (d.ablation_names, d.ablation_steps, d.ablation_data) == (
+        EvalOptions().ablation_names, EvalOptions().ablation_steps, None)
     t = run.build_parser().parse_args(["train", "all", "--budget", "small", "--no-ablations"])
     assert (t.what, t.budget, t.no_ablations, t.data) == ("all", "small", True, None)
 
