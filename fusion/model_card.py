@@ -132,7 +132,7 @@ def plot_accuracy(results: dict, path) -> None:
     from matplotlib.figure import Figure
     cols = accuracy_columns(results)
     types = _qtype_order(cols) + ["overall"]
-    fig = Figure(figsize=(max(8.0, 0.9 * len(types) + 2), 4.5), dpi=100)
+    fig = Figure(figsize=(max(8.0, 0.9 * len(types) + 4), 4.5), dpi=100)
     ax = fig.subplots()
     w = 0.8 / max(len(cols), 1)
     x = np.arange(len(types))
@@ -142,7 +142,7 @@ def plot_accuracy(results: dict, path) -> None:
     ax.set_xticks(x, types, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("answer accuracy")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the bars, not on them
     ax.set_title(f"{results['model']}: {results['questions']} questions ({results['split']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path))
