@@ -399,7 +399,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
 
 
 def _export(model, o: FusionTrainOptions, run: Path) -> Path:
-    from .checkpoint import save_model
+    from .checkpoint import SHIPPED_INT8, save_model
     from .train_loop import is_main
     final = run / "model.safetensors"
     if is_main():
@@ -407,7 +407,8 @@ def _export(model, o: FusionTrainOptions, run: Path) -> Path:
         save_model(model, final, half=True, extra={"timings_s": timings, "options": asdict(o)})
         if o.out:
             Path(o.out).parent.mkdir(parents=True, exist_ok=True)
-            save_model(model, o.out, half=True, extra={"timings_s": timings, "options": asdict(o)})
+            save_model(model, o.out, half=True, int8=SHIPPED_INT8,
+                       extra={"timings_s": timings, "options": asdict(o)})
             print(f"saved {o.out}")
     return final
 

@@ -214,6 +214,23 @@ def test_checkpoint_round_trip_and_mismatch(model, codec, tmp_path):
         load_model(trunc)
 
 
+def test_int8_embedding_round_trip(model, codec, tmp_path):
+    """The shipped format: the token embedding as int8 rows + one scale each, every other
+    tensor fp16; the loader restores floats within half a step of each row's scale."""
+    from fusion.checkpoint import SHIPPED_INT8, quantize_rows
+    half = save_model(model, tmp_path / "h.safetensors", half=True)
+    q8 = save_model(model, tmp_path / "q.safetensors", half=True, int8=SHIPPED_INT8)
+    assert q8.stat().st_size < half.stat().st_size
+    a, b = load_model(half, codec=codec).state_dict(), load_model(q8, codec=codec).state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["embed.weight"]
+    w = model.state_dict()["embed.weight"]
+    _, scale = quantize_rows(w)
+    err = (b["embed.weight"] - w).abs()
+    assert (err <= scale[:, None] * 0.5 + 1e-6).all() and err.max() > 0
+    with pytest.raises(AssertionError):
+        quantize_rows(torch.zeros(3))
+
+
 def test_tokenizer_mismatch_refused(model, tmp_path):
     bad = model.config.replace(n_text=1000)
     m = FusionModel.__new__(FusionModel)  # only the config is read before the refusal
