@@ -609,6 +609,8 @@ def main_run_from_model(model_path, data, run_dir: Path, *, codec: str | None = 
     o = FusionTrainOptions(data=str(data), codec=source["codec"], run_dir=str(run_dir), out=None,
                            init=str(model_path), stages=("align",), device=device)
     (run_dir / "options.json").write_text(json.dumps({**asdict(o), "world_size": 1}, indent=2))
+    if (run_dir / "after_encoders.safetensors").is_file() and (run_dir / "cache.pt").is_file():
+        return run_dir                                              # made before: nothing to load
     model = load_model(model_path, device=device).float()
     if not (run_dir / "after_encoders.safetensors").is_file():
         save_model(model, run_dir / "after_encoders.safetensors")
@@ -623,6 +625,12 @@ def main_run_from_model(model_path, data, run_dir: Path, *, codec: str | None = 
         (run_dir / "cache.pt.part").replace(run_dir / "cache.pt")   # a killed run leaves no half cache
         (run_dir / "timings.json").write_text(json.dumps({"cache": time.perf_counter() - t0}))
     return run_dir
+
+
+def shares_encoders_only(main_run: Path) -> bool:
+    """A main run started from a trained model (`init`) holds its warm backbone, projectors and
+    heads beside the encoders: its ablations take the encoders only."""
+    return _read_json(main_run / "options.json").get("init") is not None
 
 
 def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = ABLATION_STEPS) -> dict:
@@ -642,7 +650,7 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     from .train_fusion import ABLATIONS, FusionTrainOptions
     enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
-    encoders_only = base.get("init") is not None        # warm weights beside the encoders
+    encoders_only = shares_encoders_only(main_run)
     source = {"after_encoders_sha256": _file_sha256(enc_file), "main_run": str(main_run),
               "align_steps": steps, "encoders_only": encoders_only}
     had = _read_json(run_dir / "source.json")     # one without "encoders_only" shared all: False
@@ -740,7 +748,7 @@ def run_ablations(options: EvalOptions) -> dict:
                                        codec=o.codec, device=o.device, progress=o.progress)
     out = {"split": o.split, "models": {}, "training_seconds": {}, "steps": None,
            "main_run": str(main_run), "ablation_data": o.ablation_data,
-           "encoders_only": _read_json(main_run / "options.json").get("init") is not None}
+           "encoders_only": shares_encoders_only(main_run)}
     runs, todo = {}, []
     for name in ("full", *o.ablation_names):
         run_dir = Path(o.ablation_root) / f"ablation-{name}"
