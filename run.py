@@ -20,7 +20,7 @@ def _not_built(name: str):
 
 
 def cmd_bench(args):
-    from fusion.bench import format_report, run_bench
+    from lab.bench import format_report, run_bench
     import os
     model = args.model
     if model == DEFAULT_MODEL and not os.path.exists(model):
@@ -33,7 +33,7 @@ def cmd_bench(args):
 
 
 def cmd_data(args):
-    from fusion.data import main
+    from lab.data import main
     opts = {k: v for k, v in dict(n_train_sessions=args.train, n_val_sessions=args.val,
                                   n_test_sessions=args.test, turns_per_session=args.turns).items()
             if v is not None}
@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                ("serve", "app.server_cli", "websocket server + browser client"),
                                ("replay", "app.replay_cli", "replay a recorded session through the engine"),
                                ("record", "app.record_cli", "record a session from the local camera and microphone"),
-                               ("train", "fusion.train_cli", "train the codec or the fusion model"),
-                               ("eval", "fusion.eval_cli", "evaluate on the demo world's test split")]:
+                               ("train", "lab.train_cli", "train the codec or the fusion model"),
+                               ("eval", "lab.eval_cli", "evaluate on the demo world's test split")]:
         s = sub.add_parser(name, help=text, description=text)
         try:
             mod = importlib.import_module(module)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from speech.constants import SAMPLE_RATE
+from speech.resample import StreamResampler
 
 if TYPE_CHECKING:
     from .engine import EngineOptions
@@ -101,7 +102,6 @@ class LiveSession:
         opts = replace(with_generation(opts, mode=self.options.mode),
                        half_duplex=self.options.half_duplex or opts.half_duplex)
         self.sink = sink
-        from .live_inputs import StreamResampler
         if sink.sample_rate != self.agent.output_rate:
             self._out_rs = StreamResampler(self.agent.output_rate, sink.sample_rate)
         self.engine = Engine(self.agent, self._on_output, opts)
@@ -244,7 +244,6 @@ class LocalDevices(LiveSession):
             else:
                 self.notice("No camera selected: running audio-only.")
             self._open_engine(self._sink)
-            from .live_inputs import StreamResampler
             self._in_rs = StreamResampler(self._source.sample_rate, SAMPLE_RATE)
         except BaseException:
             self._close_audio()

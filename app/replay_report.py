@@ -64,7 +64,7 @@ def hardware(agent) -> str:
     dev = next(agent.model.parameters()).device
     if dev.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(dev)}"
-    from fusion.bench import cpu_name
+    from .host import cpu_name
     return f"cpu: {cpu_name()}, {os.cpu_count()} cores, torch {torch.get_num_threads()} threads"
 
 

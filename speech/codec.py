@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,8 +31,8 @@ from encodec.modules import SConv1d
 from encodec.modules.seanet import SEANetDecoder, SEANetEncoder
 from encodec.quantization import ResidualVectorQuantizer
 
-if TYPE_CHECKING:
-    from speech.streaming_codec import StreamingDecoder
+from speech.streaming_codec import PAD_MODE, StreamingDecoder, is_causal  # noqa: F401 (re-exported)
+
 
 CODEC_FORMAT = "tandem-codec"
 CODEC_VERSION = 1
@@ -42,7 +42,6 @@ PRETRAINED_24KHZ = "encodec_24khz"
 PRETRAINED_24KHZ_FILE = "encodec_24khz-d7cc33bc.th"  # the file encodec's loader downloads
 PRETRAINED_24KHZ_BANDWIDTH = 6.0                     # kbps -> 8 codebooks at 75 Hz
 STREAMABLE_NORMS = ("weight_norm", "spectral_norm", "none")
-PAD_MODE = "constant"                                # zero padding: strictly causal
 
 
 @dataclass(frozen=True)
@@ -287,8 +286,6 @@ class Codec:
 
     def streaming_decoder(self, batch: int = 1) -> StreamingDecoder:
         """A decoder that takes codes chunk by chunk (causal codecs only)."""
-        from speech.streaming_codec import StreamingDecoder
-
         return StreamingDecoder(self, batch=batch)
 
     def to(self, device: torch.device | str) -> Codec:
@@ -298,12 +295,6 @@ class Codec:
     def __repr__(self) -> str:
         return (f"Codec({self.name!r}, {self.sample_rate} Hz, {self.frame_rate:g} frames/s, "
                 f"n_q={self.n_q}, bins={self.bins})")
-
-
-def is_causal(decoder: torch.nn.Module) -> bool:
-    """True when every padded convolution of an encodec SEANet module is causal."""
-    flags = [m.causal for m in decoder.modules() if hasattr(m, "causal")]
-    return bool(flags) and all(flags)
 
 
 def build_model(config: CodecConfig, name: str = "unset") -> EncodecModel:

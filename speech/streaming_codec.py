@@ -22,7 +22,13 @@ from torch import Tensor, nn
 from encodec.modules import SConv1d, SConvTranspose1d, SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 
-from speech.codec import PAD_MODE, Codec, is_causal
+PAD_MODE = "constant"                                # zero padding: strictly causal
+
+
+def is_causal(decoder: torch.nn.Module) -> bool:
+    """True when every padded convolution of an encodec SEANet module is causal."""
+    flags = [m.causal for m in decoder.modules() if hasattr(m, "causal")]
+    return bool(flags) and all(flags)
 
 
 class _Node:
@@ -182,7 +188,7 @@ class StreamingDecoder:
     chunking equals `codec.decode` of the whole sequence. Causal codecs only.
     """
 
-    def __init__(self, codec: Codec, batch: int = 1) -> None:
+    def __init__(self, codec: "Codec", batch: int = 1) -> None:
         model = codec.model
         if not is_causal(model.decoder):
             raise ValueError(f"codec {codec.name!r} is not causal: streaming decoding needs a "

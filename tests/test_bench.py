@@ -1,7 +1,7 @@
 """`run.py bench`: every section runs on a tiny checkpoint and reports what it measured."""
 import torch
 
-from fusion.bench import bench_training, format_report, run_bench
+from lab.bench import bench_training, format_report, run_bench
 from fusion.checkpoint import save_model
 from fusion.config import preset
 from fusion.model import FusionModel

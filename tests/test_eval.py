@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
+from lab.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
                          dtw_mel_distance, encoder_fingerprint, evaluate, match_turns,
                          heldout_triple_turns, normalize_answer, recognise)
 from speech.recognizer import is_recognized
@@ -21,8 +21,8 @@ STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
 def world(tmp_path_factory):
     """Data (1 test session of 2 turns), a tiny codec and a tiny model trained a few steps,
     laid out as the pipeline ships them: assets/fusion.safetensors beside assets/codec/."""
-    from fusion.data import main
-    from fusion.train_fusion import FusionTrainOptions, train_fusion
+    from lab.data import main
+    from lab.train_fusion import FusionTrainOptions, train_fusion
     from speech.codec import build_codec, save_codec
     d = tmp_path_factory.mktemp("eval")
     main(d / "data", n_train_sessions=2, n_val_sessions=0, n_test_sessions=1, turns_per_session=2,
@@ -37,13 +37,13 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recognizer():
-    from fusion.eval import load_recognizer
+    from lab.eval import load_recognizer
     return load_recognizer()
 
 
 def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
     from fusion.checkpoint import load_model
-    from fusion.eval import run_ablations
+    from lab.eval import run_ablations
     base = dict(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"), device="cpu",
                 max_text_tokens=4, ablations=True, ablation_names=("mean", "vision"), ablation_steps=2,
                 train_run=str(world / "run"), threads=1, progress=False)
@@ -59,8 +59,8 @@ def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
 
 def test_ablations_train_without_the_referent_losses_or_init(world, tmp_path):
     import shutil
-    from fusion.eval import prepare_ablation_run
-    from fusion.train_fusion import FusionTrainOptions
+    from lab.eval import prepare_ablation_run
+    from lab.train_fusion import FusionTrainOptions
     main = tmp_path / "main"
     main.mkdir()
     shutil.copyfile(world / "run" / "after_encoders.safetensors", main / "after_encoders.safetensors")
@@ -81,7 +81,7 @@ def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
     starts instead of architectures. A run without --init shares every common weight."""
     import shutil
     from fusion.checkpoint import load_model, save_model
-    from fusion.eval import prepare_ablation_run
+    from lab.eval import prepare_ablation_run
     from fusion.model import is_encoder_key
     opts = json.loads((world / "run" / "options.json").read_text())
     trained = load_model(world / "run" / "after_encoders.safetensors")
@@ -115,8 +115,8 @@ def test_ablations_of_a_model_whose_run_is_gone(world, tmp_path):
     else a fresh init), with the data's training turns encoded by them once, as the trainer's
     cache stage encodes them; a second call trains and encodes nothing again."""
     from fusion.checkpoint import load_model, save_model
-    from fusion.data import TrainShards
-    from fusion.eval import run_ablations
+    from lab.data import TrainShards
+    from lab.eval import run_ablations
     from fusion.model import is_encoder_key
     trained = load_model(world / "assets" / "fusion.safetensors").float()
     with torch.no_grad():                    # away from any init, so a copied weight shows
@@ -157,7 +157,7 @@ def test_ablations_of_a_model_whose_run_is_gone(world, tmp_path):
 
 def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     from fusion.checkpoint import load_model, read_header
-    from fusion.model_card import write_model_card
+    from lab.model_card import write_model_card
     out = tmp_path / "eval"
     rep = evaluate(EvalOptions(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"),
                                out=str(out), device="cpu", max_text_tokens=4, max_audio_seconds=0.4,
@@ -278,7 +278,7 @@ def test_command_lines_parse():
     a = run.build_parser().parse_args(["eval", "--modes", "mctp", "--no-recognizer", "--max-sessions", "2",
                                        "--ablations", "--ablation-names", "vision", "--ablation-steps", "7",
                                        "--ablation-data", "data/demo-large"])
-    from fusion.eval_cli import options_from_args
+    from lab.eval_cli import options_from_args
     o = options_from_args(a)
     assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps,
             o.ablation_data) == (("mctp",), False, 2, True, ("vision",), 7, "data/demo-large")
@@ -291,7 +291,7 @@ def test_command_lines_parse():
 
 def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     from app.session import load_session
-    from fusion import pipeline
+    from lab import pipeline
     o = pipeline.PipelineOptions(budget="small", data=str(world / "data"))
     with pytest.raises(ValueError, match="--force"):       # rendered with other options
         pipeline.data_step(o)
@@ -311,8 +311,8 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     (d,) = pipeline.write_example_sessions(tmp_path / "sessions", n=1, turns=1)
     # "large" (the shipped data and step counts) writes the shipped assets from its own data and run, and
     # its options are valid for every step
-    from fusion.data import DataOptions
-    from fusion.train_fusion import FusionTrainOptions
+    from lab.data import DataOptions
+    from lab.train_fusion import FusionTrainOptions
     big = pipeline.PipelineOptions(budget="large")
     assert big.path("model_out") == pipeline.PipelineOptions().path("model_out")
     assert big.path("data") != pipeline.PipelineOptions().path("data")
@@ -324,8 +324,8 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
 
 
 def test_parallel_ablation_workers_never_oversubscribe_the_cores():
-    from fusion.eval import worker_options
-    from fusion.train_fusion import FusionTrainOptions
+    from lab.eval import worker_options
+    from lab.train_fusion import FusionTrainOptions
     asked = [FusionTrainOptions(threads=t, progress=True) for t in (None, 2, 1)]
     got = worker_options(asked, workers=2, cpus=2)
     assert [o.threads for o in got] == [1, 1, 1]                  # --threads 2 x 2 workers: capped

@@ -245,7 +245,7 @@ def test_tokenizer_mismatch_refused(model, tmp_path):
 
 
 def test_ablation_configs_run(codec):
-    from fusion.train_fusion import ABLATIONS
+    from lab.train_fusion import ABLATIONS
     full = preset("tiny", codec.spec, pooled_clues=True, cell_query=True, sound_cells=True, question_query=True,
                   clue_readout=True)
     for name in ("mean", "vision", "audio"):

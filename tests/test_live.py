@@ -12,7 +12,8 @@ import pytest
 from app.agent import random_agent
 from app.engine import EngineOptions, with_generation
 from app.live import LiveOptions, LocalDevices
-from app.live_inputs import PullSink, StreamResampler, attention_series
+from app.live_inputs import PullSink, attention_series
+from speech.resample import StreamResampler
 from speech.audio import resample
 from speech.constants import SAMPLE_RATE
 from speech.io import AudioDeviceError, FileSource, MemorySink

@@ -15,7 +15,7 @@ import soundfile as sf
 from app.agent import load_agent
 from app.replay import replay
 from app.replay_report import normalize_text
-from fusion import world as W
+from demo import world as W
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"

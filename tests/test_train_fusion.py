@@ -13,7 +13,7 @@ import torch
 
 from fusion.checkpoint import load_model, read_header
 from fusion.generator import GenerationOptions, Generator
-from fusion.train_fusion import FusionTrainOptions, train_fusion
+from lab.train_fusion import FusionTrainOptions, train_fusion
 from speech.codec import build_codec, load_codec, save_codec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +22,7 @@ STEPS = dict(encoder_steps=3, align_steps=3, sft_steps=3, mctp_steps=3, batch=3,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from fusion.data import main
+    from lab.data import main
     d = tmp_path_factory.mktemp("world")
     main(d / "data", n_train_sessions=3, n_val_sessions=0, n_test_sessions=0, turns_per_session=3,
          n_codec_sentences=4, n_codec_eval=1, workers=1, progress=False)
@@ -89,7 +89,7 @@ def test_align_trains_on_type_balanced_batches(world, tmp_path):
 
 
 def test_amp_trains_in_bf16_autocast(world, tmp_path):
-    from fusion.train_loop import use_amp
+    from lab.train_loop import use_amp
     assert use_amp(torch.device("cpu"), "on") and not use_amp(torch.device("cpu"), "off")
     with pytest.raises(ValueError, match="amp"):
         use_amp(torch.device("cpu"), "fast")
@@ -116,8 +116,8 @@ def test_bad_options_are_refused():
 
 def test_factorised_slot_heads_learn_colour_and_shape_apart(world, tmp_path):
     from fusion.model import FusionModel
-    from fusion.pretrain import EncoderPretrainer
-    from fusion.trainset import OBJECT_CLASSES
+    from lab.pretrain import EncoderPretrainer
+    from lab.trainset import OBJECT_CLASSES
     model = FusionModel(_tiny_config(world))
     joint, fact = EncoderPretrainer(model), EncoderPretrainer(model, "factorised")
     assert joint.head_sizes == [13] and fact.head_sizes == [5, 4]
@@ -138,7 +138,7 @@ def _tiny_config(world):
 
 
 def test_loop_checkpoints_unless_told_not_to(tmp_path):
-    from fusion.train_loop import LoopOptions, train
+    from lab.train_loop import LoopOptions, train
     lin = torch.nn.Linear(3, 1)
     x = torch.randn(8, 3)
     loss = lambda m, step: {"loss": m(x).pow(2).mean()}  # noqa: E731
@@ -213,7 +213,7 @@ def test_pretrained_preset_with_tiny_random_weights(world, tmp_path, monkeypatch
 
 def test_batches_by_type_weigh_every_question_type_alike():
     import numpy as np
-    from fusion.train_fusion import batch_indices, type_groups
+    from lab.train_fusion import batch_indices, type_groups
     qtypes = ["what_color"] * 90 + ["where_is"] * 10
     groups = type_groups(qtypes)
     assert groups == [list(range(90)), list(range(90, 100))]
@@ -230,7 +230,7 @@ def test_batches_by_type_weigh_every_question_type_alike():
 
 
 def _turn(objects, question, sound_slot=None):
-    from fusion import world as W
+    from demo import world as W
     objs = tuple(W.WorldObject(s, c, p, W.COLORS[c], 60.0, 120.0) for c, s, p in objects)
     scene = W.Scene(W.Background("flat", (10, 10, 10), (10, 10, 10), 0, 0), objs, (), (), sound_slot)
     q = W.Question("x", question, "x.", "visual")
@@ -238,7 +238,7 @@ def _turn(objects, question, sound_slot=None):
 
 
 def test_referent_targets_point_at_the_named_slot_object_or_none():
-    from fusion.referents import referent_targets
+    from lab.referents import referent_targets
     objs = [("red", "square", "left"), ("blue", "circle", "right")]
     t = lambda q, snd=None: referent_targets(_turn(objs, q, snd)).tolist()  # noqa: E731
     assert t("What shape is on the middle?") == [0, 1, 0, 0, 0, 0, 1]     # the named slot
@@ -275,9 +275,9 @@ def test_shift_augmentation_keeps_the_slot_and_its_labels(world):
     """--shift-px moves frames sideways within the slot (labels unchanged); a vision-only
     batch renders no audio."""
     import numpy as np
-    from fusion.data import TrainShards
-    from fusion.pretrain import AuxBatches
-    from fusion.trainset import question_vocab
+    from lab.data import TrainShards
+    from lab.pretrain import AuxBatches
+    from lab.trainset import question_vocab
     shards, vc = TrainShards(world / "data"), _tiny_config(world).vision
     plain = AuxBatches(shards, vc, question_vocab(), 80, seed=3)(0, 1, "cpu")
     moved = AuxBatches(shards, vc, question_vocab(), 80, seed=3, shift_px=40, parts=("vision",))(0, 1, "cpu")
@@ -321,9 +321,9 @@ def test_voice_augmentation_keeps_the_words_and_changes_the_voice(world):
     """--voice-aug: a question's mel is speed-perturbed, warped and masked, reproducibly; the
     word labels stay those of the question."""
     import numpy as np
-    from fusion.data import TrainShards
-    from fusion.pretrain import AuxBatches, augment_question
-    from fusion.trainset import question_vocab
+    from lab.data import TrainShards
+    from lab.pretrain import AuxBatches, augment_question
+    from lab.trainset import question_vocab
     from speech.whisper_encoder import log_mel
     x = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
     a, b = (augment_question(x, np.random.default_rng(5), 80) for _ in range(2))

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fusion import world as W
+from demo import world as W
 from speech import tts
 from speech.constants import CONTEXT_SECONDS, SAMPLE_RATE
 
@@ -328,7 +328,7 @@ def test_voice_specs_and_the_flite_engine():
 
 
 def test_data_main_tiny(tmp_path):
-    from fusion.data import TrainShards, main
+    from lab.data import TrainShards, main
     kw = dict(n_train_sessions=2, n_val_sessions=1, n_test_sessions=1, turns_per_session=2,
               seed=3, workers=1, progress=False, n_codec_sentences=5, n_codec_eval=2)
     m = main(tmp_path / "a", **kw)
@@ -366,14 +366,14 @@ def test_data_main_tiny(tmp_path):
     m2 = main(tmp_path / "b", **kw)                                 # same seed: same bytes
     assert m2["content_sha256"] == m["content_sha256"]
     assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE) and "flite" not in m
-    from fusion.data import DataOptions
+    from lab.data import DataOptions
     assert DataOptions(agent_voice="en-us+m3") == DataOptions()           # one spelling per voice
 
 
 def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
-    from fusion.data import main
-    from fusion.pipeline import check_codec_voice
-    from fusion.train_codec import corpus_voice
+    from lab.data import main
+    from lab.pipeline import check_codec_voice
+    from lab.train_codec import corpus_voice
     from speech.audio import load_audio
     m = main(tmp_path / "d", n_train_sessions=0, n_val_sessions=0, n_test_sessions=0, workers=1,
              progress=False, n_codec_sentences=3, n_codec_eval=1, agent_voice="flite:rms")

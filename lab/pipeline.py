@@ -115,7 +115,7 @@ def data_step(o: PipelineOptions) -> bool:
 def write_example_sessions(out, n: int = 3, turns: int = 2, seed: int = 0) -> list[Path]:
     """`n` short test-split sessions (held-out voices and triples) for trying replay."""
     import numpy as np
-    from . import world as W
+    from demo import world as W
     from .data import SPLIT_ID, write_session
     out, dirs = Path(out), []
     for i in range(n):

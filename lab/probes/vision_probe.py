@@ -6,8 +6,8 @@ held-out triple: its own slot heads, and a joint 13-class linear probe fitted on
 frames (what a downstream model trained on the training split could read). Per slot, "held" is
 the held-out objects and "other" every other object. One thread, ~4.5 min for 1200 steps here.
 
-    PYTHONPATH=. python scripts/vision_probe.py --heads factorised --pos-emb 0 --shift 20
-    PYTHONPATH=. python scripts/vision_probe.py --load runs/X/after_encoders.safetensors --steps 0
+    python -m lab.probes.vision_probe --heads factorised --pos-emb 0 --shift 20
+    python -m lab.probes.vision_probe --load runs/X/after_encoders.safetensors --steps 0
 """
 import argparse
 import json
@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusion import world as W
+from demo import world as W
 from fusion.layers import column_means
-from fusion.pretrain import augment_frame
-from fusion.trainset import OBJECT_CLASSES, frame_labels
+from lab.pretrain import augment_frame
+from lab.trainset import OBJECT_CLASSES, frame_labels
 from vision.encoder import VISION_PRESETS, build_vision_encoder, preprocess
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

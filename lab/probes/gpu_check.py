@@ -5,7 +5,7 @@
      at the recipe's batch and at larger ones, and how fast;
   3. `run.py bench` on CUDA and on the same machine's CPU, side by side.
 
-    PYTHONPATH=. python scripts/gpu_check.py --out DIR
+    python -m lab.probes.gpu_check --out DIR
 
 Writes DIR/gpu_check.json (and prints a summary). Needs the runtime packages only.
 """
@@ -49,7 +49,7 @@ def agreement(path: str, draws: int, device: str) -> dict:
 
 
 def training(path: str, batches: list[int], device: str) -> list[dict]:
-    from fusion.bench import bench_training
+    from lab.bench import bench_training
     from fusion.checkpoint import load_with_codec
     model, codec = load_with_codec(path, device=device)
     rows = []
@@ -71,7 +71,7 @@ def main():
         raise SystemExit("no CUDA device here (--device cpu for a dry run)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    from fusion.bench import format_report, run_bench
+    from lab.bench import format_report, run_bench
     report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_count": os.cpu_count()}
 

@@ -12,24 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.host import cpu_name  # noqa: F401  (re-exported: train_codec, eval)
 from speech.constants import SAMPLE_RATE
 
 
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's name for it elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: torch.device) -> str:
@@ -69,8 +58,8 @@ def bench_codec(codec, device, seconds: float = 4.0, chunk_sizes=(1, 2, 5, 10, 2
 
 
 def bench_generation(model, codec, device, seconds: float = 2.0, repeats: int = 3):
-    from .dummy import random_features
-    from .generator import GenerationOptions, Generator
+    from fusion.dummy import random_features
+    from fusion.generator import GenerationOptions, Generator
     with torch.inference_mode():
         prefix = model.prefix(random_features(model.config, device=device))
     out = {}
@@ -101,8 +90,8 @@ def bench_generation(model, codec, device, seconds: float = 2.0, repeats: int = 
 
 def bench_latency(model, codec, device, repeats: int = 5):
     """End of question -> first PCM chunk, with the scene already encoded as it arrived."""
-    from .generator import GenerationOptions, Generator, PCMChunk
-    from .inputs import SceneEncoder
+    from fusion.generator import GenerationOptions, Generator, PCMChunk
+    from fusion.inputs import SceneEncoder
     rng = np.random.default_rng(0)
     enc = SceneEncoder(model)
     frame = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
@@ -137,12 +126,12 @@ def bench_latency(model, codec, device, repeats: int = 5):
 def bench_training(model, codec, device, batch: int = 32, steps: int = 6, stages=("align", "sft", "mctp"),
                    amps: tuple[bool, ...] | None = None) -> dict:
     """Seconds per optimizer step of the fusion stages, through the training loop itself
-    (fusion.train_loop.train) on random features of the demo-world shapes, with bf16 autocast
+    (lab.train_loop.train) on random features of the demo-world shapes, with bf16 autocast
     off and (where it is native) on. The first step is warm-up. `model` is left untouched."""
     import copy
     import tempfile
-    from .dummy import random_features
-    from .tokens import get_tokenizer
+    from fusion.dummy import random_features
+    from fusion.tokens import get_tokenizer
     from .train_fusion import FusionTrainOptions, _FusionStage, set_trainable, stage_modules
     from .train_loop import LoopOptions, train, use_amp
     from .trainset import pad_replies, reply_tokens
@@ -188,14 +177,14 @@ def bench_training(model, codec, device, batch: int = 32, steps: int = 6, stages
 def run_bench(model_path: str | None = None, device: str | None = None, json_path: str | None = None,
               quick: bool = False, train: bool = True) -> dict:
     from speech.codec import build_codec, CODEC_PRESETS
-    from .checkpoint import pick_device
-    from .config import preset
-    from .model import FusionModel
+    from fusion.checkpoint import pick_device
+    from fusion.config import preset
+    from fusion.model import FusionModel
     dev = pick_device(device)
     torch.manual_seed(0)
     report = {"hardware": hardware(dev), "device": str(dev), "torch": torch.__version__}
     if model_path:
-        from .checkpoint import load_with_codec
+        from fusion.checkpoint import load_with_codec
         model, codec = load_with_codec(model_path, device=str(dev))
         label = str(model_path)
     else:

@@ -122,7 +122,7 @@ def make_codec_corpus(out_dir, n: int, seed: int = 0, n_eval: int | None = None,
     OUT/eval/*.wav and OUT/sentences.json (the layout `python run.py data` writes under
     DATA/codec/)."""
     import soundfile as sf
-    from fusion.data import codec_sentences
+    from lab.data import codec_sentences
     from speech.tts import AGENT_VOICE, synthesize
     voice = AGENT_VOICE if voice is None else voice
     n_eval = max(1, n // 10) if n_eval is None else n_eval
@@ -359,7 +359,7 @@ def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
         return out
     sets = []
     if answers:
-        from fusion.world import all_answer_texts
+        from demo.world import all_answer_texts
         from speech.tts import AGENT_VOICE, synthesize
         voice = AGENT_VOICE if answer_voice is None else answer_voice
         a_texts = list(all_answer_texts())
@@ -436,7 +436,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
     try:
         device = torch.device(o.device)
         train_w, train_t = load_split(corpus, "train")
-        from fusion.world import all_answer_texts
+        from demo.world import all_answer_texts
         answer_texts = set(all_answer_texts())
         answer_w = [w for w, t in zip(train_w, train_t) if t in answer_texts]
         n_answer = round(o.batch * o.answer_fraction) if answer_w else 0

@@ -120,7 +120,7 @@ def accuracy_table(records: list[dict]) -> dict:
 def heldout_triple_turns(session_json: dict) -> list[bool] | None:
     """Per turn of a demo-world session: does its scene show a colour-shape-slot triple that
     the training split never shows (`world.HELDOUT_TRIPLES`)? None for other sessions."""
-    from .world import HELDOUT_TRIPLES
+    from demo.world import HELDOUT_TRIPLES
     spec = session_json.get("spec") if session_json.get("world") == "demo" else None
     if not isinstance(spec, dict):
         return None
@@ -140,7 +140,7 @@ def code_agreement(a, b) -> float | None:
 
 
 def log_mel(x16k: np.ndarray) -> np.ndarray:
-    """(frames, 80) log mel (1024-point STFT, hop 256) as `fusion.train_codec.mel_distance`."""
+    """(frames, 80) log mel (1024-point STFT, hop 256) as `lab.train_codec.mel_distance`."""
     import torch
     import torchaudio
     from .train_codec import LOG_MEL_FLOOR
@@ -479,8 +479,8 @@ def encode_session_turns(model, session) -> list:
     from app.session import load_session
     from speech.constants import END_OF_TURN_SILENCE, SAMPLER_FPS
     from vision.camera import Frame as CamFrame, FrameSampler
-    from .inputs import SceneEncoder
-    from .model import SceneFeatures
+    from fusion.inputs import SceneEncoder
+    from fusion.model import SceneFeatures
     from .trainset import TurnExample
     s = session if hasattr(session, "events") else load_session(session)
     enc, sampler, fi, out = SceneEncoder(model), FrameSampler(SAMPLER_FPS), 0, []
@@ -517,8 +517,8 @@ def encode_split(model, data, split: str = "test", max_sessions: int | None = No
 def text_answer(model, generator, example) -> str:
     """Greedy reply text for one encoded turn: generation stops at the first audio frame."""
     import torch
-    from .generator import AudioFrame, GenerationDone, TextToken
-    from .tokens import get_tokenizer
+    from fusion.generator import AudioFrame, GenerationDone, TextToken
+    from fusion.tokens import get_tokenizer
     from .trainset import collate
     p = next(model.parameters())
     ids = []
@@ -542,9 +542,9 @@ def evaluate_text_only(model_path, data="data/demo", split: str = "test", *, max
     """Answer accuracy of a checkpoint's (or a loaded model's) greedy text replies on the
     split's questions (`accuracy_table`, plus the replies). `examples` (from `encode_split`
     with a model of identical encoders) skips the encoding."""
-    from .checkpoint import load_model
-    from .generator import GenerationOptions, Generator
-    from .model import FusionModel
+    from fusion.checkpoint import load_model
+    from fusion.generator import GenerationOptions, Generator
+    from fusion.model import FusionModel
     model = model_path if isinstance(model_path, FusionModel) else load_model(model_path, device=device)
     if examples is None:
         examples = encode_split(model, data, split, max_sessions, progress)
@@ -595,7 +595,7 @@ def main_run_from_model(model_path, data, run_dir: Path, *, codec: str | None = 
     `encode_turns`, seed 0). Made once; remade when the model, data or codec changes."""
     import shutil
     import torch
-    from .checkpoint import codec_location, load_model, save_model
+    from fusion.checkpoint import codec_location, load_model, save_model
     from .data import TrainShards
     from .train_fusion import FusionTrainOptions
     from .trainset import encode_turns
@@ -645,8 +645,8 @@ def prepare_ablation_run(main_run: Path, run_dir: Path, name: str, steps: int = 
     the main run's align is no control."""
     import shutil
     import torch
-    from .checkpoint import load_model, save_model
-    from .model import FusionModel, is_encoder_key
+    from fusion.checkpoint import load_model, save_model
+    from fusion.model import FusionModel, is_encoder_key
     from .train_fusion import ABLATIONS, FusionTrainOptions
     enc_file = check_main_run(main_run)
     base = json.loads((main_run / "options.json").read_text())
@@ -699,7 +699,7 @@ def _read_json(path: Path) -> dict:
 
 def _ablation_workers(o: EvalOptions, n: int) -> int:
     import os
-    from .checkpoint import pick_device
+    from fusion.checkpoint import pick_device
     if o.ablation_workers is not None:
         return max(1, min(o.ablation_workers, n))
     on_cpu = pick_device(o.device).type == "cpu"      # None/"auto" is CUDA when present
@@ -762,7 +762,7 @@ def run_ablations(options: EvalOptions) -> dict:
     _train_all(todo, _ablation_workers(o, len(todo)))
     for name in runs:
         out["training_seconds"][name] = _read_json(runs[name].parent / "timings.json") or None
-    from .checkpoint import load_model
+    from fusion.checkpoint import load_model
     main_model = load_model(o.model, device=o.device)
     examples = encode_split(main_model, o.data, o.split, o.max_sessions, o.progress)
     fp = encoder_fingerprint(main_model)

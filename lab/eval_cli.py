@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args):
-    from fusion.eval import EvalOptions
+    from lab.eval import EvalOptions
     split = lambda s: tuple(x for x in s.split(",") if x)  # noqa: E731
     return EvalOptions(
         data=args.data, split=args.split, model=None if args.random else args.model, codec=args.codec,
@@ -69,7 +69,7 @@ def options_from_args(args):
 def run(args) -> None:
     try:
         o = options_from_args(args)
-        from fusion.eval import evaluate
+        from lab.eval import evaluate
         report = evaluate(o)
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"eval: {e}")

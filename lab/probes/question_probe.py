@@ -10,7 +10,7 @@ question. Categories: question type (11), colour word (none + 4), shape word (no
 word (none + 3). Two threads, ~1 min per checkpoint here; the questions are rendered once
 (~40 s) and kept in --cache.
 
-    PYTHONPATH=. python scripts/question_probe.py runs/vis/after_encoders.safetensors runs/aud/after_encoders.safetensors
+    python -m lab.probes.question_probe runs/vis/after_encoders.safetensors runs/aud/after_encoders.safetensors
 """
 import argparse
 from pathlib import Path
@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fusion import world as W
+from demo import world as W
 from fusion.checkpoint import load_model
-from fusion.data import TrainShards
-from fusion.pretrain import QUESTION_WORDS
-from fusion.trainset import question_bounds, words_of
+from lab.data import TrainShards
+from lab.pretrain import QUESTION_WORDS
+from lab.trainset import question_bounds, words_of
 from speech.constants import SAMPLE_RATE
 from speech.whisper_encoder import log_mel
 

@@ -19,8 +19,8 @@ from speech.constants import (AUDIO_FEATURE_RATE, DEMO_WORLD_FPS, END_OF_TURN_SI
                               QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS)
 from vision.camera import Frame as CamFrame, FrameSampler
 
-from . import world as W
-from .model import SceneFeatures
+from demo import world as W
+from fusion.model import SceneFeatures
 
 # --- auxiliary labels ----------------------------------------------------------------------------
 OBJECT_CLASSES = ["empty"] + [f"{c} {s}" for c in W.COLORS for s in W.SHAPES]  # 13 per slot
@@ -119,7 +119,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
     over processes gives the same features. `vision_from` (turn -> example encoded with the
     same seed and vision encoder): frames taken from it, not rendered and encoded again
     (three quarters of the time)."""
-    from .inputs import SceneEncoder
+    from fusion.inputs import SceneEncoder
     by_session: dict[int, list[int]] = {}
     for i in turn_ids:
         by_session.setdefault(shards.session_of(i), []).append(i)

@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _codec_arguments(p: argparse.ArgumentParser) -> None:
-    from fusion.train_codec import CodecTrainOptions as d  # the class: its defaults, no torch
+    from lab.train_codec import CodecTrainOptions as d  # the class: its defaults, no torch
     _common(p)
     p.add_argument("--out", default=DEFAULT_CODEC_OUT, metavar="DIR",
                    help="where the codec, checkpoint, loss.png and report.json go "
@@ -69,15 +69,15 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
 
 def _fusion_arguments(p: argparse.ArgumentParser) -> None:
     _common(p)
-    if importlib.util.find_spec("fusion.train_fusion") is None:
+    if importlib.util.find_spec("lab.train_fusion") is None:
         p.set_defaults(fusion_missing=True)
         return
-    from fusion.train_fusion import add_fusion_arguments
+    from lab.train_fusion import add_fusion_arguments
     add_fusion_arguments(p)
 
 
 def _pipeline_arguments(p: argparse.ArgumentParser) -> None:
-    from fusion.pipeline import add_pipeline_arguments  # cheap: no torch at import
+    from lab.pipeline import add_pipeline_arguments  # cheap: no torch at import
     _common(p)
     add_pipeline_arguments(p)
 
@@ -101,11 +101,11 @@ def run(args) -> None:
     if args.what == "fusion":
         return _run_fusion(args)
     if args.what == "all":
-        from fusion.pipeline import run_cli
+        from lab.pipeline import run_cli
         return run_cli(args)
     from pathlib import Path
 
-    from fusion.train_codec import (CodecTrainOptions, make_codec_corpus, resolve_corpus,
+    from lab.train_codec import (CodecTrainOptions, make_codec_corpus, resolve_corpus,
                                     train_codec)
     data = Path(args.data)
     try:
@@ -141,7 +141,7 @@ def _run_fusion(args) -> None:
     if getattr(args, "fusion_missing", False):
         sys.exit("`run.py train fusion` is not built yet in this checkout "
                  "(fusion/train_fusion.py is missing).")
-    module = importlib.import_module("fusion.train_fusion")
+    module = importlib.import_module("lab.train_fusion")
     runner = getattr(module, "run_fusion_cli", None) or getattr(module, "run_fusion", None)
     if runner is None:
         sys.exit("fusion/train_fusion.py has no run_fusion_cli(args); `run.py train fusion` "

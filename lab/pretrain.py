@@ -11,7 +11,7 @@ Audio: per encoder frame of a 1 s chunk, beep pitch (none/low/high) and speech; 
 which words it holds (a bag, from the mean over frames) and, with `question_heads`, which
 colour, shape and slot word, each read by its own attention over the frames. With the bag
 alone, an attention probe on the frozen features reads the colour word of held-out voices'
-questions 85.6% of the time; with the heads 95.6% (`scripts/question_probe.py`).
+questions 85.6% of the time; with the heads 95.6% (`lab/probes/question_probe.py`).
 Cheap, direct supervision, so the encoders are good before they are frozen and their features
 cached for the later stages. The heads are thrown away.
 """
@@ -27,8 +27,8 @@ from speech.constants import QUESTION_PAD, SAMPLE_RATE, SCENE_CHUNK_SAMPLES
 from speech.whisper_encoder import log_mel
 from vision.encoder import preprocess
 
-from . import world as W
-from .layers import column_means, masked_mean
+from demo import world as W
+from fusion.layers import column_means, masked_mean
 from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels,
                        question_vocab, words_of)
 

@@ -4,7 +4,7 @@ Trains the fusion parts from scratch on the first 90% of the cached training tur
 hundred steps and reports teacher-forced exact-match text accuracy per question type on the
 last 10% (held-out sessions), so recipe/architecture variants can be compared in minutes.
 
-    PYTHONPATH=. python scripts/align_probe.py --run runs/fusion --steps 400 --set pooled_clues=False
+    python -m lab.probes.align_probe --run runs/fusion --steps 400 --set pooled_clues=False
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def main():
     from fusion.config import preset
     from fusion.model import FusionModel
     from fusion.tokens import get_tokenizer
-    from fusion.train_fusion import set_trainable, stage_modules
-    from fusion.trainset import collate, pad_replies, reply_tokens
+    from lab.train_fusion import set_trainable, stage_modules
+    from lab.trainset import collate, pad_replies, reply_tokens
     run = Path(a.run)
     cfg, _ = read_header(run / "after_align.safetensors")
     over = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in a.set)}

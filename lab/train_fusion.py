@@ -49,11 +49,11 @@ class FusionTrainOptions:
     aux_batch: int = 24
     # encoder pretraining: "factorised" colour + shape heads (or "joint" pairs) on frames shifted
     # sideways by up to shift_px (at 320x240): with the demo preset's encoder (no position
-    # embedding) it reads the test split's held-out colour-shape-slot triples (scripts/vision_probe.py)
+    # embedding) it reads the test split's held-out colour-shape-slot triples (lab/probes/vision_probe.py)
     slot_heads: str = "factorised"
     shift_px: float = 20.0
     # audio pretraining: attention heads for the colour/shape/slot word of each question (a probe
-    # then reads held-out voices' colour words 95.6%, 85.6% without: scripts/question_probe.py)
+    # then reads held-out voices' colour words 95.6%, 85.6% without: lab/probes/question_probe.py)
     question_heads: bool = True
     voice_aug: bool = False              # questions speed-perturbed, spectrally warped, masked (pretrain.augment_question)
     encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains from scratch
@@ -115,8 +115,8 @@ class FusionTrainOptions:
 
 def _build_model(o: FusionTrainOptions, codec):
     from speech.whisper_encoder import load_whisper_encoder
-    from .config import preset
-    from .model import FusionModel
+    from fusion.config import preset
+    from fusion.model import FusionModel
     over = dict(ABLATIONS[o.ablation])
     enc = None
     if o.preset == "pretrained":
@@ -135,9 +135,9 @@ def _init_model(o: FusionTrainOptions, codec):
     """The --init checkpoint, with the encoders the encoders stage will train (o.encoder_parts)
     rebuilt at random from the preset's config; everything else keeps its trained weights."""
     from dataclasses import replace
-    from .checkpoint import load_model
-    from .config import preset
-    from .model import FusionModel, is_encoder_key
+    from fusion.checkpoint import load_model
+    from fusion.config import preset
+    from fusion.model import FusionModel, is_encoder_key
     old = load_model(o.init).float()
     rebuild = [p for p in o.encoder_parts if "encoders" in o.stages]
     fresh = preset(o.preset, codec.spec)
@@ -249,10 +249,10 @@ def batch_indices(n: int, batch: int, rng: np.random.Generator,
 
 def train_fusion(o: FusionTrainOptions) -> Path:
     from speech.codec import load_codec
-    from .checkpoint import load_model, pick_device, save_model
+    from fusion.checkpoint import load_model, pick_device, save_model
     from .data import TrainShards
     from .pretrain import AuxBatches, EncoderPretrainer
-    from .tokens import get_tokenizer
+    from fusion.tokens import get_tokenizer
     from .train_loop import LoopOptions, barrier, init_distributed, is_main, local_device, train, use_amp
     from .trainset import collate, encode_turns, pad_replies, reply_tokens
 
@@ -399,7 +399,7 @@ def train_fusion(o: FusionTrainOptions) -> Path:
 
 
 def _export(model, o: FusionTrainOptions, run: Path) -> Path:
-    from .checkpoint import SHIPPED_INT8, save_model
+    from fusion.checkpoint import SHIPPED_INT8, save_model
     from .train_loop import is_main
     final = run / "model.safetensors"
     if is_main():

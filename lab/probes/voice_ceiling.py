@@ -2,7 +2,7 @@
 spoken by a candidate agent voice: the ceiling of the eval's "recognised" score for that voice
 (dev tool, not part of the app).
 
-    PYTHONPATH=. python scripts/voice_ceiling.py en-us+m3:165 en-us+m1:150 flite:rms
+    python -m lab.probes.voice_ceiling en-us+m3:165 en-us+m1:150 flite:rms
 
 Voices: what `run.py data --agent-voice` takes (`NAME[+VARIANT][:RATE_WPM[:PITCH]]` for
 espeak-ng, `flite:NAME`), plus `flite:NAME:STRETCH` (flite's duration_stretch) and
@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-from fusion import world as W
+from demo import world as W
 from speech.audio import resample
 from speech.constants import SAMPLE_RATE
 from speech.recognizer import IndependentRecognizer, is_recognized

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusion import world as W
+from demo import world as W
 from speech.constants import DEMO_WORLD_FPS, PCM16_MAX, SAMPLE_RATE
 from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 

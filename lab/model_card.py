@@ -27,7 +27,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def accuracy_columns(results: dict) -> dict[str, dict]:
-    """Column label -> accuracy table (`fusion.eval.accuracy_table`), engine modes first."""
+    """Column label -> accuracy table (`lab.eval.accuracy_table`), engine modes first."""
     cols = {f"{m} (engine)": s["accuracy"] for m, s in results["modes"].items()}
     for name, r in ((results.get("ablations") or {}).get("models") or {}).items():
         cols[ABLATION_LABELS.get(name, name)] = r
@@ -36,7 +36,7 @@ def accuracy_columns(results: dict) -> dict[str, dict]:
 
 def _qtype_order(cols: dict) -> list[str]:
     try:
-        from fusion.world import QTYPE_IDS
+        from demo.world import QTYPE_IDS
     except ImportError:  # pragma: no cover - the world module is always there in a checkout
         QTYPE_IDS = ()
     seen = {q for c in cols.values() for q in c["by_type"]}

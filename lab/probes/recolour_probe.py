@@ -1,7 +1,7 @@
 """Why did the model answer that? Re-render a recorded demo-world session with objects recoloured,
 keep its audio, and ask the same question again (text path, one turn).
 
-    PYTHONPATH=. python scripts/recolour_probe.py data/demo-large/test/00006 --turn 7 \\
+    python -m lab.probes.recolour_probe data/demo-large/test/00006 --turn 7 \\
         --recolour 2:220,40,40 --recolour 2:40,200,60 --recolour 0:230,210,40
 
 Each --recolour OBJECT:R,G,B is one variant: that object of the turn's scene (in every turn that
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from app.session import load_session
-from fusion import world as W
+from demo import world as W
 from fusion.checkpoint import load_model
-from fusion.data import write_session
-from fusion.eval import encode_session_turns, evaluate_text_only
+from lab.data import write_session
+from lab.eval import encode_session_turns, evaluate_text_only
 
 
 def _recolour(s: str) -> tuple[int, tuple[int, int, int]]:

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import world as W
-from .layers import column_means
+from demo import world as W
+from fusion.layers import column_means
 from .trainset import words_of
 
 N_SLOTS = len(W.SLOTS)
