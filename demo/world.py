@@ -1,4 +1,4 @@
-"""The demo world (`shared/DEMO_WORLD.md`) as data, sampling and rendering; pure and seeded.
+"""The demo world (`docs/DEMO_WORLD.md`) as data, sampling and rendering; pure and seeded.
 
 A `SessionSpec` says everything about one rendered session: per turn a scene (background,
 objects, beeps, pulses), the spoken question (text, voice, real start/end times taken from

@@ -1,4 +1,4 @@
-"""`python run.py data`: render the demo world's datasets (shared/DEMO_WORLD.md).
+"""`python run.py data`: render the demo world's datasets (docs/DEMO_WORLD.md).
 
 ```
 OUT/

@@ -166,7 +166,7 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
     manifest = _read(Path(ev["options"]["data"]) / "manifest.json") or {}
     L = [f"# Model card: Tandem {ev['model']}", "",
          "A real-time audio-visual conversational agent trained on the demo world "
-         "(`shared/DEMO_WORLD.md`): it watches a scene, hears beeps and a spoken question, and "
+         "(`docs/DEMO_WORLD.md`): it watches a scene, hears beeps and a spoken question, and "
          "answers in a short spoken phrase, text and speech generated together.", "", "## Data", ""]
     counts = manifest.get("counts") or {}
     if counts:

@@ -1,4 +1,4 @@
-"""The demo world (shared/DEMO_WORLD.md): sampled specs obey every rule, rendering draws what
+"""The demo world (docs/DEMO_WORLD.md): sampled specs obey every rule, rendering draws what
 the spec says, data generation is reproducible and loads as sessions."""
 from __future__ import annotations
 
