@@ -173,7 +173,7 @@ def test_cli_trains_a_codec(corpus, tmp_path, capsys):
     assert "after 3 steps" in capsys.readouterr().out
     assert load_codec(tmp_path).name == "tiny"
     fusion = run.build_parser().parse_args(["train", "fusion", "--data", "d", "--threads", "1"])
-    assert (fusion.what, lab.data, fusion.threads) == ("fusion", "d", 1)
+    assert (fusion.what, fusion.data, fusion.threads) == ("fusion", "d", 1)
 
 
 def test_independent_recognizer_transcribes_espeak():
