@@ -4,7 +4,8 @@ Speaks every distinct reply of the demo world (version 1 phrases or version 2 se
 each voice, transcribes it with the eval's independent recogniser (Whisper tiny.en), and
 counts replies heard right by the slot rule (demo/replies.py), exact words, and the word
 error rate against the reply text. This is the ceiling a model speaking in that voice can
-reach before its codec and its own errors.
+reach before its own errors; `--codec DIR` also scores each reply after a round trip through
+that codec (what a perfect model's codes would sound like).
 
     python -m lab.probes.reply_voices piper:en_US-joe-medium en-us+m3:165:50 flite:rms --version 2
 """
@@ -49,15 +50,25 @@ def main(argv=None) -> None:
     ap.add_argument("voices", nargs="+", help="voice specs (speech.tts.parse_voice)")
     ap.add_argument("--version", type=int, choices=(1, 2), default=2,
                     help="reply wording: 1 phrases, 2 sentences (default %(default)s)")
+    ap.add_argument("--codec", help="also score the replies after encoding + decoding with "
+                                    "this codec directory")
     ap.add_argument("--json", help="write the per-reply transcripts here")
     args = ap.parse_args(argv)
     rec = IndependentRecognizer()
+    through = [("", None)]
+    if args.codec:
+        from lab.train_codec import reconstruct
+        from speech.codec import load_codec
+        codec = load_codec(args.codec)
+        through.append((f" via {args.codec}", lambda x: reconstruct(codec, x)[0]))
     table, dump = [], {}
-    for spec in args.voices:
+    for spec, (suffix, codec_fn) in ((s, t) for s in args.voices for t in through):
         voice = parse_voice(spec)
         rows = []
+        spec = spec + suffix
         for qtype, text in replies(args.version):
-            heard = rec.transcribe(synthesize(text, voice))
+            x = synthesize(text, voice)
+            heard = rec.transcribe(codec_fn(x) if codec_fn else x)
             errs, n = word_errors(text, heard)
             rows.append((qtype, text, heard, slot_match(heard, text, qtype),
                          is_recognized(text, heard), errs, n))
