@@ -40,6 +40,16 @@ _DECODER_FLAGS = {"activation": _GELU, "pre_norm": 1, "alibi": 0, "scale_embeddi
                   "start_from_zero_embedding": 0}
 # scalars CTranslate2 keeps for its own alignment API; Whisper's heads are in config.json
 _IGNORED = {"decoder/alignment_heads", "decoder/alignment_layer"}
+_LINEAR = r"linear_{}/(weight|bias)"
+_NORM = r"layer_norm/(gamma|beta)"
+# every variable name of a CTranslate2 WhisperSpec (revision 3), for naming unknown ones first
+_KNOWN = re.compile("|".join([
+    r"encoder/conv[12]/(weight|bias)", r"(en|de)coder/position_encodings/encodings",
+    r"(en|de)coder/num_heads", rf"(en|de)coder/{_NORM}",
+    rf"(en|de)coder/layer_\d+/(self_attention|ffn)/({_NORM}|{_LINEAR.format('[01]')})",
+    rf"decoder/layer_\d+/attention/({_NORM}|{_LINEAR.format('[012]')})",
+    r"decoder/embeddings/weight", r"decoder/projection/(weight|bias)",
+    *(f"decoder/{flag}" for flag in _DECODER_FLAGS), *_IGNORED]))
 _WHISPER_HELP = "the converter needs the whisper package: pip install openai-whisper"
 
 
@@ -219,8 +229,7 @@ def convert_variables(variables: dict, aliases: dict, source: str = "model.bin")
         linear(f"{ct2}/ffn/linear_1", f"{ours}.mlp.2")
         norm(f"{ct2}/ffn/layer_norm", f"{ours}.mlp_ln")
 
-    known = {"encoder/", "decoder/"}
-    unknown = sorted(k for k in variables if not any(k.startswith(p) for p in known))
+    unknown = sorted(k for k in variables if not _KNOWN.fullmatch(k))
     if unknown:
         raise CT2FormatError(f"{source}: unknown variable {unknown[0]!r}"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
