@@ -151,11 +151,40 @@ def _scalar(a) -> int:
     return int(a.item())
 
 
+def whisper_shapes(d) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of `whisper.model.Whisper(d)` (d: ModelDimensions), without
+    building it (a full-size model costs its memory; torch's meta device, seconds of imports).
+    tests/test_ct2_whisper.py checks this against a real Whisper."""
+    shapes = {"encoder.conv1.weight": (d.n_audio_state, d.n_mels, 3),
+              "encoder.conv1.bias": (d.n_audio_state,),
+              "encoder.conv2.weight": (d.n_audio_state, d.n_audio_state, 3),
+              "encoder.conv2.bias": (d.n_audio_state,),
+              "encoder.positional_embedding": (d.n_audio_ctx, d.n_audio_state),
+              "decoder.token_embedding.weight": (d.n_vocab, d.n_text_state),
+              "decoder.positional_embedding": (d.n_text_ctx, d.n_text_state)}
+    for part, n, layers, cross, final in (("encoder", d.n_audio_state, d.n_audio_layer, False,
+                                           "ln_post"),
+                                          ("decoder", d.n_text_state, d.n_text_layer, True, "ln")):
+        shapes[f"{part}.{final}.weight"] = shapes[f"{part}.{final}.bias"] = (n,)
+        for i in range(layers):
+            b = f"{part}.blocks.{i}"
+            for attn in ("attn", "cross_attn") if cross else ("attn",):
+                for proj in ("query", "key", "value", "out"):
+                    shapes[f"{b}.{attn}.{proj}.weight"] = (n, n)
+                    if proj != "key":
+                        shapes[f"{b}.{attn}.{proj}.bias"] = (n,)
+                shapes[f"{b}.{attn}_ln.weight"] = shapes[f"{b}.{attn}_ln.bias"] = (n,)
+            shapes[f"{b}.mlp.0.weight"], shapes[f"{b}.mlp.0.bias"] = (4 * n, n), (4 * n,)
+            shapes[f"{b}.mlp.2.weight"], shapes[f"{b}.mlp.2.bias"] = (n, 4 * n), (n,)
+            shapes[f"{b}.mlp_ln.weight"] = shapes[f"{b}.mlp_ln.bias"] = (n,)
+    return shapes
+
+
 def convert_variables(variables: dict, aliases: dict, source: str = "model.bin"):
     """CTranslate2 WhisperSpec variables -> (whisper.model.ModelDimensions, state dict with
     exactly the keys and shapes of `whisper.model.Whisper(dims).state_dict()`)."""
     try:
-        from whisper.model import AudioEncoder, ModelDimensions, TextDecoder
+        from whisper.model import ModelDimensions
     except ImportError as e:
         raise ImportError(_WHISPER_HELP) from e
 
@@ -282,14 +311,11 @@ def convert_variables(variables: dict, aliases: dict, source: str = "model.bin")
         n_text_ctx=sd["decoder.positional_embedding"].shape[0],
         n_text_state=sd["decoder.token_embedding.weight"].shape[1], n_text_head=n_text_head,
         n_text_layer=n_text_layer)
-    with torch.device("meta"):   # Whisper(dims).state_dict()'s shapes, without the memory
-        d = dims
-        parts = {"encoder": AudioEncoder(d.n_mels, d.n_audio_ctx, d.n_audio_state,
-                                         d.n_audio_head, d.n_audio_layer),
-                 "decoder": TextDecoder(d.n_vocab, d.n_text_ctx, d.n_text_state,
-                                        d.n_text_head, d.n_text_layer)}
-        expected = {f"{part}.{k}": tuple(v.shape) for part, m in parts.items()
-                    for k, v in m.state_dict().items()}
+    for part, n, h in (("audio", dims.n_audio_state, n_audio_head),
+                       ("text", dims.n_text_state, n_text_head)):
+        if h < 1 or n % h:
+            raise CT2FormatError(f"{source}: {part} width {n} does not split into {h} heads")
+    expected = whisper_shapes(dims)
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if got != expected:
         bad = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])

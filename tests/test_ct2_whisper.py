@@ -10,7 +10,7 @@ import torch
 import whisper
 
 from speech.ct2_whisper import (CT2FormatError, convert, convert_variables, load_converted,
-                                main, read_model_bin)
+                                main, read_model_bin, whisper_shapes)
 from speech.recognizer import model_dir
 from speech.tts import Voice, synthesize
 from speech.whisper_encoder import load_whisper_encoder
@@ -64,6 +64,8 @@ def test_cli_writes_a_checkpoint_whisper_loads(converted, whisper_model):
                             "n_text_layer": 4}
     assert all(v.dtype == torch.float16 for v in ckpt["model_state_dict"].values())
     assert not whisper_model.is_multilingual
+    assert whisper_shapes(whisper_model.dims) == {
+        k: tuple(v.shape) for k, v in whisper_model.state_dict().items()}
     # the heads openai-whisper itself uses for tiny.en's word timestamps
     assert whisper_model.alignment_heads.to_dense().nonzero().tolist() == [
         [1, 0], [2, 0], [2, 5], [3, 0], [3, 1], [3, 2], [3, 3], [3, 4]]
@@ -102,7 +104,7 @@ def test_project_encoder_loads_the_checkpoint(converted, whisper_model, speech):
     with torch.no_grad():
         ours, theirs = enc(mel[None]), whisper_model.encoder(mel[None])
     assert ours.shape == theirs.shape == (1, 1500, 384)
-    assert (ours - theirs).abs().max().item() <= 1e-3
+    assert (ours - theirs).abs().max().item() <= 1e-4   # measured: 0 (same float32 ops)
 
 
 def test_transcribes_as_faster_whisper(whisper_model, speech):
@@ -153,7 +155,13 @@ def test_corrupt_model_bin_is_named(tmp_path, model_bin):
         convert(tmp_path)
 
 
-def test_quantized_and_foreign_variables_are_refused():
+def test_quantized_misshapen_and_foreign_variables_are_refused():
+    _, _, variables, aliases = read_model_bin(model_dir() / "model.bin")
+    variables["encoder/layer_2/ffn/linear_0/weight"] = variables[
+        "encoder/layer_2/ffn/linear_0/weight"][:-1]
+    with pytest.raises(CT2FormatError, match=r"encoder.blocks.2.mlp.0.weight \(\(1535, 384\) "
+                                             r"vs \(1536, 384\)\)"):
+        convert_variables(variables, aliases)
     fp = np.zeros((4, 4), np.float16)
     with pytest.raises(CT2FormatError, match=r"quantized CTranslate2 model \(encoder/conv1/weight, "):
         convert_variables({"encoder/conv1/weight": fp.astype(np.int8),
