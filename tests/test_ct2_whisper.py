@@ -162,8 +162,12 @@ def test_quantized_misshapen_and_foreign_variables_are_refused():
     with pytest.raises(CT2FormatError, match=r"encoder.blocks.2.mlp.0.weight \(\(1535, 384\) "
                                              r"vs \(1536, 384\)\)"):
         convert_variables(variables, aliases)
+    _, _, variables, aliases = read_model_bin(model_dir() / "model.bin")
+    variables["decoder/activation"] = np.int8(1)           # CTranslate2's GELUTanh, not GELU
+    with pytest.raises(CT2FormatError, match="decoder/activation = 1, Whisper's decoder needs 3"):
+        convert_variables(variables, aliases)
     fp = np.zeros((4, 4), np.float16)
-    with pytest.raises(CT2FormatError, match=r"quantized CTranslate2 model \(encoder/conv1/weight, "):
+    with pytest.raises(CT2FormatError, match=r"quantized CTranslate2 model \(encoder/conv1/w"):
         convert_variables({"encoder/conv1/weight": fp.astype(np.int8),
                            "encoder/conv1/weight_scale": np.ones(4, np.float32)}, {})
     with pytest.raises(CT2FormatError, match="unknown variable 'embeddings/weight'"):
