@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from speech.pretrained_audio import PretrainedAudioError
+
 from .config import FusionConfig
 from .model import FusionModel
 
@@ -94,12 +96,16 @@ def check_compatible(config: FusionConfig, codec=None) -> None:
 
 
 def load_model(path: str | Path, device: str | None = None, codec=None, dtype=None) -> FusionModel:
-    """Loads a fusion checkpoint; refuses a codec/tokenizer mismatch with a clear message."""
+    """Loads a fusion checkpoint; refuses a codec/tokenizer mismatch, or pretrained audio-encoder
+    weights (loaded from their package, not the file) other than the trained ones, clearly."""
     from safetensors.torch import load_file
     config, _ = read_header(path)
     check_compatible(config, codec)
     dev = pick_device(device)
-    model = FusionModel(config)
+    try:
+        model = FusionModel(config)
+    except PretrainedAudioError as e:  # the pretrained audio encoder's package or fingerprint
+        raise CheckpointError(f"{path}: {e}") from e
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:

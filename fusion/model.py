@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from speech.constants import AUDIO_FEATURE_RATE, SAMPLER_FPS
-from speech.whisper_encoder import AudioEncoder
+from speech.pretrained_audio import build_audio_encoder
 from vision.encoder import build_vision_encoder
 
 from .aggregator import AggregatorOutput, CellQuery, ClueAggregator, ClueReadout, MeanPoolClues, SoundCells
@@ -74,7 +74,9 @@ class FusionModel(nn.Module):
         self.config = c = config
         self.layout: TokenLayout = layout_for(c)
         D = c.d_model
-        self.audio_encoder = AudioEncoder(c.audio)
+        self.audio_encoder = build_audio_encoder(c.audio)  # pretrained: frozen Whisper + adapter
+        if self.audio_encoder.config != c.audio:  # records the pretrained weights' fingerprint
+            self.config = c = c.replace(audio=self.audio_encoder.config)
         self.vision_encoder = build_vision_encoder(c.vision)
         self.audio_proj = nn.Sequential(nn.Linear(c.audio.n_state, D), nn.GELU(), nn.Linear(D, D))
         self.vision_proj = nn.Sequential(nn.Linear(c.vision.width, D), nn.GELU(), nn.Linear(D, D))
@@ -282,7 +284,8 @@ class FusionModel(nn.Module):
 
 
 def _init(m: nn.Module):
-    if isinstance(m, nn.Linear):
+    # a frozen pretrained encoder's weights are buffers (speech/pretrained_audio.py): kept
+    if isinstance(m, nn.Linear) and isinstance(m.weight, nn.Parameter):
         nn.init.normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
