@@ -174,6 +174,37 @@ def bench_training(model, codec, device, batch: int = 32, steps: int = 6, stages
     return {"rows": rows, "amp_auto": auto, "recipe_steps": recipe, "recipe_minutes": None if est is None else est / 60}
 
 
+def bench_question_encoders(device, seconds=(2.0, 4.0), repeats: int = 5) -> dict:
+    """Turn-end cost of encoding a question (log-mel + audio encoder, best of `repeats`) with the
+    demo preset's from-scratch encoder and Whisper tiny.en's (demo-whisper: + its adapter block),
+    at the current torch thread count."""
+    from dataclasses import replace
+    from speech.pretrained_audio import build_audio_encoder
+    from speech.whisper_encoder import AudioEncoderConfig, log_mel
+    tiny_en = AudioEncoderConfig.preset("tiny.en")
+    encoders = {"demo (3 x 192)": AudioEncoderConfig.preset("demo"),
+                "tiny.en (4 x 384)": replace(tiny_en, adapter_layers=0),
+                "tiny.en + adapter (demo-whisper)": tiny_en}
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, cfg in encoders.items():
+        enc = build_audio_encoder(cfg).eval().to(device)
+        for s in seconds:
+            pcm = (0.1 * rng.standard_normal(int(s * SAMPLE_RATE))).astype(np.float32)
+            best_mel = best_enc = float("inf")
+            with torch.inference_mode():
+                for _ in range(repeats + 1):          # the first is a warm-up
+                    t0 = time.perf_counter()
+                    mel = log_mel(pcm, cfg.n_mels).to(device)[None]
+                    _sync(device); t1 = time.perf_counter()
+                    enc(mel); _sync(device)
+                    t2 = time.perf_counter()
+                    best_mel, best_enc = min(best_mel, t1 - t0), min(best_enc, t2 - t1)
+            rows.append({"encoder": name, "seconds": s, "mel_ms": 1000 * best_mel,
+                         "encoder_ms": 1000 * best_enc})
+    return {"threads": torch.get_num_threads(), "repeats": repeats, "rows": rows}
+
+
 def run_bench(model_path: str | None = None, device: str | None = None, json_path: str | None = None,
               quick: bool = False, train: bool = True) -> dict:
     from speech.codec import build_codec, CODEC_PRESETS
@@ -203,6 +234,7 @@ def run_bench(model_path: str | None = None, device: str | None = None, json_pat
         report["codec"].append(bench_codec(c24, dev, seconds=4.0))
     report["generation"] = bench_generation(model, codec, dev, seconds=1.0 if quick else 2.0)
     report["latency"] = bench_latency(model, codec, dev, repeats=2 if quick else 5)
+    report["question_encoders"] = bench_question_encoders(dev, repeats=2 if quick else 5)
     if train:
         report["training"] = bench_training(model, codec, dev, steps=3 if quick else 6,
                                             stages=("align",) if quick else ("align", "sft", "mctp"))
@@ -236,6 +268,13 @@ def format_report(r: dict) -> str:
     lines.append(f"end of question -> first PCM chunk: median {lat['first_pcm_ms_median']:.0f} ms "
                  f"(min {lat['first_pcm_ms_min']:.0f} ms; question encode + aggregator "
                  f"{lat['question_encode_and_aggregate_ms']:.0f} ms)")
+    if "question_encoders" in r:
+        q = r["question_encoders"]
+        lines.append(f"question encoding at the turn end ({q['threads']} threads, best of {q['repeats']}):")
+        lines.append(f"  {'encoder':>32} {'question s':>10} {'log-mel ms':>10} {'encoder ms':>10}")
+        for row in q["rows"]:
+            lines.append(f"  {row['encoder']:>32} {row['seconds']:>10.1f} {row['mel_ms']:>10.1f} "
+                         f"{row['encoder_ms']:>10.1f}")
     if "training" in r:
         t = r["training"]
         lines.append("")
