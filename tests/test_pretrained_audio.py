@@ -192,3 +192,22 @@ def test_matches_whisper_on_real_speech(model):
     assert ours.shape == theirs.shape == (1, 250, 384)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert theirs.abs().max() > 1                    # not a trivially small output
+
+
+def test_init_onto_the_whisper_encoder_keeps_what_fits(tmp_path):
+    """`train fusion --preset demo-whisper --init MODEL --encoder-parts audio`: the audio encoder
+    becomes tiny.en + adapter, the layers reading its (wider) features start afresh, the rest
+    (vision encoder included) keeps its trained weights."""
+    from lab.train_fusion import FusionTrainOptions, _init_model
+    codec = build_codec("tiny")
+    torch.manual_seed(0)
+    old = FusionModel(preset("tiny", codec.spec))
+    path = save_model(old, tmp_path / "old.safetensors")
+    o = FusionTrainOptions(preset="demo-whisper", init=str(path), encoder_parts=("audio",))
+    new = _init_model(o, codec)
+    assert new.config.audio.pretrained == "ct2:tiny.en" and new.config.audio.fingerprint
+    assert new.config.vision == old.config.vision and new.config.d_model == old.config.d_model
+    a, b = old.state_dict(), new.state_dict()
+    assert b["audio_proj.0.weight"].shape == (64, 384)
+    kept = [k for k in a if not k.startswith(("audio_encoder.", "audio_proj.", "sync_proj."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
