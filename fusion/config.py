@@ -54,6 +54,10 @@ class FusionConfig:
     context_audio_pool: int = 2          # scene audio features 50 Hz -> 25 Hz
     context_seconds: float = CONTEXT_SECONDS
     max_question_seconds: float = 8.0
+    # the question's features: encoded whole at the turn end (False), or taken from the scene
+    # audio's 1 s chunks, encoded while it was spoken (True: the turn end encodes only the last
+    # partial chunk; Whisper tiny.en on a 4 s question costs ~140 ms on one CPU thread)
+    question_chunks: bool = False
     time_freqs: int = 16                 # sinusoidal time-embedding bands
     # MCTP head
     mctp_k: int = 3                      # extra audio tokens per backbone step

@@ -99,22 +99,31 @@ class SceneEncoder:
     @torch.inference_mode()
     def features(self, q_t0: float, q_t1: float) -> SceneFeatures:
         """Inputs for a question spoken over [q_t0, q_t1] (session seconds); the context is the
-        `context_seconds` before q_t1. Audio of a chunk still incomplete is encoded here."""
+        `context_seconds` before q_t1. Audio of a chunk still incomplete is encoded here; so is
+        the question, in one call, unless `question_chunks` takes it from the chunks."""
         c = self.model.config
         if not 0 <= q_t0 < q_t1 <= self.now + 1e-6:
             raise ValueError(f"question span [{q_t0:.3f}, {q_t1:.3f}] s must lie within the audio "
                              f"pushed so far [0, {self.now:.3f}] s")
         q_t0 = max(q_t0, q_t1 - c.max_question_seconds)
         s0, s1 = int(round(q_t0 * SAMPLE_RATE)), int(round(q_t1 * SAMPLE_RATE))
-        question = self._encode_audio(self._audio(s0, s1))                          # (Tq, Da)
         t_lo = q_t1 - c.context_seconds
         a, at = self.audio_ring.window(t_lo, q_t1)
         end = min(s1, self.samples)
+        tail = None
         if self._encoded < end:  # the chunk holding the end of the question is not complete yet
             tail = self._encode_audio(self._audio(self._encoded, end))
-            a = torch.cat([a, tail]) if len(a) else tail
             tt = torch.as_tensor(self._feat_times(self._encoded, len(tail)), dtype=at.dtype)
+            a = torch.cat([a, tail]) if len(a) else tail
             at = torch.cat([at, tt]) if len(at) else tt
+        question = None
+        if c.question_chunks:  # the scene audio's chunks, encoded as the question was spoken
+            question, qt = self.audio_ring.window(q_t0, q_t1)                       # (Tq, Da)
+            if tail is not None:
+                question = torch.cat([question, tail[tt >= q_t0]])
+            question = question if len(question) else None   # shorter than one frame
+        if question is None:  # the whole question in one call, at the turn end
+            question = self._encode_audio(self._audio(s0, s1))                      # (Tq, Da)
         v, vt = self.frame_ring.window(t_lo, q_t1)
         dev = self.device
         return SceneFeatures(

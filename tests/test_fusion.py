@@ -471,3 +471,26 @@ def test_hf_backbone_tiny_random(codec):
             h = m.backbone(x)
         P = int(prefix.length[0])
         assert int(m.text_logits(h[0, P]).argmax()) == int(reply[1])
+
+
+def test_question_chunks_reuse_the_scene_audio_encoded_while_it_was_spoken(codec):
+    import numpy as np
+    from fusion.inputs import SceneEncoder
+    pcm = 0.1 * np.random.default_rng(0).standard_normal(56_000).astype(np.float32)  # 3.5 s
+    calls = {}
+    for chunks in (False, True):
+        torch.manual_seed(0)
+        m = FusionModel(preset("tiny", codec.spec, question_chunks=chunks)).eval()
+        enc = SceneEncoder(m)
+        enc.push_audio(pcm)                                    # 3 whole chunks encoded
+        seen = []
+        real = m.encode_audio
+        m.encode_audio = lambda mel, lengths=None: (seen.append(mel.shape[-1]), real(mel, lengths))[1]
+        f = enc.features(1.2, 3.5)
+        calls[chunks] = seen
+        rel = f.audio_times[0]                                 # seconds before the question's end
+        span = f.audio[0][rel >= 1.2 - 3.5]                    # the scene audio over the question
+        assert f.question_len[0] == f.question.shape[1] == len(span) == 115
+        assert torch.equal(f.question[0], span) == chunks
+    # the turn end encodes the last half chunk (50 mel frames), and the whole question only without
+    assert calls == {False: [50, 230], True: [50]}, calls
