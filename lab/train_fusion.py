@@ -68,6 +68,8 @@ class FusionTrainOptions:
     sample: str = "uniform"              # align/sft/mctp batches: "uniform" over turns | "by_type"
     referent_loss: float = 0.0           # align/sft: weight of the "which slot?" losses (fusion/referents.py)
     whisper: str | None = None           # pretrained preset: Whisper name or checkpoint (encoder)
+    question_chunks: bool = False        # FusionConfig.question_chunks: question features from the
+                                         # scene audio's 1 s chunks (encoded while it is spoken)
     hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
     hf_config: str | None = None         # ... or a JSON file with a config (random weights)
     resume: bool = True
@@ -121,7 +123,7 @@ def _build_model(o: FusionTrainOptions, codec):
     from speech.whisper_encoder import load_whisper_encoder
     from fusion.config import preset
     from fusion.model import FusionModel
-    over = dict(ABLATIONS[o.ablation])
+    over = dict(ABLATIONS[o.ablation], question_chunks=o.question_chunks)
     enc = None
     if o.preset == "pretrained":
         hf_cfg = json.loads(Path(o.hf_config).read_text()) if o.hf_config else None
@@ -145,7 +147,8 @@ def _init_model(o: FusionTrainOptions, codec):
     old = load_model(o.init).float()
     rebuild = [p for p in o.encoder_parts if "encoders" in o.stages]
     fresh = preset(o.preset, codec.spec)
-    config = replace(old.config, **{p: getattr(fresh, p) for p in rebuild})
+    config = replace(old.config, question_chunks=o.question_chunks,
+                     **{p: getattr(fresh, p) for p in rebuild})
     model = FusionModel(config)
     new = model.state_dict()
     keep = {k: v for k, v in old.state_dict().items() if not is_encoder_key(k, tuple(rebuild))}
@@ -476,6 +479,10 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--max-train-turns", type=int, default=None)
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
+    g.add_argument("--question-chunks", action=argparse.BooleanOptionalAction, default=d.question_chunks,
+                   help="the question's features from the scene audio's 1 s chunks, encoded while it is "
+                        "spoken (the turn end encodes only the last partial chunk), not encoded whole at "
+                        "the turn end (default: %(default)s)")
     g.add_argument("--hf-model", default=None, help="pretrained preset: Hugging Face causal LM name or path")
     g.add_argument("--hf-config", default=None, help="pretrained preset: JSON config for a random HF LM")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --run-dir")
@@ -493,6 +500,7 @@ def run_fusion(args) -> None:
         init=args.init,
         vision_cache=args.vision_cache,
         encoder_parts=tuple(p for p in args.encoder_parts.split(",") if p),
+        question_chunks=args.question_chunks,
         max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)
