@@ -270,6 +270,7 @@ def format_report(r: dict) -> str:
                  f"{lat['question_encode_and_aggregate_ms']:.0f} ms)")
     if "question_encoders" in r:
         q = r["question_encoders"]
+        lines.append("")
         lines.append(f"question encoding at the turn end ({q['threads']} threads, best of {q['repeats']}):")
         lines.append(f"  {'encoder':>32} {'question s':>10} {'log-mel ms':>10} {'encoder ms':>10}")
         for row in q["rows"]:
