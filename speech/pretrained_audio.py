@@ -91,7 +91,10 @@ def _load(source: str) -> PretrainedWeights:
         from speech.recognizer import model_dir
         ckpt, origin = convert(model_dir()), f"{PACKAGE} {_package_version()}"
     else:
-        ckpt, origin = torch.load(source, map_location="cpu", weights_only=True), source
+        try:
+            ckpt, origin = torch.load(source, map_location="cpu", weights_only=True), source
+        except Exception as e:  # pickle / zip errors of a file that is not a checkpoint
+            raise PretrainedAudioError(f"{source}: not readable as a torch checkpoint ({e})") from e
         if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
             raise PretrainedAudioError(f"{source}: not an openai-whisper checkpoint (a dict "
                                        "with 'dims' and 'model_state_dict')")
