@@ -178,10 +178,10 @@ class DemoScene:
                         out.append(W.Beep(b0, b.dur, b.freq, b.level_dbfs))
         return out
 
-    def audio(self, i0: int, n: int) -> np.ndarray:
-        """The scene's sound for samples [i0, i0 + n) of the session (at `sample_rate`):
-        float32 (n,), silence between beeps."""
-        sr = self.options.sample_rate
+    def audio(self, i0: int, n: int, sample_rate: int | None = None) -> np.ndarray:
+        """The scene's sound for samples [i0, i0 + n) of the session at `sample_rate`
+        (default: options.sample_rate): float32 (n,), silence between beeps."""
+        sr = sample_rate or self.options.sample_rate
         out = np.zeros(n, np.float32)
         for b in self.beeps(i0 / sr, (i0 + n) / sr):
             x = W.beep_wave(b, sr)
@@ -196,6 +196,24 @@ class DemoScene:
         sound over the same samples (float32, clipped to [-1, 1])."""
         mic = np.asarray(mic, np.float32).reshape(-1)
         return np.clip(mic + self.audio(i0, len(mic)), -1.0, 1.0)
+
+
+class SoundCursor:
+    """The scene's sound for a speaker that plays at its own pace (a browser's player):
+    `next(n, clock)` returns the next n samples, following the session `clock` (s) and
+    jumping to it when playback drifts more than `resync` s away from it."""
+
+    def __init__(self, scene: DemoScene, sample_rate: int, resync: float = 0.5):
+        self.scene, self.sample_rate, self.resync = scene, int(sample_rate), resync
+        self.pos = 0                                 # next sample, at sample_rate
+
+    def next(self, n: int, clock: float) -> np.ndarray:
+        target = int(round(clock * self.sample_rate))
+        if abs(self.pos - target) > self.resync * self.sample_rate:
+            self.pos = target
+        out = self.scene.audio(self.pos, n, self.sample_rate)
+        self.pos += n
+        return out
 
 
 def questions_markdown() -> str:
