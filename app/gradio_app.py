@@ -164,7 +164,7 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                    concurrency_limit=4, show_progress="hidden")
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(tick, None, [status, notice, chat, latency, attention],
-                   show_progress="hidden", api_name="refresh")
+                   show_progress="hidden", api_name="poll")
         gr.Timer(PREVIEW_SECONDS).tick(scene_view, None, [scene_md, preview],
                                        show_progress="hidden", api_name="scene_view")
         seen = {"turns": -1}

@@ -236,3 +236,194 @@ def test_demo_replay_without_a_speaker_shows_the_reply(agent, media, tmp_path):
     assert sr == agent.output_rate and np.abs(audio).max() > 1e-3
     assert any("No speaker" in n for n in snap.notices)
     assert snap.preview is not None and set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+
+
+def red_left_scene() -> W.Scene:
+    """A demo-world scene: a red circle on the left, a blue square on the right."""
+    bg = W.Background("flat", (20, 20, 30), (20, 20, 30), 0, 0)
+    return W.Scene(bg, (W.WorldObject("circle", "red", "left", W.COLORS["red"], 70.0, 120.0),
+                        W.WorldObject("square", "blue", "right", W.COLORS["blue"], 70.0, 120.0)),
+                   (), (), None)
+
+
+def red_on_left(bgr: np.ndarray) -> bool:
+    b, g, r = np.moveaxis(bgr.astype(int), 2, 0)
+    red = (r - g > 100) & (r - b > 100)
+    w = bgr.shape[1]
+    return red[:, :w // 3].mean() > 0.03 and red[:, 2 * w // 3:].mean() < 0.001
+
+
+def test_demo_scene_mode_on_this_computer(agent, media, tmp_path):
+    """No camera: the agent sees the rendered scene (frames at the camera rate) and hears
+    its beeps mixed into the microphone; the page shows the scene, its questions, a new one
+    on the button."""
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    wav = write_wav(tmp_path / "mic.wav", np.concatenate([z(2.5), media["question"], z(1.0)]))
+    opts = beeping_scene_options(beeps_after=1.0, scene_seconds=0)
+    ctl = LiveController(QUIET, model=RANDOM, audio_factory=file_audio(wav),
+                         agents={RANDOM: agent}, scene_options=opts)
+    assert ctl.default_source == SCENE
+    assert ctl.start_local(RANDOM, "vanilla", SCENE, 0).startswith("▶ Live")
+    s = ctl.session
+    try:
+        scene = s.scene.shown(0.0).scene
+        assert "Scene 1" in ctl.scene_markdown() and W.describe_scene(scene) in ctl.scene_markdown()
+        for q in s.scene.shown(0.0).examples:
+            assert q.text in ctl.scene_markdown()
+        wait_for(lambda: ctl.snapshot().metrics, 30, "a turn on the demo scene")
+        snap = ctl.snapshot()
+        # what the agent heard: the beeps (the file is silent there), at their times
+        b = scene.beeps[0]
+        a = int(round(b.t0 * SAMPLE_RATE))
+        heard = s.engine.scene._audio(a, a + int(b.dur * SAMPLE_RATE))
+        assert np.allclose(heard, W.beep_wave(b).astype(np.float32), atol=1e-4)
+        # what it saw (and the page shows): the world's frames of this scene
+        times = np.arange(0, snap.clock, 0.1)
+        assert any(np.array_equal(snap.preview, s.scene.frame(t)[..., ::-1]) for t in times)
+        assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+        key, image = ctl.preview_frame()                    # the page's picture
+        assert key is not None and image.shape == (240, 320, 3)
+        assert "Scene 2" in ctl.new_scene()                  # the button
+        assert s.scene.shown(s.clock).index == 1
+        sound = ctl.scene_sound(0.1)                         # the page's scene-sound player
+        sr, pcm = _wav(next(sound))
+        assert sr == SAMPLE_RATE and len(pcm) == SAMPLE_RATE // 10
+        assert not any("camera" in n.lower() for n in snap.notices)   # no audio-only note
+    finally:
+        ctl.stop()
+    assert list(sound) == []                                 # the player ends with the session
+
+
+def test_browser_webcam_frames_reach_the_agent_unmirrored(agent, tmp_path):
+    """Gradio's webcam sends frames mirrored like its preview (it draws the video flipped):
+    the agent must get the camera's own view. A left/right question about a red circle on
+    the left of the scene goes through the browser path; the frames reaching the engine
+    have the circle on the left."""
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    assert ctl.webcam_mirrored
+    assert ctl.start_browser(RANDOM, "vanilla", CAMERA).startswith("▶")
+    s = ctl.session
+    got, push = [], s.engine.push_frame
+    s.engine.push_frame = lambda img, t=None: (got.append(img.copy()), push(img, t))
+    camera_view = W.render_frame(red_left_scene(), 0.0)             # BGR
+    assert red_on_left(camera_view)
+    as_gradio_sends = np.ascontiguousarray(camera_view[:, ::-1, ::-1])   # mirrored, RGB
+    q = synth_speech("Where is the red circle?", tmp_path, "q")
+    z = np.zeros(int(0.6 * SAMPLE_RATE), np.float32)
+    mic = np.concatenate([z, 0.6 * q, z, z, z])
+    t0 = time.monotonic()
+    try:
+        for k in range(0, len(mic), 1600):                        # 0.1 s chunks, 16 kHz
+            ctl.browser_frame(as_gradio_sends)
+            ctl.browser_mic((SAMPLE_RATE, (mic[k:k + 1600] * 32767).astype(np.int16)))
+        wait_for(lambda: ctl.snapshot().metrics, 30, "the answer")
+        snap = ctl.snapshot()
+    finally:
+        ctl.stop()
+    assert time.monotonic() - t0 < 60 and len(got) >= 10
+    assert all(red_on_left(img) for img in got)
+    assert red_on_left(snap.preview[..., ::-1])           # the page shows it the same way
+    assert snap.metrics[0].text and set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+
+
+def test_browser_says_when_webcam_frames_do_not_arrive(agent):
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    ctl.start_browser(RANDOM, "vanilla", CAMERA)
+    s = ctl.session
+    try:
+        t0 = time.monotonic() - 4.0
+        chunk = np.zeros(1600, np.int16)
+        for k in range(40):                                  # 4 s of microphone, no frames
+            s.push_mic(SAMPLE_RATE, chunk, now=t0 + 0.1 * (k + 1))
+        assert "No webcam frames" in ctl.notices_markdown(ctl.snapshot())
+        ctl.browser_frame(np.zeros((240, 320, 3), np.uint8))
+        assert s.input_problems() == [] and "webcam" not in ctl.notices_markdown(ctl.snapshot())
+    finally:
+        ctl.stop()
+    ctl.start_browser(RANDOM, "vanilla", SCENE)              # the scene needs no webcam
+    s = ctl.session
+    try:
+        for k in range(40):
+            s.push_mic(SAMPLE_RATE, chunk, now=t0 + 0.1 * (k + 1))
+        assert s.input_problems() == [] and "Record" in ctl.status_markdown(None)
+        assert "Webcam" not in ctl.status_markdown(None)
+    finally:
+        ctl.stop()
+
+
+def test_a_reloaded_page_starts_clean(agent, media):
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    ctl.start_browser(RANDOM, "vanilla", SCENE)
+    s = ctl.session
+    s._add(1, "user", "an old question")                    # an old conversation on show
+    assert ctl.refresh()[3] and "listening" in ctl.refresh()[0]
+    status, notice, preview, chat, lat, att = ctl.page_loaded()
+    assert ctl.session is None and not s.running
+    assert chat == [] and preview is None and lat.empty and att.empty
+    assert "not running" in status and "▶" not in status and "listening" not in status
+    assert "Stopped" not in status                          # a fresh page, not a stopped one
+
+
+def test_the_users_words_are_shown(agent, media):
+    """With the recogniser installed (a dev dependency), what the user said replaces
+    "speech, 1.4 s" once the reply has been made."""
+    opts = LiveOptions(camera=None, engine=REPLY, user_words=True)
+    ctl = LiveController(opts, model=RANDOM, audio_factory=file_audio(media["wav"]),
+                         agents={RANDOM: agent})
+    ctl.start_local(RANDOM, "vanilla", SCENE, 0)
+    try:
+        wait_for(lambda: ctl.snapshot().metrics, 30, "the turn")
+        wait_for(lambda: "red" in " ".join(user_lines(ctl)).lower(), 90, "the user's words")
+        said = user_lines(ctl)
+    finally:
+        ctl.stop()
+    assert len(said) == 1 and said[0].startswith("“") and "speech," not in said[0]
+    assert "object" in said[0].lower()
+
+
+def test_page_buttons_drive_a_conversation(agent, media):
+    """The page's wiring as a browser drives it, through gradio_client against the launched
+    app: Start (demo scene, file-backed microphone with a question), the reply appears in
+    the conversation the page polls, Interrupt, New scene, Stop."""
+    from gradio_client import Client
+    ctl = LiveController(QUIET, model=RANDOM, audio_factory=file_audio(media["wav"]),
+                         agents={RANDOM: agent})
+    demo, url = launch(ctl, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+
+        def page(deadline: float, what: str, cond):
+            """Poll the page's timer endpoint until cond(status, notice, chat), the chat as
+            [{"role", "content"}] with the content as text."""
+            end = time.monotonic() + deadline
+            while time.monotonic() < end:
+                status, notice, chat, _, _ = client.predict(api_name="/poll")
+                chat = [{"role": m["role"], "content": " ".join(
+                    c["text"] for c in m["content"] if c.get("type") == "text")} for m in chat]
+                if cond(status, notice, chat):
+                    return status, chat
+                time.sleep(0.2)
+            pytest.fail(f"the page never showed {what}: {status!r} {chat!r}")
+
+        status, *_ = client.predict(api_name="/page_loaded")
+        assert "not running" in status
+        status = client.predict(RANDOM, "vanilla", SCENE, 0, api_name="/start")
+        assert status.startswith("▶ Live") and "demo-world scene" in status
+        assert ctl.kind == "local" and ctl.session.scene is not None
+        _, chat = page(60, "the agent's reply", lambda st, n, chat: any(
+            m["role"] == "assistant" and m["content"] not in ("", "…") for m in chat)
+            and "turns: 1" in st)
+        assert chat[0]["role"] == "user" and chat[0]["content"].startswith("speech, ")
+        status = client.predict(api_name="/interrupt")
+        assert "Status:" in status
+        page(30, "the interruption", lambda st, n, chat: any(
+            "(reply interrupted: control)" in m["content"] for m in chat))
+        scene_text = client.predict(api_name="/new_scene")
+        assert "Scene 2" in scene_text and ctl.session.scene.shown(ctl.session.clock).index == 1
+        session = ctl.session
+        assert client.predict(api_name="/stop") == "■ Stopped."
+        assert ctl.session is None and not session.running
+        page(10, "the stopped state", lambda st, n, chat: "not running" in st and not chat)
+    finally:
+        demo.close()
+        ctl.stop()
