@@ -427,3 +427,73 @@ def test_page_buttons_drive_a_conversation(agent, media):
     finally:
         demo.close()
         ctl.stop()
+
+
+@pytest.mark.slow
+def test_browser_devices_tab_in_chromium(agent, tmp_path):
+    """The Browser devices tab in real headless Chromium (Debian's, via Playwright) whose fake
+    webcam films a demo-world scene (a red circle on the left) and whose fake microphone asks
+    about it: one Start starts the session, the webcam and the microphone; the frames that
+    reach the engine are the camera's own view (Gradio's webcam sends them mirrored); the
+    reply comes; Stop ends the session and the devices."""
+    import cv2
+    import soundfile as sf
+    from playwright.sync_api import sync_playwright
+    from tests.test_browser import launch as chromium
+    y4m = tmp_path / "camera.y4m"
+    with open(y4m, "wb") as f:
+        f.write(b"YUV4MPEG2 W640 H480 F10:1 Ip A1:1 C420jpeg\n")
+        frame = W.render_frame(red_left_scene(), 0.0, (640, 480))
+        for _ in range(20):
+            f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
+    q = synth_speech("Where is the red circle?", tmp_path, "q")
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, resample(np.concatenate([z(1.5), 0.7 * q / np.abs(q).max(), z(3.0)]),
+                           SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    seen = {"frames": 0, "red_left": 0}
+    start_browser = ctl.start_browser
+
+    def start_and_watch(model, mode, source, every):     # what reaches the engine
+        msg = start_browser(model, mode, source, every)
+        eng = ctl.session.engine
+        push = eng.push_frame
+
+        def watched(img, t=None):
+            seen["frames"] += 1
+            seen["red_left"] += red_on_left(img)
+            push(img, t)
+        eng.push_frame = watched
+        return msg
+    ctl.start_browser = start_and_watch
+    demo, url = launch(ctl, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    problems = []
+    try:
+        with sync_playwright() as pw:
+            browser = chromium(pw, tmp_path / "profile", wav, y4m)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(url)
+                page.get_by_role("tab", name="Browser devices").click()
+                page.get_by_label(CAMERA, exact=True).check()
+                page.get_by_role("button", name="▶ Start browser session").click()
+                wait_for(lambda: seen["frames"] >= 5, 60, "webcam frames at the engine")
+                wait_for(lambda: ctl.session.received_seconds > 1.0, 60, "microphone audio")
+                wait_for(lambda: ctl.snapshot().metrics, 90, "the agent's answer")
+                assert "Browser session started" in page.locator("#tandem-status").inner_text()
+                page.click("#tandem-browser-stop")
+                wait_for(lambda: ctl.session is None, 20, "the session to stop")
+                page.wait_for_function("() => [...document.querySelectorAll('#tandem-mic "
+                                       "button')].some((b) => b.innerText.trim() === 'Record')",
+                                       timeout=20_000)          # the microphone stopped too
+                time.sleep(1.0)       # a chunk still in flight must not find a missing session
+                status = ctl.status_markdown(None)
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+        ctl.stop()
+    assert seen["red_left"] == seen["frames"], seen          # never mirrored
+    assert status == "**Status:** not running. ■ Stopped." and not problems, (status, problems)
