@@ -20,7 +20,7 @@ from .gradio_handlers import CAMERA, SOURCES, LiveController  # noqa: E402
 POLL_SECONDS = 0.5
 PREVIEW_SECONDS = 0.2           # the picture (a beeping shape pulses for 0.2-0.3 s)
 WEBCAM_MIRROR = True            # the webcam preview is a mirror (frames are un-mirrored)
-SCENE_EVERY = (0, 120, 20)      # "new scene every" slider: min, max, default (s; 0 = button)
+SCENE_EVERY_MAX = 120           # "new scene every" slider's top (s; 0 = only the button)
 MIC_CHUNK_SECONDS = 0.1         # browser microphone chunk (Gradio's recorder sends 0.1 s)
 WEBCAM = {"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}  # enough for the model
 LATENCY_COLORS = {"response": "#e4572e", "compute": "#17a2b8"}
@@ -82,8 +82,9 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                                    interactive=False, height=260, format="jpeg")
                 scene_md = gr.Markdown(ctl.scene_markdown())
                 with gr.Row(equal_height=True):
-                    new_scene = gr.Button("🔀 New scene", scale=1)
-                    every = gr.Slider(*SCENE_EVERY[:2], value=SCENE_EVERY[2], step=5, scale=2,
+                    new_scene = gr.Button("New scene", scale=1)
+                    every = gr.Slider(0, SCENE_EVERY_MAX, step=5, scale=2,
+                                      value=ctl.scene_options.scene_seconds,
                                       label="New scene every (s; 0 = only on the button; "
                                             "applies at Start)")
                 with gr.Row(equal_height=True):
@@ -113,8 +114,8 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                         mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy",
                                        label="Microphone", elem_id="tandem-mic")
                         webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy",
-                                          label="Webcam (only when the agent sees the camera)",
-                                          height=200, elem_id="tandem-webcam",
+                                          label="Webcam", height=200, elem_id="tandem-webcam",
+                                          visible=ctl.default_source == CAMERA,
                                           webcam_options=gr.WebcamOptions(
                                               mirror=WEBCAM_MIRROR, constraints=WEBCAM))
                         voice = gr.Audio(streaming=True, autoplay=True, interactive=False,
@@ -156,6 +157,9 @@ def build_app(ctl: LiveController) -> gr.Blocks:
         def refresh():
             *rest, lat, att = ctl.refresh()
             return (*rest, None if lat.empty else lat, None if att.empty else att)
+
+        source.change(lambda src: gr.update(visible=src == CAMERA), source, webcam,
+                      show_progress="hidden")
 
         def interrupt_reply() -> str:
             if ctl.session is not None:
