@@ -497,3 +497,57 @@ def test_browser_devices_tab_in_chromium(agent, tmp_path):
         ctl.stop()
     assert seen["red_left"] == seen["frames"], seen          # never mirrored
     assert status == "**Status:** not running. ■ Stopped." and not problems, (status, problems)
+
+
+def test_browser_scene_mode_plays_the_beeps_with_the_voice(agent):
+    """Browser path on the demo scene: the scene's beeps stream back with the agent's voice,
+    at the session clock (the microphone received so far); the webcam is not needed."""
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent},
+                         scene_options=beeping_scene_options(beeps_after=1.0, scene_seconds=0))
+    ctl.start_browser(RANDOM, "vanilla", SCENE)
+    s = ctl.session
+    try:
+        b = s.scene.shown(0.0).scene.beeps[0]
+        ctl.browser_frame(np.zeros((240, 320, 3), np.uint8))     # ignored: the scene shows
+        assert np.array_equal(s.snapshot().preview, s.scene.frame(0.0)[..., ::-1])
+        silent = np.zeros(1600, np.int16)
+        t0 = time.monotonic()
+        for k in range(int(b.t0 * 10)):                           # the mic up to the beep
+            s.push_mic(SAMPLE_RATE, silent, now=t0 + 0.1 * (k + 1))
+        sr, pcm = s.pull_reply(b.dur)                             # plays from the clock
+    finally:
+        ctl.stop()
+    assert sr == agent.output_rate
+    played = pcm.astype(np.float64) / 32767
+    want = W.beep_wave(b, sr)[:len(played)]
+    assert np.sqrt(np.mean(played ** 2)) == pytest.approx(np.sqrt(np.mean(want ** 2)), rel=0.1)
+
+
+@pytest.mark.slow
+def test_shipped_model_answers_about_the_demo_scene(tmp_path):
+    """The point of the demo-scene mode: the shipped model, on this computer's path (a WAV
+    for the microphone), answers questions about the rendered scene it sees and the beeps
+    mixed into what it hears. Scene seed 4: a red triangle on the left, a yellow circle in
+    the middle, a blue square on the right that beeps twice, high, 1 s after it appears."""
+    from app.agent import load_agent
+    from speech.tts import Voice, synthesize
+    opts = DemoSceneOptions(seed=4, scene_seconds=0)
+    examples = {q.text: q.answer for q in DemoScene(opts).shown(0.0).examples}
+    asked = ["Where did the sound come from?", "What shape is on the middle?"]
+    assert [examples[q] for q in asked] == ["the right.", "a circle."]
+    x = np.zeros(16 * SAMPLE_RATE, np.float32)
+    for text, t in zip(asked, (2.5, 11.0)):                       # beeps at 1 s and 9 s
+        q = synthesize(text, Voice("en-us", None, 160, 50), SAMPLE_RATE)
+        x[int(t * SAMPLE_RATE):int(t * SAMPLE_RATE) + len(q)] = q * (
+            10 ** (-24 / 20) / np.sqrt(np.mean(q ** 2)))
+    shipped = "assets/fusion.safetensors"
+    ctl = LiveController(LiveOptions(camera=None, user_words=False),
+                         audio_factory=file_audio(write_wav(tmp_path / "q.wav", x)),
+                         model=shipped, agents={shipped: load_agent()}, scene_options=opts)
+    assert ctl.start_local(shipped, "mctp", SCENE, 0).startswith("▶")
+    try:
+        wait_for(lambda: len(ctl.snapshot().metrics) >= 2, 120, "two answers")
+        texts = [m.text.strip() for m in ctl.snapshot().metrics]
+    finally:
+        ctl.stop()
+    assert texts == ["the right.", "a circle."]
