@@ -42,7 +42,8 @@ async (source) => {
     return false;
   };
   if (source === "%s") {
-    if (!button("tandem-webcam", "Record")) await press("tandem-webcam", "Click to Access Webcam", 1000);
+    if (!button("tandem-webcam", "Record"))
+      await press("tandem-webcam", "Click to Access Webcam", 1000);
     await press("tandem-webcam", "Record", 5000);
   }
   await press("tandem-mic", "Record", 2000);
