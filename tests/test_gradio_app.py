@@ -488,7 +488,11 @@ def test_browser_devices_tab_in_chromium(agent, tmp_path):
                 page.wait_for_function("() => [...document.querySelectorAll('#tandem-mic "
                                        "button')].some((b) => b.innerText.trim() === 'Record')",
                                        timeout=20_000)          # the microphone stopped too
-                time.sleep(1.0)       # a chunk still in flight must not find a missing session
+                # a microphone chunk still in flight must not find a missing session
+                status = ctl.status_markdown(None)
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end and ctl.status_markdown(None) == status:
+                    time.sleep(0.05)
                 status = ctl.status_markdown(None)
             finally:
                 browser.close()
