@@ -424,6 +424,11 @@ def test_page_buttons_drive_a_conversation(agent, media):
         assert client.predict(api_name="/stop") == "■ Stopped."
         assert ctl.session is None and not session.running
         page(10, "the stopped state", lambda st, n, chat: "not running" in st and not chat)
+        assert client.predict(RANDOM, "vanilla", SCENE, 0, api_name="/start").startswith("▶")
+        session = ctl.session
+        status, _, _, chat, _, _ = client.predict(api_name="/page_loaded")   # a reload
+        assert ctl.session is None and not session.running and chat == []
+        assert status == "**Status:** not running. "
     finally:
         demo.close()
         ctl.stop()
