@@ -418,15 +418,23 @@ def add_fusion_arguments(p) -> None:
     d = FusionTrainOptions()
     g = p.add_argument_group("fusion")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
-    g.add_argument("--preset", default=d.preset, choices=["tiny", "demo", "pretrained"])
+    g.add_argument("--preset", default=d.preset, choices=["tiny", "demo", "pretrained"],
+                   help="model size: tiny (tests), demo (the shipped model's) or pretrained (Whisper "
+                        "encoder + a Hugging Face LM) (default: %(default)s)")
     g.add_argument("--ablation", default=None, choices=["mean", "vision", "audio"],
                    help="train an ablation: mean-pooled clues instead of the aggregator, or one modality")
     g.add_argument("--codec-dir", default=d.codec, help="the codec to train against (default: %(default)s)")
     g.add_argument("--run-dir", default=d.run_dir, help="checkpoints, caches, curves (default: %(default)s)")
     g.add_argument("--model-out", default=d.out, help="final model (default: %(default)s)")
-    for k in ("encoder_steps", "align_steps", "sft_steps", "mctp_steps", "batch", "aux_batch"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
-    g.add_argument("--lr", type=float, default=d.lr)
+    for k, text in (("encoder_steps", "steps of the encoders stage (vision and audio pretraining)"),
+                    ("align_steps", "steps of the align stage (text answers)"),
+                    ("sft_steps", "steps of the sft stage (spoken answers)"),
+                    ("mctp_steps", "steps of the mctp stage (several audio tokens per step)"),
+                    ("batch", "turns per step of align/sft/mctp"),
+                    ("aux_batch", "examples per step of encoder pretraining")):
+        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k),
+                       help=text + " (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (sft: half of it) (default: %(default)s)")
     g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="bf16 autocast for align/sft/mctp; auto = where bf16 is native (CUDA, AMX CPUs)")
     g.add_argument("--sample", default=d.sample, choices=SAMPLING,
@@ -457,8 +465,10 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--vision-cache", default=None,
                    help="with --init and --encoder-parts audio: take the frame features from this cache.pt "
                         "(the --init run's, same data and seed) instead of encoding them again")
-    g.add_argument("--max-train-turns", type=int, default=None)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-train-turns", type=int, default=None, metavar="N",
+                   help="train on the first N turns of the training split only (default: all)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="initialisation and batch order seed (default: %(default)s)")
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
     g.add_argument("--hf-model", default=None, help="pretrained preset: Hugging Face causal LM name or path")
     g.add_argument("--hf-config", default=None, help="pretrained preset: JSON config for a random HF LM")

@@ -1,0 +1,57 @@
+"""The command line: every subcommand has a description and every flag a help text; `train all`
+writes into a run directory unless --ship."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+import run
+
+
+def _subparsers(p: argparse.ArgumentParser):
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            yield from a.choices.items()
+
+
+def walk(p: argparse.ArgumentParser, path: str = "run.py"):
+    """(path, parser) for `p` and every subcommand below it (lazy parsers populated)."""
+    p.format_help()                       # train's lazy subparsers add their flags here
+    yield path, p
+    for name, sub in _subparsers(p):
+        yield from walk(sub, f"{path} {name}")
+
+
+def problems_of(p: argparse.ArgumentParser) -> list[str]:
+    out = []
+    for path, parser in walk(p):
+        if path != "run.py" and not (parser.description or "").strip():
+            out.append(f"`{path}` has no description")
+        for a in parser._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not (a.help or "").strip() or a.help == argparse.SUPPRESS:
+                out.append(f"`{path}` {'/'.join(a.option_strings) or a.dest} has no help text")
+    return out
+
+
+def test_every_subcommand_and_flag_is_described():
+    parser = run.build_parser()
+    paths = [path for path, _ in walk(parser)]
+    # the walk reaches the nested subcommands, and their lazily added flags
+    assert {"run.py bench", "run.py data", "run.py train fusion", "run.py train all",
+            "run.py record", "run.py eval"} <= set(paths), paths
+    fusion = dict(walk(parser))["run.py train fusion"]
+    assert any("--lr" in a.option_strings for a in fusion._actions)
+    assert problems_of(parser) == []
+
+
+def test_the_walk_catches_a_missing_help():
+    p = argparse.ArgumentParser(prog="x")
+    sub = p.add_subparsers()
+    s = sub.add_parser("thing", help="does a thing")         # help but no description
+    s.add_argument("--flag")
+    assert problems_of(p) == ["`run.py thing` has no description",
+                              "`run.py thing` --flag has no help text"]
