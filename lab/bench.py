@@ -198,8 +198,10 @@ def run_bench(model_path: str | None = None, device: str | None = None, json_pat
     report["codec"] = [bench_codec(codec, dev, seconds=2.0 if quick else 4.0)]
     if not quick:
         from encodec import EncodecModel
-        from speech.codec import Codec
-        c24 = Codec(EncodecModel.encodec_model_24khz(pretrained=False), n_q=8, name="encodec_24khz (random weights)")
+        from speech.codec import Codec, quiet_weight_norm
+        with quiet_weight_norm():
+            c24 = Codec(EncodecModel.encodec_model_24khz(pretrained=False), n_q=8,
+                        name="encodec_24khz (random weights)")
         report["codec"].append(bench_codec(c24, dev, seconds=4.0))
     report["generation"] = bench_generation(model, codec, dev, seconds=1.0 if quick else 2.0)
     report["latency"] = bench_latency(model, codec, dev, repeats=2 if quick else 5)

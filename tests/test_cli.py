@@ -55,3 +55,21 @@ def test_the_walk_catches_a_missing_help():
     s.add_argument("--flag")
     assert problems_of(p) == ["`run.py thing` has no description",
                               "`run.py thing` --flag has no help text"]
+
+
+def test_quiet_launch_no_library_warnings():
+    """Starting a command prints only what the user needs: building a codec raises no torch
+    FutureWarning (encodec's weight_norm), and OpenCV's own camera warnings are off (CameraError
+    says it with what to do)."""
+    import warnings
+
+    import cv2
+
+    import vision.camera  # noqa: F401  (sets OpenCV's log level)
+    from speech.codec import build_codec
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_codec("tiny")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], \
+        [str(w.message) for w in caught]
+    assert cv2.utils.logging.getLogLevel() <= cv2.utils.logging.LOG_LEVEL_ERROR
