@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from app.frames import latency_legend
 from speech.tts import voice_from_dict, voice_spec
 
 GROUPS = ("visual", "audio", "audio-visual")
@@ -119,9 +120,8 @@ def eval_markdown(results: dict) -> str:
     rows = [[m, _num(s["response_latency"]["median"]), _num(s["response_latency"]["p90"]),
              _num(s["compute_latency"]["median"]), _num(s["compute_latency"]["p90"])] for m, s in modes.items()]
     out += ["## Latency (s)", "",
-            f"Replay on a virtual clock: response latency = end of the user's speech to the first "
-            f"reply audio; compute latency = end-of-turn decision to the first audio chunk ready. "
-            f"Hardware: {r['hardware']}.", "",
+            f"Replay on a virtual clock (no sound played: the first reply sound is the first reply "
+            f"audio ready): {latency_legend()}. Hardware: {r['hardware']}.", "",
             _table(["mode", "response median", "response p90", "compute median", "compute p90"], rows)]
     return "\n".join(out)
 
