@@ -96,8 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    description="train the fusion model (needs a trained codec)",
                    populate=_fusion_arguments)
     sub.add_parser("all", help="data -> codec -> fusion -> eval (+ ablations) -> model card",
-                   description="data -> codec -> fusion -> eval (+ ablations) -> model card; "
-                               "finished steps are skipped (--budget small: a quick smoke run)",
+                   description="data -> codec -> fusion -> eval (+ ablations) -> model card, into "
+                               "the run directory runs/all/; assets/ (the shipped model) changes only "
+                               "with --ship; finished steps are skipped (--budget small: a quick "
+                               "smoke run)",
                    populate=_pipeline_arguments)
 
 

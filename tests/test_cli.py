@@ -73,3 +73,42 @@ def test_quiet_launch_no_library_warnings():
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], \
         [str(w.message) for w in caught]
     assert cv2.utils.logging.getLogLevel() <= cv2.utils.logging.LOG_LEVEL_ERROR
+
+
+def test_train_all_writes_a_run_directory_and_ships_only_when_asked(tmp_path):
+    from lab import pipeline
+    names = list(pipeline.RUN_LAYOUT)
+    for argv in (["train", "all"], ["train", "all", "--budget", "large"],
+                 ["train", "all", "--budget", "small"]):
+        o = pipeline._options_from_args(run.build_parser().parse_args(argv))
+        assert not o.ship
+        for name in names:                 # nothing the run writes lands in the shipped assets
+            assert Path("assets") not in o.path(name).parents, (argv, name, o.path(name))
+    o = pipeline._options_from_args(run.build_parser().parse_args(["train", "all"]))
+    assert o.path("model_out") == Path("runs/all/fusion.safetensors")
+    assert o.path("codec_dir") == Path("runs/all/codec") and o.path("data") == Path("data/demo")
+    assert pipeline._options_from_args(run.build_parser().parse_args(["train", "all", "--ship"])).ship
+    with pytest.raises(ValueError, match="smoke run"):
+        pipeline.PipelineOptions(budget="small", ship=True)
+
+    # --ship copies a finished run into assets/, replacing what was there
+    o = pipeline.PipelineOptions(codec_dir=str(tmp_path / "r/codec"), model_out=str(tmp_path / "r/m.st"),
+                                 card_out=str(tmp_path / "r/CARD.md"), sessions_out=str(tmp_path / "r/s"),
+                                 eval_out=str(tmp_path / "r/eval"), ship=True)
+    assets = tmp_path / "assets"
+    (assets / "codec").mkdir(parents=True)
+    (assets / "codec" / "old.json").write_text("old")
+    with pytest.raises(FileNotFoundError, match="not finished"):
+        pipeline.ship_assets(o, assets)
+    for d in ("r/codec", "r/s/demo-1", "r/eval"):
+        (tmp_path / d).mkdir(parents=True)
+    for f, text in (("r/codec/codec.json", "c"), ("r/m.st", "m"), ("r/CARD.md", "card"),
+                    ("r/s/demo-1/session.json", "s"), ("r/eval/accuracy.png", "png")):
+        (tmp_path / f).write_text(text)
+    shipped = pipeline.ship_assets(o, assets)
+    assert sorted(p.name for p in shipped) == ["MODEL_CARD.md", "accuracy.png", "codec",
+                                               "fusion.safetensors", "sessions"]
+    assert (assets / "fusion.safetensors").read_text() == "m"
+    assert (assets / "codec" / "codec.json").read_text() == "c"
+    assert not (assets / "codec" / "old.json").exists()
+    assert (assets / "sessions" / "demo-1" / "session.json").read_text() == "s"

@@ -314,7 +314,7 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     from lab.data import DataOptions
     from lab.train_fusion import FusionTrainOptions
     big = pipeline.PipelineOptions(budget="large")
-    assert big.path("model_out") == pipeline.PipelineOptions().path("model_out")
+    assert big.path("model_out") != pipeline.PipelineOptions().path("model_out")
     assert big.path("data") != pipeline.PipelineOptions().path("data")
     b = pipeline.BUDGETS["large"]
     assert DataOptions(**b["data"]).n_train_sessions == 3 * DataOptions().n_train_sessions
