@@ -236,8 +236,8 @@ class Engine:
         self.processors: list[Processor] = []
         if recorder is not None:
             self.processors.append(recorder)
-        self.processors += [VADProcessor(options, self.reply.replying),
-                            TurnSegmenter(options, self.reply.replying),
+        self.segmenter = TurnSegmenter(options, self.reply.replying)
+        self.processors += [VADProcessor(options, self.reply.replying), self.segmenter,
                             SceneProcessor(self.scene, options.sampler_fps),
                             self.reply]
         self.recorder = recorder
@@ -276,6 +276,10 @@ class Engine:
             if self.recorder is not None:
                 self.recorder.record_output(frame)
             self.on_output(frame)
+
+    def settled(self) -> bool:
+        """No user speech open, no reply being made or playing."""
+        return self.segmenter.start is None and not self.reply.replying(self.now)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         self.reply.wait(timeout)

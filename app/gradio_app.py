@@ -1,8 +1,10 @@
-"""The desktop live-conversation app (Gradio 6, localhost): preview, transcript, latency and
-attention plots, start/stop, model and generation mode; a browser-devices tab (webcam and
-microphone streamed from the browser, the reply streamed back) and a demo-replay tab.
-The page polls the active conversation's state with a gr.Timer; handlers live in
-`app.gradio_handlers.LiveController`.
+"""The desktop live-conversation app (Gradio 6, localhost): what the agent sees (the camera
+or the demo-world scene, shown and played with its beeps, a new one on a button or timer),
+what the shipped model knows, transcript, latency and attention plots, start/stop, model
+and generation mode; a browser-devices tab (microphone and webcam streamed from the
+browser, the reply streamed back) and a demo-replay tab. The page polls the active
+conversation's state with gr.Timers; handlers live in `app.gradio_handlers.LiveController`.
+Every button's event has an api_name, so tests drive the page's wiring with gradio_client.
 """
 from __future__ import annotations
 
@@ -12,9 +14,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls 
 
 import gradio as gr  # noqa: E402
 
-from .gradio_handlers import LiveController  # noqa: E402
+from .demo_scene import world_markdown  # noqa: E402
+from .gradio_handlers import SOURCES, LiveController  # noqa: E402
 
 POLL_SECONDS = 0.5
+PREVIEW_SECONDS = 0.2           # the picture (a beeping shape pulses for 0.2-0.3 s)
+WEBCAM_MIRROR = True            # the webcam preview is a mirror (frames are un-mirrored)
+SCENE_EVERY = (0, 120, 20)      # "new scene every" slider: min, max, default (s; 0 = button)
 MIC_CHUNK_SECONDS = 0.1         # browser microphone chunk (Gradio's recorder sends 0.1 s)
 WEBCAM = {"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}  # enough for the model
 LATENCY_COLORS = {"response": "#e4572e", "compute": "#17a2b8"}
@@ -29,13 +35,25 @@ CSS = """
 def build_app(ctl: LiveController) -> gr.Blocks:
     """The page, wired to `ctl`."""
     with gr.Blocks(title="Tandem live") as demo:
-        gr.Markdown("## Tandem — live conversation\nTalk to the agent in front of the camera: "
-                    "it sees and hears the scene and answers out loud.")
+        gr.Markdown("## Tandem — live conversation\nTalk to the agent: it sees the camera or "
+                    "the demo-world scene, hears you and the scene, and answers out loud.")
+        with gr.Accordion("What the shipped model knows, and the questions it understands",
+                          open=ctl.default_source == SOURCES[0]):
+            gr.Markdown(world_markdown())
         notice = gr.Markdown(ctl.notices_markdown(), elem_id="tandem-notice")
         status = gr.Markdown(ctl.status_markdown(None))
         with gr.Row():
             with gr.Column(scale=2):
-                preview = gr.Image(label="Camera", type="numpy", interactive=False, height=260)
+                source = gr.Radio(list(SOURCES), value=ctl.default_source,
+                                  label="The agent sees (applies at Start)")
+                preview = gr.Image(label="What the agent sees", type="numpy",
+                                   interactive=False, height=260, format="jpeg")
+                scene_md = gr.Markdown(ctl.scene_markdown())
+                with gr.Row(equal_height=True):
+                    new_scene = gr.Button("🔀 New scene", scale=1)
+                    every = gr.Slider(*SCENE_EVERY[:2], value=SCENE_EVERY[2], step=5, scale=2,
+                                      label="New scene every (s; 0 = only on the button; "
+                                            "applies at Start)")
                 with gr.Row(equal_height=True):
                     model = gr.Dropdown(ctl.models, value=ctl.default_model, label="Model",
                                         scale=3)
@@ -43,24 +61,32 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                                     label="Generation")
                 with gr.Tabs():
                     with gr.Tab("This computer"):
+                        gr.Markdown("This machine's microphone and speaker (and camera, "
+                                    "when the agent sees the camera).")
                         with gr.Row():
                             start = gr.Button("▶ Start", variant="primary")
                             stop = gr.Button("■ Stop")
                             interrupt = gr.Button("Interrupt")
+                        scene_sound = gr.Audio(streaming=True, autoplay=True, interactive=False,
+                                               label="Scene sound (the beeps)")
                     with gr.Tab("Browser devices"):
                         gr.Markdown("When the app runs on another machine: your browser's "
-                                    "webcam and microphone stream to the agent; its voice "
-                                    "streams back.")
+                                    "microphone (and webcam, when the agent sees the camera) "
+                                    "stream to the agent; its voice (and the scene's beeps) "
+                                    "stream back. Press Start, then follow the status line.")
                         with gr.Row():
                             b_start = gr.Button("▶ Start browser session", variant="primary")
                             b_stop = gr.Button("■ Stop")
-                        webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy",
-                                          label="Webcam", height=200,
-                                          webcam_options=gr.WebcamOptions(constraints=WEBCAM))
+                            b_interrupt = gr.Button("Interrupt")
                         mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy",
-                                       label="Microphone")
+                                       label="Microphone", elem_id="tandem-mic")
+                        webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy",
+                                          label="Webcam (only when the agent sees the camera)",
+                                          height=200, elem_id="tandem-webcam",
+                                          webcam_options=gr.WebcamOptions(
+                                              mirror=WEBCAM_MIRROR, constraints=WEBCAM))
                         voice = gr.Audio(streaming=True, autoplay=True, interactive=False,
-                                         label="Agent's voice")
+                                         label="Agent's voice", elem_id="tandem-voice")
                     with gr.Tab("Demo replay"):
                         sessions = ctl.demo_sessions()
                         gr.Markdown("Replays a recorded session (its microphone and camera) "
@@ -99,20 +125,48 @@ def build_app(ctl: LiveController) -> gr.Blocks:
             *rest, lat, att = ctl.refresh()
             return (*rest, None if lat.empty else lat, None if att.empty else att)
 
-        start.click(ctl.start_local, [model, mode], status).then(refresh, None, views)
-        stop.click(ctl.stop, None, status)
-        b_stop.click(ctl.stop, None, status)
-        d_stop.click(ctl.stop, None, status)
-        interrupt.click(lambda: ctl.session and ctl.session.interrupt(), None, None)
-        b_start.click(ctl.start_browser, [model, mode], status).then(
+        def interrupt_reply() -> str:
+            if ctl.session is not None:
+                ctl.session.interrupt()
+            return ctl.status_markdown(ctl.snapshot())
+
+        shown = {"scene": None, "preview": None}
+
+        def scene_view():          # what changed of the picture and the scene's text
+            text, (key, image) = ctl.scene_markdown(), ctl.preview_frame()
+            out = (gr.skip() if text == shown["scene"] else text,
+                   gr.skip() if key == shown["preview"] else image)
+            shown.update(scene=text, preview=key)
+            return out
+
+        def tick():
+            status_, notice_, _, *rest = refresh()
+            return status_, notice_, *rest
+
+        start.click(ctl.start_local, [model, mode, source, every], status, api_name="start").then(
+            refresh, None, views).then(ctl.scene_sound, None, scene_sound,
+                                       concurrency_limit=None, show_progress="hidden")
+        stopped = [stop.click(ctl.stop, None, status, api_name="stop"),
+                   b_stop.click(ctl.stop, None, status, api_name="stop_browser"),
+                   d_stop.click(ctl.stop, None, status, api_name="stop_replay")]
+        interrupt.click(interrupt_reply, None, status, api_name="interrupt")
+        b_interrupt.click(interrupt_reply, None, status, api_name="interrupt_browser")
+        new_scene.click(ctl.new_scene, None, scene_md, api_name="new_scene")
+        b_start.click(ctl.start_browser, [model, mode, source, every], status,
+                      api_name="start_browser").then(
             ctl.browser_voice, None, voice, concurrency_limit=None, show_progress="hidden")
-        d_start.click(ctl.start_demo, [session, model, mode], status)
+        d_start.click(ctl.start_demo, [session, model, mode], status, api_name="replay")
+        for ev in stopped:      # a stopped session's streams end at once
+            ev.then(lambda: (None, None), None, [voice, scene_sound], show_progress="hidden")
         webcam.stream(ctl.browser_frame, webcam, None, stream_every=0.2,
                       concurrency_limit=4, show_progress="hidden")
         mic.stream(ctl.browser_mic, mic, None, stream_every=MIC_CHUNK_SECONDS,
                    concurrency_limit=4, show_progress="hidden")
         timer = gr.Timer(POLL_SECONDS)
-        timer.tick(refresh, None, views, show_progress="hidden")
+        timer.tick(tick, None, [status, notice, chat, latency, attention],
+                   show_progress="hidden", api_name="refresh")
+        gr.Timer(PREVIEW_SECONDS).tick(scene_view, None, [scene_md, preview],
+                                       show_progress="hidden", api_name="scene_view")
         seen = {"turns": -1}
 
         def slow_refresh():
@@ -125,7 +179,11 @@ def build_app(ctl: LiveController) -> gr.Blocks:
             return metrics_frame(snap), audio if audio is not None else gr.skip()
 
         gr.Timer(1.0).tick(slow_refresh, None, [metrics, reply], show_progress="hidden")
-        demo.load(refresh, None, views)
+        def page_loaded():
+            *rest, lat, att = ctl.page_loaded()
+            return (*rest, None if lat.empty else lat, None if att.empty else att)
+
+        demo.load(page_loaded, None, views, api_name="page_loaded")
     return demo
 
 

@@ -1,6 +1,8 @@
 """The Gradio app's handlers: one `LiveController` per app holds the active conversation
 (local devices, browser devices or a demo replay) and turns its state into what the page
-shows. Plain Python, so tests call the handlers directly; `app.gradio_app` lays them out.
+shows. What the agent sees is the camera or the demo-world scene (app.demo_scene), which
+the page shows and plays. Plain Python, so tests call the handlers directly;
+`app.gradio_app` lays them out.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .demo_scene import DemoScene, DemoSceneOptions, SoundCursor
 from .live import LiveOptions, LiveSession, LiveSnapshot, LocalDevices
 
 log = logging.getLogger("tandem.gradio")
@@ -20,6 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RANDOM = "random (untrained)"
 ALT_HINT = ("Use the **Browser devices** tab (your browser's webcam and microphone) or the "
             "**Demo replay** tab (a recorded session) instead.")
+SCENE, CAMERA = "Demo-world scene", "Camera"
+SOURCES = (SCENE, CAMERA)          # what the agent sees
+NO_CAMERA_HINT = ("No camera here: the agent sees the **demo-world scene** (the world the "
+                  "shipped model was trained on); ask it about the scene aloud.")
 
 
 def find_checkpoints(assets: Path = ROOT / "assets") -> list[str]:
@@ -39,14 +46,22 @@ class LiveController:
     def __init__(self, options: LiveOptions = LiveOptions(), *, model: str | None = None,
                  device: str | None = None, random_preset: str = "demo",
                  audio_factory=None, sessions_dir: Path = ROOT / "assets" / "sessions",
-                 notices: list[str] | None = None, agents: dict | None = None):
+                 notices: list[str] | None = None, agents: dict | None = None,
+                 scene_options: DemoSceneOptions = DemoSceneOptions(),
+                 webcam_mirrored: bool = True):
         self.options, self.device, self.random_preset = options, device, random_preset
+        self.scene_options = scene_options
+        self.webcam_mirrored = webcam_mirrored     # the browser sends mirrored webcam frames
         self.audio_factory, self.sessions_dir = audio_factory, Path(sessions_dir)
         self.models = find_checkpoints() + [RANDOM]
         self.default_model = model or self.models[0]
         if self.default_model not in self.models:
             self.models.insert(0, self.default_model)
         self.device_notices = list(notices or [])
+        no_camera = options.camera is None or any(n.startswith("No camera") for n in
+                                                  self.device_notices)
+        self.default_source = SCENE if no_camera else CAMERA
+        self._stopped_by_user = False   # Stop pressed: stray browser input is expected
         self.session: LiveSession | None = None
         self.kind = ""                  # "local" | "browser" | "demo"
         self._agents: dict[str, object] = dict(agents or {})   # loaded agents by model choice
@@ -70,19 +85,35 @@ class LiveController:
         if old is not None:
             old.stop()
 
-    def start_local(self, model: str, mode: str) -> str:
-        """Start a conversation on this machine's camera and sound card."""
+    def _scene(self, source: str | None, every: float | None) -> DemoScene | None:
+        """The demo scene for `source` (None: the page's default), a new one each start;
+        `every`: new scene every this many s (0: only on the button)."""
+        source = source or self.default_source
+        if source not in SOURCES:
+            raise ValueError(f"the agent sees one of {SOURCES}, got {source!r}")
+        if source != SCENE:
+            return None
+        o = self.scene_options
+        return DemoScene(o if every is None else replace(o, scene_seconds=float(every)))
+
+    def start_local(self, model: str, mode: str, source: str | None = None,
+                    every: float | None = None) -> str:
+        """Start a conversation on this machine's sound card and its camera or the demo
+        scene (`source`, see `_scene`)."""
         from speech.io import AudioDeviceError
         from vision.camera import CameraError
         self._replace(None, "")
         try:
+            scene = self._scene(source, every)
             agent = self.agent(model)
             opts = replace(self.options, mode=mode)
+            if scene is not None:
+                opts = replace(opts, camera=None)
             if self.audio_factory is not None:
                 src, sink = self.audio_factory(agent)
-                live = LocalDevices(agent, opts, source=src, sink=sink)
+                live = LocalDevices(agent, opts, source=src, sink=sink, scene=scene)
             else:
-                live = LocalDevices(agent, opts)
+                live = LocalDevices(agent, opts, scene=scene)
             live.start()
         except (AudioDeviceError, CameraError) as e:
             self._message = f"⚠ Cannot start on this machine's devices: {e}\n\n{ALT_HINT}"
@@ -91,19 +122,30 @@ class LiveController:
             self._message = f"⚠ {e}"
             return self._message
         self._replace(live, "local")
-        self._message = f"▶ Live on this machine's devices ({agent.name}, {mode})."
+        sees = "the demo-world scene" if scene is not None else "the camera"
+        self._message = (f"▶ Live on this machine's microphone and speaker, seeing {sees} "
+                         f"({agent.name}, {mode}). Ask your question aloud.")
         return self._message
 
-    def start_browser(self, model: str, mode: str) -> str:
+    def start_browser(self, model: str, mode: str, source: str | None = None,
+                      every: float | None = None) -> str:
+        """Start a session fed by the browser's microphone (and webcam, when the agent sees
+        the camera); the message says what to click next."""
         from .live_inputs import BrowserDevices
+        self._replace(None, "")
         try:
+            scene = self._scene(source, every)
             agent = self.agent(model)
         except (FileNotFoundError, ValueError) as e:
             self._message = f"⚠ {e}"
             return self._message
-        self._replace(BrowserDevices(agent, replace(self.options, mode=mode)), "browser")
-        self._message = (f"▶ Browser devices ready ({agent.name}, {mode}): start the webcam "
-                         "and the microphone below.")
+        self._replace(BrowserDevices(agent, replace(self.options, mode=mode), scene=scene),
+                      "browser")
+        steps = ("click **Record** under *Microphone* (allow the microphone), then ask about "
+                 "the scene aloud." if scene is not None else
+                 "click the camera button on *Webcam* (allow the camera), then **Record** "
+                 "under *Microphone* (allow the microphone), then ask aloud.")
+        self._message = f"▶ Browser session started ({agent.name}, {mode}). Now {steps}"
         return self._message
 
     def demo_sessions(self) -> list[str]:
@@ -120,7 +162,8 @@ class LiveController:
         try:
             agent = self.agent(model)
             sink = self.audio_factory(agent)[1] if self.audio_factory is not None else None
-            live = demo_replay(agent, Path(session_dir), replace(self.options, mode=mode), sink=sink)
+            live = demo_replay(agent, Path(session_dir), replace(self.options, mode=mode),
+                               sink=sink)
             live.start()
         except (SessionError, FileNotFoundError, ValueError) as e:
             self._message = f"⚠ {e}"
@@ -131,15 +174,66 @@ class LiveController:
 
     def stop(self) -> str:
         self._replace(None, "")
+        self._stopped_by_user = True
         self._message = "■ Stopped."
         return self._message
+
+    def page_loaded(self) -> tuple:
+        """A (re)loaded page starts clean: the old conversation ends, nothing stale shows."""
+        self._replace(None, "")
+        self._stopped_by_user, self._message = False, ""
+        return self.refresh()
+
+    # --- the demo scene ----------------------------------------------------------------------
+    def new_scene(self) -> str:
+        """The button: a new scene from now (when the agent sees the demo scene)."""
+        s = self.session
+        if s is None or s.scene is None:
+            return self.scene_markdown()
+        s.scene.new_scene(s.clock)
+        return self.scene_markdown()
+
+    def scene_markdown(self) -> str:
+        """The scene on screen: what is in it and questions to ask about it."""
+        s = self.session
+        if s is None or s.scene is None:
+            return ("*Start a conversation with “The agent sees: Demo-world scene” to get a "
+                    "scene to talk about.*")
+        shown = s.scene.shown(s.clock)
+        every = s.scene.options.scene_seconds
+        timer = f"a new one every {every:.0f} s" if every else "new ones on the button"
+        qs = "\n".join(f"- “{q.text}” — expect *{q.answer}*" for q in shown.examples)
+        return (f"**Scene {shown.index + 1}** ({timer}): {shown.description}\n\n"
+                f"Try asking:\n{qs}")
+
+    def scene_sound(self, chunk_seconds: float = 0.25):
+        """Generator for a streaming gr.Audio output: WAV bytes of the demo scene's sound
+        (its beeps) at the session clock, while a local scene session runs."""
+        from .live_inputs import wav_bytes
+        from speech.audio import float_to_pcm16
+        s = self.session
+        if s is None or s.scene is None or self.kind != "local":
+            return
+        cursor, sr = SoundCursor(s.scene, s.scene.options.sample_rate), \
+            s.scene.options.sample_rate
+        n, due = int(round(chunk_seconds * sr)), time.monotonic()
+        while self.session is s and s.running:
+            due += chunk_seconds
+            time.sleep(max(0.0, due - time.monotonic()))
+            yield wav_bytes(sr, float_to_pcm16(cursor.next(n, s.clock)))
 
     # --- browser streams ---------------------------------------------------------------
     def browser_mic(self, chunk) -> None:
         """A microphone chunk (sr, int16 PCM) from the browser's streaming gr.Audio."""
         from .live_inputs import BrowserDevices
         s = self.session
-        if chunk is None or not isinstance(s, BrowserDevices) or not s.running:
+        if chunk is None:
+            return
+        if not isinstance(s, BrowserDevices) or not s.running:
+            self._message = ("■ Stopped. Your browser still records the microphone: click "
+                             "its stop button." if self._stopped_by_user else
+                             "⚠ Your microphone is streaming but no browser session is "
+                             "running: click **▶ Start browser session**.")
             return
         sr, pcm = chunk
         if pcm is not None and len(pcm):
@@ -160,10 +254,14 @@ class LiveController:
             yield wav_bytes(*s.pull_reply(chunk_seconds))
 
     def browser_frame(self, rgb) -> None:
+        """A webcam frame from the browser's streaming gr.Image: RGB, mirrored like the
+        preview when `webcam_mirrored` (Gradio draws it flipped): the agent gets it as
+        the camera saw it, so what is on the user's right is on the image's left."""
         from .live_inputs import BrowserDevices
         s = self.session
         if rgb is not None and isinstance(s, BrowserDevices):
-            s.push_frame(np.asarray(rgb))
+            x = np.asarray(rgb)
+            s.push_frame(x[:, ::-1] if self.webcam_mirrored else x)
 
     # --- what the page shows ---------------------------------------------------------------
     def snapshot(self) -> LiveSnapshot | None:
@@ -175,7 +273,10 @@ class LiveController:
         if not notes:
             return ""
         lines = "\n".join(f"- {n}" for n in notes)
-        hint = f"\n\n{ALT_HINT}" if self.device_notices else ""
+        hint = ""
+        if self.device_notices:
+            hint = "\n\n" + (NO_CAMERA_HINT + " " if self.default_source == SCENE else "") \
+                + ALT_HINT
         return f"### ⚠ Notes\n{lines}{hint}"
 
     def status_markdown(self, snap: LiveSnapshot | None) -> str:
@@ -185,8 +286,9 @@ class LiveController:
         last = "" if m is None or m.response_latency is None else (
             f" · last response latency **{m.response_latency * 1000:.0f} ms**")
         err = f"\n\n❌ {snap.error}" if snap.error else ""
+        msg = "■ Finished: the replay ended." if snap.status == "finished" else self._message
         return (f"**Status:** {snap.status} ({self.kind}) · session clock {snap.clock:.1f} s · "
-                f"turns: {len(snap.metrics)}{last}\n\n{self._message}{err}")
+                f"turns: {len(snap.metrics)}{last}\n\n{msg}{err}")
 
     @staticmethod
     def chat_messages(snap: LiveSnapshot | None) -> list[dict]:
@@ -217,6 +319,14 @@ class LiveController:
                 for k, t, w in attention_series(snap.attention if snap else None)]
         return pd.DataFrame(rows, columns=["t", "weight", "modality"]).astype(
             {"t": "float64", "weight": "float64", "modality": "string"})
+
+    def preview_frame(self) -> tuple[object, np.ndarray | None]:
+        """(key, RGB picture of what the agent sees); the key changes with the picture."""
+        s = self.session
+        if s is None:
+            return None, None
+        snap = s.snapshot()
+        return (id(s), s.preview_id), snap.preview
 
     def reply_audio(self, snap: LiveSnapshot | None):
         """The demo replay's reply audio when there is no speaker to play it, else None."""

@@ -9,6 +9,9 @@ conversation for a UI (`snapshot()`): transcript, per-turn metrics, latest previ
 the aggregator's attention for the last turn. `LocalDevices` adds the local devices and the
 capture thread; other front ends (browser devices, demo replay) reuse `LiveSession`.
 A LocalDevices is one conversation: `start()` once, `stop()` once.
+
+With a `scene` (app.demo_scene.DemoScene) the agent sees the rendered demo world instead of
+a camera and hears its beeps mixed into the microphone, both on the session clock.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tandem.live")
 
 MODES = ("vanilla", "mctp")
+FINISH_AFTER = 0.5                 # s of silence after a replay's end-of-turn wait: finished
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class LiveOptions:
     half_duplex: bool = False          # mute the mic while the agent speaks (no echo cancel)
     history: int = 200                 # transcript lines and turns kept for the UI
     silence_chunk: float = 0.02        # s: silence fed once the audio source has ended
+    user_words: bool = True            # show what the user said (when the recogniser is installed)
     engine: "EngineOptions | None" = None  # None: EngineOptions() defaults
 
     def __post_init__(self):
@@ -80,13 +85,19 @@ class LiveSession:
     """Engine output -> sink playback (Interrupt clears it) + the UI state. Subclasses push
     input into `self.engine` (created by `_open_engine`)."""
 
-    def __init__(self, agent, options: LiveOptions = LiveOptions()):
-        self.agent, self.options = agent, options
+    def __init__(self, agent, options: LiveOptions = LiveOptions(), scene=None):
+        from .live_words import UserWords
+        self.agent, self.options, self.scene = agent, options, scene
+        self._fed = 0                                  # mic samples pushed (16 kHz)
+        self._scene_frame = -1                         # index of the scene frame last pushed
+        self._words = UserWords(self._set_user_words) if options.user_words else None
+        self._user_lines: dict[int, TranscriptLine] = {}
         self._lock = threading.Lock()
         self._transcript: collections.deque = collections.deque(maxlen=options.history)
         self._metrics: collections.deque = collections.deque(maxlen=options.history)
         self._notices: list[str] = []
-        self._preview: np.ndarray | None = None       # BGR
+        self._preview: np.ndarray | None = None if scene is None else scene.frame(0.0)  # BGR
+        self.preview_id = 0                           # counts preview updates
         self._attention = None
         self._reply_line: TranscriptLine | None = None
         self._out_rs: StreamResampler | None = None
@@ -122,8 +133,12 @@ class LiveSession:
         elif isinstance(f, SpeechStart):
             self._set_status("hearing you")
         elif isinstance(f, TurnEnd):
-            self._add(f.turn, "user", f"({f.speech_end - f.speech_start:.1f} s of speech, "
-                                      f"{f.speech_start:.1f}–{f.speech_end:.1f} s)")
+            line = TranscriptLine(f.turn, "user", f"speech, {f.speech_end - f.speech_start:.1f} s")
+            with self._lock:
+                self._transcript.append(line)
+                self._user_lines[f.turn] = line
+            if self._words is not None:
+                self._words.heard(f.turn, f.speech_start, f.speech_end)
             with self._lock:
                 self._reply_line = TranscriptLine(f.turn, "assistant", "…")
                 self._transcript.append(self._reply_line)
@@ -148,8 +163,41 @@ class LiveSession:
             if line is not None and line.turn == m.turn:
                 line.text = (m.text or "(no text)") + (" (interrupted)" if m.interrupted else "")
             self.status = "listening"
+        if self._words is not None:             # off the reply's path: after it is made
+            self._words.transcribe(m.turn)
         if self.on_turn_done is not None:
             self.on_turn_done(m)
+
+    def _set_user_words(self, turn: int, text: str) -> None:
+        with self._lock:
+            line = self._user_lines.pop(turn, None)
+            if line is not None and text:
+                line.text = f"“{text}”"
+
+    # --- input ------------------------------------------------------------------------------
+    def _feed_audio(self, pcm: np.ndarray) -> None:
+        """Microphone audio (16 kHz float32) into the engine: with a demo scene, its sound
+        is mixed in and its frame pushed whenever a new one is due."""
+        i0 = self._fed
+        self._fed += len(pcm)
+        if self._words is not None:
+            self._words.keep(i0, pcm)
+        if self.scene is not None:
+            pcm = self.scene.hear(i0, pcm)
+        self.engine.push_audio(pcm)
+        if self.scene is not None:
+            t = self._fed / SAMPLE_RATE
+            k = round(self.scene.frame_time(t) * self.scene.options.fps)
+            if k != self._scene_frame:
+                self._scene_frame = k
+                img = self.scene.frame(t)
+                self.engine.push_frame(img)
+                self.set_preview(img)
+
+    @property
+    def clock(self) -> float:
+        """Session seconds (microphone audio pushed so far)."""
+        return self._fed / SAMPLE_RATE
 
     def _add(self, turn: int, role: str, text: str) -> None:
         with self._lock:
@@ -169,6 +217,7 @@ class LiveSession:
     def set_preview(self, bgr: np.ndarray) -> None:
         with self._lock:
             self._preview = bgr
+            self.preview_id += 1
 
     @property
     def running(self) -> bool:
@@ -202,8 +251,9 @@ class LocalDevices(LiveSession):
     otherwise a missing camera becomes a notice and the conversation runs audio-only."""
 
     def __init__(self, agent, options: LiveOptions = LiveOptions(), *, source=None, sink=None,
-                 camera=None):
-        super().__init__(agent, options)
+                 camera=None, scene=None, finish_at_end: bool = False):
+        super().__init__(agent, options, scene)
+        self.finish_at_end = finish_at_end   # a replay: finish once its audio and reply end
         if (source is None) != (sink is None):
             raise ValueError("give both source= and sink= (or neither, for the sound card)")
         self._source, self._sink, self._camera = source, sink, camera
@@ -229,7 +279,9 @@ class LocalDevices(LiveSession):
                                         output_rate=self.agent.output_rate).start()
             self._source, self._sink = self._device.source, self._device.sink
         try:
-            if self._camera is not None or o.camera is not None:
+            if self.scene is not None:
+                self._camera = None              # the demo scene is the camera
+            elif self._camera is not None or o.camera is not None:
                 try:
                     self._set_status("opening the camera")
                     if self._camera is None:
@@ -256,22 +308,28 @@ class LocalDevices(LiveSession):
     def _capture(self) -> None:
         from speech.io import AudioDeviceError
         eng, src, cam = self.engine, self._source, self._camera
-        last_index, ended = -1, False
+        last_index, ended, finished = -1, None, False
         silence = np.zeros(int(round(self.options.silence_chunk * SAMPLE_RATE)), np.float32)
+        settle = eng.options.end_of_turn_silence + FINISH_AFTER
         try:
             while not self._stop.is_set():
-                chunk = None if ended else src.read(timeout=0.1)
+                chunk = None if ended is not None else src.read(timeout=0.1)
                 if chunk is None:          # a file or replay ended: the clock runs on in silence
-                    if not ended:
-                        ended = True
-                        self.notice("The audio input ended; the session continues in silence.")
+                    if ended is None:
+                        ended = self.clock
+                        self.notice("The replay's audio ended; its last reply plays out."
+                                    if self.finish_at_end else
+                                    "The audio input ended; the session continues in silence.")
+                    if self.finish_at_end and self.clock - ended >= settle and eng.settled():
+                        finished = True    # the clock stops with the replay
+                        break
                     if self._stop.wait(self.options.silence_chunk):
                         break
                     chunk = silence
                 else:
                     chunk = self._in_rs.feed(chunk)
                 if chunk.size:
-                    eng.push_audio(chunk)
+                    self._feed_audio(chunk)
                 if cam is not None and getattr(cam, "ended", False):
                     self.notice(f"The camera stopped ({cam.error}); continuing audio-only.")
                     cam = None
@@ -287,7 +345,8 @@ class LocalDevices(LiveSession):
             log.exception("live capture failed")
             self.error = e
         finally:
-            self._set_status("stopped" if self._stop.is_set() else "failed")
+            self._set_status("finished" if finished else
+                             "stopped" if self._stop.is_set() else "failed")
 
     def stop(self) -> None:
         """Stop capturing and replying; drop queued speech; close what was opened/given."""

@@ -25,7 +25,10 @@ from speech.constants import SAMPLE_RATE
 from speech.io import AudioSink
 from speech.resample import StreamResampler
 
-from .live import LiveOptions, LiveSession, LocalDevices
+from .demo_scene import SoundCursor
+from .live import LiveOptions, LiveSession, LiveSnapshot, LocalDevices
+
+NO_FRAMES_AFTER = 3.0              # s of microphone audio without webcam frames: say so
 
 
 class PullSink(AudioSink):
@@ -107,8 +110,9 @@ class BrowserDevices(LiveSession):
     end-of-turn silence per gap (a lost chunk must not end the user's turn; the clock lags
     by the rest from then on), and a notice says that audio is being lost."""
 
-    def __init__(self, agent, options: LiveOptions = LiveOptions(), gap_fill_after: float = 0.15):
-        super().__init__(agent, options)
+    def __init__(self, agent, options: LiveOptions = LiveOptions(), gap_fill_after: float = 0.15,
+                 scene=None):
+        super().__init__(agent, options, scene)
         self._push_lock = threading.Lock()
         self._rs: StreamResampler | None = None
         self._open_engine(PullSink(agent.output_rate))
@@ -117,6 +121,9 @@ class BrowserDevices(LiveSession):
         self._max_fill = 0.75 * self.engine.options.end_of_turn_silence
         self._t0: float | None = None          # wall time the first chunk started
         self.received_seconds = self.filled_seconds = self._forgiven = 0.0
+        self._last_frame: float | None = None  # wall time of the last webcam frame
+        self._last_mic: float | None = None    # ... and microphone chunk
+        self._scene_sound = None if scene is None else SoundCursor(scene, agent.output_rate)
         self.status = "listening"
 
     @property
@@ -144,6 +151,7 @@ class BrowserDevices(LiveSession):
                 self._forgiven += gap - fill     # the clock lags by this much from now on
                 self._feed(np.zeros(int(round(fill * sr)), np.float32))
             self.received_seconds += dur
+            self._last_mic = now
             self._feed(x)
             lost = self.filled_seconds / (self.filled_seconds + self.received_seconds)
         if self.filled_seconds > 1.0 and lost > 0.1:
@@ -154,22 +162,48 @@ class BrowserDevices(LiveSession):
     def _feed(self, x: np.ndarray) -> None:
         y = self._rs.feed(x)
         if y.size:
-            self.engine.push_audio(y)
+            self._feed_audio(y)
 
     def pull_reply(self, seconds: float) -> tuple[int, np.ndarray]:
-        """The next `seconds` of the agent's voice: (rate, int16 PCM), silence between replies."""
+        """The next `seconds` of the agent's voice: (rate, int16 PCM), silence between
+        replies; with a demo scene, its sound mixed in (at the session clock)."""
         from speech.audio import float_to_pcm16
-        n = int(round(seconds * self.agent.output_rate))
-        return self.agent.output_rate, float_to_pcm16(self.sink.pull(n))
+        sr = self.agent.output_rate
+        n = int(round(seconds * sr))
+        out = self.sink.pull(n)
+        if self._scene_sound is not None:
+            out = np.clip(out + self._scene_sound.next(n, self.clock), -1.0, 1.0)
+        return sr, float_to_pcm16(out)
 
-    def push_frame(self, rgb: np.ndarray) -> None:
-        """One webcam frame, (H, W, 3) uint8 RGB (RGBA is cut to RGB)."""
-        if self._closed:
+    def push_frame(self, rgb: np.ndarray, now: float | None = None) -> None:
+        """One webcam frame, (H, W, 3) uint8 RGB (RGBA is cut to RGB), as the camera saw it
+        (not mirrored). Ignored with a demo scene: the agent sees the scene."""
+        if self._closed or self.scene is not None:
             return
         bgr = np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., 2::-1])
         with self._push_lock:
             self.engine.push_frame(bgr)
+            self._last_frame = time.monotonic() if now is None else now
         self.set_preview(bgr)
+
+    def input_problems(self, now: float | None = None) -> list[str]:
+        """What the user must fix now (cleared once fixed): microphone audio arriving
+        without webcam frames (the agent would be blind)."""
+        now = time.monotonic() if now is None else now
+        if self.scene is not None or self._closed or self._t0 is None:
+            return []
+        since = now - (self._last_frame if self._last_frame is not None else self._t0)
+        if since > NO_FRAMES_AFTER and self._last_mic is not None and \
+                now - self._last_mic < NO_FRAMES_AFTER:
+            return [f"No webcam frames for {since:.0f} s while your microphone streams: the "
+                    f"agent sees nothing. Start the webcam (allow the camera, then its "
+                    f"record button), or choose the demo-world scene."]
+        return []
+
+    def snapshot(self) -> LiveSnapshot:
+        snap = super().snapshot()
+        problems = tuple(self.input_problems())
+        return replace(snap, notices=snap.notices + problems) if problems else snap
 
     def stop(self) -> None:
         self._closed = True
@@ -218,9 +252,10 @@ def demo_sessions(*roots) -> list[Path]:
 
 
 def demo_replay(agent, session_dir, options: LiveOptions = LiveOptions(), sink=None) -> LocalDevices:
-    """A LocalDevices replaying `session_dir` at real time. The reply plays on `sink`; by
-    default the local speaker, or a `MemorySink` (its `.audio` for a player) when there is
-    none. Not started."""
+    """A LocalDevices replaying `session_dir` at real time; it finishes (status
+    "finished", the clock stops) once the audio and the last reply have ended. The reply
+    plays on `sink`; by default the local speaker, or a `MemorySink` (its `.audio` for a
+    player) when there is none. Not started."""
     from speech.io import AudioDeviceError, DuplexDevice, FileSource, MemorySink
     from .session import load_session
     session = load_session(session_dir)
@@ -237,7 +272,8 @@ def demo_replay(agent, session_dir, options: LiveOptions = LiveOptions(), sink=N
             sink = MemorySink(agent.output_rate, clock=time.monotonic)
             speaker_note = f"No speaker: the reply is shown as an audio player. ({e})"
     live = LocalDevices(agent, replace(options, camera=None), source=source, sink=sink,
-                        camera=SessionCamera(session) if session.frames else None)
+                        camera=SessionCamera(session) if session.frames else None,
+                        finish_at_end=True)
     if speaker_note:
         live.notice(speaker_note)
     return live

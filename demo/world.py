@@ -466,6 +466,79 @@ def question_audio(spec: SessionSpec, synth=None,
     return [synth(t.question.text, t.voice, sample_rate) for t in spec.turns]
 
 
+# --- live scenes (no question: a person asks) -----------------------------------------------
+LIVE_SOUND_PROB = 0.6              # a live scene beeps (else it is silent)
+LIVE_DISTRACT_PROB = 0.3           # another object pulses silently after the beeps
+
+
+def sample_scene(rng, t_events: float, rules: SplitRules = SplitRules("train")) -> Scene:
+    """A scene to show live, where a person asks the questions: background and 1-3 objects
+    as `sample_session` draws them; with LIVE_SOUND_PROB a run of 1-3 beeps from one object
+    (its pulses with them) from absolute time `t_events`; maybe a silent distractor pulse
+    after the run. Times in whole milliseconds."""
+    objects = _sample_objects(rng, rules)
+    background = _sample_background(rng)
+    start = round(t_events * 1000)
+    sound = rng.random() < LIVE_SOUND_PROB
+    sound_slot = objects[rng.integers(len(objects))].slot if sound else None
+    b_run, b_len = _run_ms(rng, int(rng.integers(1, 4)) if sound else 0)
+    freq = round(float(rng.uniform(*(HIGH_HZ if rng.random() < 0.5 else LOW_HZ))), 1)
+    level = round(float(rng.uniform(*BEEP_DBFS)), 2)
+    beeps = tuple(Beep((start + o) / 1000, d / 1000, freq, level) for o, d in b_run)
+    others = [o.slot for o in objects if o.slot != sound_slot]
+    d_slot = (others[rng.integers(len(others))]
+              if others and rng.random() < LIVE_DISTRACT_PROB else None)
+    d_run, _ = _run_ms(rng, int(rng.integers(1, 4)) if d_slot else 0)
+    d_start = start + b_len + (_ms(rng, 0.15, 0.6) if b_run else 0)
+    pulses = []
+    for slot, run, s0 in ((sound_slot, b_run, start), (d_slot, d_run, d_start)):
+        scale = round(float(rng.uniform(*PULSE_SCALE)), 3)
+        bright = int(rng.integers(PULSE_BRIGHTEN[0], PULSE_BRIGHTEN[1] + 1))
+        pulses += [Pulse(slot, (s0 + o) / 1000, d / 1000, scale, bright) for o, d in run]
+    return Scene(background, objects, beeps, tuple(sorted(pulses, key=lambda p: p.t0)),
+                 sound_slot)
+
+
+def shift_scene(scene: Scene, dt: float) -> Scene:
+    """`scene` with its beeps and pulses `dt` seconds later."""
+    return Scene(scene.background, scene.objects,
+                 tuple(Beep(round(b.t0 + dt, 6), b.dur, b.freq, b.level_dbfs)
+                       for b in scene.beeps),
+                 tuple(Pulse(p.slot, round(p.t0 + dt, 6), p.dur, p.scale, p.brighten)
+                       for p in scene.pulses), scene.sound_slot)
+
+
+def describe_scene(scene: Scene) -> str:
+    """One line a person reads: "a red circle on the left and a blue square in the middle;
+    the red circle beeps twice, high." """
+    where = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+    objs = [f"a {o.color} {o.shape} {where[o.slot]}" for o in scene.objects]
+    text = objs[0] if len(objs) == 1 else ", ".join(objs[:-1]) + " and " + objs[-1]
+    snd = scene.sounding_object
+    if snd is None or not scene.beeps:
+        return text + "; silent."
+    n = ("once", "twice", "three times")[min(len(scene.beeps), 3) - 1]
+    pitch = "high" if scene.beeps[0].freq >= 1000 else "low"
+    return f"{text}; the {snd.color} {snd.shape} beeps {n}, {pitch}."
+
+
+def example_questions(scene: Scene, n: int, rng=None) -> list[Question]:
+    """Up to `n` questions whose answers are defined for `scene`, one per question type
+    (types drawn at random), alternating hearing (audio, audio-visual) and seeing (visual)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    heard, seen = [], []
+    for qtype in QTYPE_IDS:
+        cands = candidate_questions(scene, qtype)
+        if cands:
+            q = cands[rng.integers(len(cands))]
+            (seen if q.type_group == "visual" else heard).append(q)
+    heard = [heard[i] for i in rng.permutation(len(heard))]
+    seen = [seen[i] for i in rng.permutation(len(seen))]
+    mixed = [q for pair in zip(heard, seen) for q in pair]
+    k = min(len(heard), len(seen))
+    return (mixed + heard[k:] + seen[k:])[:n]
+
+
 # --- rendering ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
 def _background_image(bg: Background, w: int, h: int) -> np.ndarray:

@@ -1,9 +1,12 @@
 """The Gradio app: it serves its page; its handlers run whole turns on a video-file camera
-with file-backed audio, on browser-streamed chunks, and on a demo replay; without devices
-the page shows a notice instead of failing. Untrained tiny agent, espeak-ng speech."""
+or the demo-world scene with file-backed audio, on browser-streamed chunks, and on a demo
+replay; without devices the page shows a notice and the demo scene instead of failing; the
+page's buttons, driven with gradio_client against the launched app, start, interrupt and
+stop a conversation. Untrained tiny agent, espeak-ng speech."""
 import io
 import socket
 import threading
+import re
 import time
 import urllib.request
 import wave
@@ -12,16 +15,18 @@ import numpy as np
 import pytest
 
 from app.agent import random_agent
+from app.demo_scene import DemoScene, DemoSceneOptions
 from app.engine import EngineOptions, with_generation
 from app.gradio_app import launch, metrics_frame
-from app.gradio_handlers import RANDOM, LiveController
+from app.gradio_handlers import CAMERA, RANDOM, SCENE, LiveController
 from app.live import LiveOptions
 from app.live_inputs import BrowserDevices, probe_devices
+from demo import world as W
 from app.session import SessionWriter
 from speech.audio import resample
 from speech.constants import SAMPLE_RATE
 from speech.io import FileSource, MemorySink
-from tests.fixtures_audio import speech_clips  # noqa: F401 (fixture)
+from tests.fixtures_audio import speech_clips, synth_speech  # noqa: F401 (fixture)
 from tests.media import make_test_video
 from tests.test_live import wait_for, write_wav
 from vision.camera import Camera
@@ -29,7 +34,8 @@ from vision.camera import Camera
 REPLY = with_generation(EngineOptions(), max_text_tokens=4, min_audio_seconds=1.0,
                         max_audio_seconds=1.0)
 NO_DEVICES = LiveOptions(camera="/nonexistent/camera.avi", input_device="no-such-microphone",
-                         output_device="no-such-speaker", engine=REPLY)
+                         output_device="no-such-speaker", engine=REPLY, user_words=False)
+QUIET = LiveOptions(camera=None, engine=REPLY, user_words=False)   # no recogniser: cheap
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +58,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def beeping_scene_options(**kw) -> DemoSceneOptions:
+    """Scene options whose first scene beeps."""
+    for seed in range(100):
+        o = DemoSceneOptions(seed=seed, **kw)
+        if DemoScene(o).shown(0.0).scene.beeps:
+            return o
+    raise AssertionError("no beeping first scene in 100 seeds")
+
+
+def file_audio(wav):
+    """An audio_factory: the microphone is `wav` at real time, the speaker a MemorySink."""
+    def factory(agent):
+        return (FileSource(wav, realtime=True),
+                MemorySink(agent.output_rate, clock=time.monotonic))
+    return factory
+
+
+def user_lines(ctl) -> list[str]:
+    return [m["content"] for m in ctl.refresh()[3] if m["role"] == "user"]
+
+
 def test_page_served_with_a_notice_when_there_are_no_devices(agent):
     notices = probe_devices(NO_DEVICES)
     assert len(notices) == 2 and "no-such-microphone" in notices[0] and "camera" in notices[1]
@@ -64,24 +91,27 @@ def test_page_served_with_a_notice_when_there_are_no_devices(agent):
         with urllib.request.urlopen(url + "config", timeout=30) as r:
             config = r.read().decode()
         for text in ("Tandem", "no-such-microphone", "Browser devices", "Demo replay",
-                     "random (untrained)", "mctp"):
+                     "random (untrained)", "mctp", "Demo-world scene", "New scene",
+                     "demo world"):
             assert text in config, text
+        for _, template, _ in W.QTYPES.values():   # the questions the model understands
+            assert template.split("{")[0] in config, template
+        assert ctl.default_source == SCENE           # no camera: the demo scene
         msg = ctl.start_local(RANDOM, "mctp")                   # no raise: a message instead
         assert msg.startswith("⚠ Cannot start") and "Browser devices" in msg
         status, notice, preview, chat, lat, att = ctl.refresh()
         assert "not running" in status and "no-such-microphone" in notice and "Notes" in notice
+        assert "demo-world scene" in notice
         assert preview is None and chat == [] and lat.empty and att.empty
     finally:
         demo.close()
 
 
 def test_local_handlers_run_a_turn(agent, media):
-    def audio(agent):
-        return (FileSource(media["wav"], realtime=True),
-                MemorySink(agent.output_rate, clock=time.monotonic))
-    ctl = LiveController(LiveOptions(camera=str(media["video"]), engine=REPLY), model=RANDOM,
-                         audio_factory=audio, agents={RANDOM: agent})
-    assert ctl.models[-1] == RANDOM
+    ctl = LiveController(LiveOptions(camera=str(media["video"]), engine=REPLY,
+                                     user_words=False), model=RANDOM,
+                         audio_factory=file_audio(media["wav"]), agents={RANDOM: agent})
+    assert ctl.models[-1] == RANDOM and ctl.default_source == CAMERA
     assert ctl.start_local(RANDOM, "vanilla").startswith("▶")
     try:
         wait_for(lambda: not ctl.refresh()[4].empty, 30, "a turn's latencies")
@@ -96,6 +126,7 @@ def test_local_handlers_run_a_turn(agent, media):
     assert (att["t"] <= 0.05).all() and att["t"].min() < -1.0   # times before the question's end
     assert preview.shape == (240, 320, 3) and preview.dtype == np.uint8
     assert [m["role"] for m in chat] == ["user", "assistant"]
+    assert re.fullmatch(r"speech, \d\.\d s", chat[0]["content"])    # no recogniser asked for
     assert "turns: 1" in status and "audio input ended" in notice   # the file ran out
     table = metrics_frame(ctl.session.snapshot() if ctl.session else None)
     assert table.empty                                   # stopped: no session shown
@@ -110,11 +141,12 @@ def _wav(data: bytes) -> tuple[int, np.ndarray]:
 def test_browser_stream_handlers_reply(agent, media):
     """Mic chunks (48 kHz int16, as Gradio's recorder sends them) and webcam frames (RGB)
     at real-time pace; the voice generator streams the reply back as WAV chunks."""
-    ctl = LiveController(LiveOptions(camera=None, engine=REPLY), model=RANDOM,
-                         agents={RANDOM: agent})
-    assert ctl.browser_mic((48_000, np.zeros(100, np.int16))) is None   # no session yet
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    assert ctl.browser_mic((48_000, np.zeros(100, np.int16))) is None   # no session yet...
+    assert "no browser session is running" in ctl.status_markdown(None)  # ...said, not dropped
     assert list(ctl.browser_voice()) == []
-    assert ctl.start_browser(RANDOM, "mctp").startswith("▶")
+    assert ctl.start_browser(RANDOM, "mctp", CAMERA).startswith("▶")
+    assert "Webcam" in ctl.status_markdown(None) and "Record" in ctl.status_markdown(None)
     assert isinstance(ctl.session, BrowserDevices)
     voice = []
     player = threading.Thread(target=lambda: voice.extend(ctl.browser_voice(0.1)), daemon=True)
@@ -134,8 +166,10 @@ def test_browser_stream_handlers_reply(agent, media):
         ctl.browser_mic((48_000, np.stack([chunk, chunk], 1) if k % 2 else chunk))  # stereo too
         k += 1
     wait_for(lambda: ctl.snapshot().metrics, 10, "the end of the reply")
-    time.sleep(1.2)                                      # the rest of the reply plays out
-    snap, s = ctl.snapshot(), ctl.session
+    s = ctl.session
+    wait_for(lambda: s.sink.queued_seconds() == 0 and s.sink.played_samples > 0, 10,
+             "the rest of the reply to play out")
+    snap = ctl.snapshot()
     ctl.stop()
     player.join(2)
     assert not player.is_alive()                         # the generator ends with the session
@@ -152,6 +186,8 @@ def test_browser_stream_handlers_reply(agent, media):
     assert len(snap.metrics) == 1 and snap.metrics[0].response_latency is not None
     assert snap.preview is not None and snap.preview.shape == frames[0].shape
     assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+    assert ctl.browser_mic((48_000, mic48[:4800])) is None      # stopped by the user:
+    assert "still records the microphone" in ctl.status_markdown(None)   # says what to do
 
 
 def test_browser_dropped_audio_becomes_silence_with_a_notice(agent):
@@ -185,10 +221,18 @@ def test_demo_replay_without_a_speaker_shows_the_reply(agent, media, tmp_path):
     try:
         wait_for(lambda: ctl.snapshot().metrics, 30, "the replayed turn")
         wait_for(lambda: ctl.reply_audio(ctl.snapshot()) is not None, 10, "reply audio")
+        # the replay finishes once its audio and the reply have played: the clock stops
+        wait_for(lambda: ctl.snapshot().status == "finished", 30, "the replay to finish")
         snap = ctl.snapshot()
         sr, audio = ctl.reply_audio(snap)
+        wait_for(lambda: not ctl.session.running, 5, "the capture thread to end")
+        clock = ctl.snapshot().clock
+        status = ctl.status_markdown(ctl.snapshot())
     finally:
         ctl.stop()
+    assert "finished (demo)" in status and "Finished: the replay ended" in status
+    assert clock == snap.clock and clock < len(media["mic"]) / SAMPLE_RATE + 5
+    assert clock >= snap.metrics[-1].first_audio + snap.metrics[-1].reply_seconds
     assert sr == agent.output_rate and np.abs(audio).max() > 1e-3
     assert any("No speaker" in n for n in snap.notices)
     assert snap.preview is not None and set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
