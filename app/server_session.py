@@ -42,6 +42,7 @@ class ClientSession:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"session-{sid}")
         self.engine: Engine | None = None
         self.recorder = None                     # app.recorder.Recorder with --record-dir
+        self.scene = None                        # app.server_scene.SceneFeed: a demo-scene session
         self.pcm = P.PCMInput(hello.input_rate)
         self.samples_in = 0                      # input samples received (at input_rate)
         self._arrivals: deque = deque(maxlen=4096)  # (session s at message end, wall s)
@@ -83,6 +84,9 @@ class ClientSession:
             self.recorder = Recorder(writer)
         try:
             self.engine = Engine(self.server.agent, self._on_output, o.engine, recorder=self.recorder)
+            if self.hello.demo_scene is not None:
+                from .server_scene import SceneFeed
+                self.scene = SceneFeed(self.engine, self.hello.demo_scene)
         except BaseException:
             if self.recorder is not None:
                 self.recorder.close()
@@ -179,8 +183,19 @@ class ClientSession:
         eng = self.engine
         if kind == P.Kind.AUDIO_IN:
             pcm = self.pcm.push(payload)
-            if len(pcm):
+            if len(pcm) and self.scene is not None:      # demo scene: its sound and frames too
+                for message in self.scene.feed(pcm):
+                    self._on_output(message)
+            elif len(pcm):
                 eng.push_audio(pcm)
+        elif kind == P.Kind.VIDEO_IN and self.scene is not None:
+            return                               # the demo scene is this session's camera
+        elif payload == "new_scene":
+            if self.scene is None:
+                raise P.ProtocolError(P.BAD_EVENT, "new_scene needs a demo-scene session (the "
+                                                   'handshake\'s "demo_scene")')
+            for message in self.scene.new_scene():
+                self._on_output(message)
         elif kind == P.Kind.VIDEO_IN:
             import cv2
             image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
@@ -204,6 +219,9 @@ class ClientSession:
         from speech.audio import float_to_pcm16
         while (frame := await self.outbox.get()) is not _STOP:
             try:
+                if isinstance(frame, bytes):         # a ready message (demo scene)
+                    await self.ws.send(frame)
+                    continue
                 if isinstance(frame, AudioOut):
                     assert frame.sample_rate == self.server.agent.output_rate, frame.sample_rate
                     await self.ws.send(P.encode(P.Kind.AUDIO_OUT, float_to_pcm16(frame.pcm)))

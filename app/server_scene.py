@@ -1,0 +1,102 @@
+"""The browser page's demo world: what the shipped model knows (GET /info) and the live demo
+scene of a websocket session (app/demo_scene.py as the agent's camera and scene sound).
+
+In a demo-scene session (the handshake's "demo_scene", app/protocol.py) the server renders
+the scene on the session clock (input audio received): every frame goes to the engine and,
+as a JPEG (kind 6, video out), to the page; the scene's beeps are mixed into what the agent
+hears and announced to the page ("scene_beep" events, ahead of time) so it plays them; each
+scene shown is announced ("scene": description, example questions, when the next one comes).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from demo import world as W
+from speech.constants import CONTEXT_SECONDS, SAMPLE_RATE
+
+from . import protocol as P
+from .demo_scene import DemoScene, DemoSceneOptions
+from .frames import LATENCY_WORDS
+
+BEEP_LOOKAHEAD = 0.6      # s: beeps are announced this far ahead of the session clock
+JPEG_QUALITY = 85
+PLACEHOLDERS = {"c": "colour", "s": "shape", "p": "left/middle/right"}
+
+
+def page_info(model: str) -> dict:
+    """GET /info: the model's name, what it knows (the demo world, a few lines), the questions
+    it understands (demo.world.QTYPES, so the page stays in step with the world) and the
+    latency words (app.frames.LATENCY_WORDS)."""
+    world = [
+        f"The shipped model knows only the demo world: up to {len(W.SLOTS)} coloured shapes "
+        f"({', '.join(W.COLORS)} {', '.join(W.SHAPES)}) in the {', '.join(W.SLOTS[:-1])} and "
+        f"{W.SLOTS[-1]} slots of a dark picture,",
+        "and beeps, high or low, that one of the shapes makes while it pulses.",
+        f"It answers a spoken question about the last {CONTEXT_SECONDS:.0f} s it saw and heard, "
+        "in a word or two. Anything else (your room, your face) is outside what it learnt: "
+        "pick \u201cDemo scene\u201d to show it its world.",
+    ]
+    groups: dict[str, list[str]] = {}
+    for group, template, _ in W.QTYPES.values():
+        groups.setdefault(group, []).append(template.format(**PLACEHOLDERS))
+    return {"model": model, "world": world,
+            "questions": [{"group": g, "questions": qs} for g, qs in groups.items()],
+            "latency": {k: {"name": name, "text": text} for k, (name, text) in LATENCY_WORDS.items()}}
+
+
+class SceneFeed:
+    """One session's demo scene. On the session's worker thread: `feed(pcm)` instead of
+    engine.push_audio (it mixes in the scene sound, pushes due frames and returns the messages
+    for the page); `new_scene()` on the page's request."""
+
+    def __init__(self, engine, options: DemoSceneOptions):
+        self.engine, self.scene = engine, DemoScene(options)
+        self.fed = 0                          # 16 kHz samples pushed
+        self._frame = None                    # index of the last frame pushed
+        self._shown = None                    # index of the last scene announced
+        self._beeps: set[float] = set()       # t0 of the beeps announced
+
+    @property
+    def now(self) -> float:
+        return self.fed / SAMPLE_RATE
+
+    def feed(self, pcm: np.ndarray) -> list[bytes]:
+        i0 = self.fed
+        self.fed += len(pcm)
+        self.engine.push_audio(self.scene.hear(i0, pcm))
+        return self.messages()
+
+    def new_scene(self) -> list[bytes]:
+        self.scene.new_scene(self.now)
+        return self.messages()
+
+    def messages(self) -> list[bytes]:
+        """The page's share of what is due at the session clock: the scene (when it changed),
+        the frame (when a new one is due; also pushed to the engine), beeps ahead."""
+        import cv2
+        t, out = self.now, []
+        shown = self.scene.shown(t)
+        if shown.index != self._shown:
+            self._shown = shown.index
+            every = self.scene.options.scene_seconds
+            out.append(P.event("scene", t=round(t, 4), index=shown.index,
+                               description=shown.description,
+                               examples=[q.text for q in shown.examples],
+                               next_at=round(shown.start + every, 4) if every else None))
+            self._frame = None                # show the new scene at once
+        k = round(self.scene.frame_time(t) * self.scene.options.fps)
+        if k != self._frame:
+            self._frame = k
+            img = self.scene.frame(t)
+            self.engine.push_frame(img)
+            ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            assert ok, img.shape
+            out.append(P.encode(P.Kind.VIDEO_OUT, jpeg.tobytes()))
+        for b in self.scene.beeps(t, t + BEEP_LOOKAHEAD):
+            if b.t0 >= t - 0.05 and b.t0 not in self._beeps:
+                self._beeps.add(b.t0)
+                out.append(P.event("scene_beep", t=round(t, 4), t0=b.t0, dur=b.dur,
+                                   freq=b.freq, level_dbfs=b.level_dbfs))
+        if len(self._beeps) > 256:
+            self._beeps = {x for x in self._beeps if x > t - 5}
+        return out
