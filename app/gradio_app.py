@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls 
 import gradio as gr  # noqa: E402
 
 from .demo_scene import world_markdown  # noqa: E402
+from .frames import latency_legend  # noqa: E402
 from .gradio_handlers import SOURCES, LiveController  # noqa: E402
 
 POLL_SECONDS = 0.5
@@ -110,7 +111,8 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                     # non-empty data, so no empty frame is ever sent; color_map names all series
                     latency = gr.LinePlot(None, x="turn", y="latency_ms", color="kind",
                                           height=230, title="Latency per turn", x_title="turn",
-                                          y_title="ms", color_map=LATENCY_COLORS)
+                                          y_title="ms", color_map=LATENCY_COLORS,
+                                          caption=latency_legend())
                     attention = gr.LinePlot(None, x="t", y="weight", color="modality",
                                             height=230, title="Aggregator attention, last turn",
                                             x_title="s before the question ends",

@@ -27,14 +27,15 @@ def page_info(model: str) -> dict:
     """GET /info: the model's name, what it knows (the demo world, a few lines), the questions
     it understands (demo.world.QTYPES, so the page stays in step with the world) and the
     latency words (app.frames.LATENCY_WORDS)."""
+    shapes = ", ".join(f"{x}s" for x in W.SHAPES[:-1]) + f" or {W.SHAPES[-1]}s"
+    colors = ", ".join(W.COLORS) .rsplit(", ", 1)
     world = [
-        f"The shipped model knows only the demo world: up to {len(W.SLOTS)} coloured shapes "
-        f"({', '.join(W.COLORS)} {', '.join(W.SHAPES)}) in the {', '.join(W.SLOTS[:-1])} and "
-        f"{W.SLOTS[-1]} slots of a dark picture,",
-        "and beeps, high or low, that one of the shapes makes while it pulses.",
-        f"It answers a spoken question about the last {CONTEXT_SECONDS:.0f} s it saw and heard, "
-        "in a word or two. Anything else (your room, your face) is outside what it learnt: "
-        "pick \u201cDemo scene\u201d to show it its world.",
+        f"The shipped model knows only the demo world: up to {len(W.SLOTS)} shapes ({shapes}; "
+        f"{colors[0]} or {colors[1]}) in the {', '.join(W.SLOTS[:-1])} and {W.SLOTS[-1]} slots of a "
+        "dark picture, and beeps, high or low, that one of the shapes makes while it pulses.",
+        f"It answers a spoken question about the last {CONTEXT_SECONDS:.0f} s it saw and heard, in a "
+        "word or two. Your room or your face are outside what it learnt: pick \u201cDemo scene\u201d "
+        "to show it its world.",
     ]
     groups: dict[str, list[str]] = {}
     for group, template, _ in W.QTYPES.values():

@@ -343,6 +343,7 @@ $("token").hidden = !$("token").value;
 function showSource() {
   const demo = $("source").value === "demo";
   $("new-scene").hidden = !demo; $("timer").hidden = !demo;
+  $("view-title").textContent = demo ? "Demo scene: what the agent sees" : "Camera";
 }
 $("source").onchange = showSource;
 if (params.get("source") === "demo") $("source").value = "demo";
