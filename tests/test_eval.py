@@ -210,6 +210,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     text = card.read_text()
     assert "## Data" in text and "## Training" in text and "## Limits" in text and "### Spoken answers" in text
     assert "spoken by the fixed agent voice `en-us+m3:165:50`" in text
+    assert "compute latency = end-of-turn decision to the first reply audio ready" in text
 
 
 def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
