@@ -134,3 +134,19 @@ def test_demo_scene_handshake_and_control_errors(agent):
             assert c.errors[0]["code"] == P.BAD_EVENT and "demo-scene" in c.errors[0]["message"]
             await c.ws.close()
         asyncio.run(main())
+
+
+def test_demo_scene_timer_shows_a_new_scene(agent):
+    ref = DemoScene(DemoSceneOptions(seed=2, scene_seconds=5))
+    with ServerThread(agent, ServerOptions(port=0)) as s:
+        async def main():
+            c = await SceneClient.open(s.ws_url, demo_scene={"seed": 2, "scene_seconds": 5})
+            await c.silence(5.5)
+            await c.until(lambda: len(c.of("scene")) == 2)
+            await c.ws.close()
+            return c
+        c = asyncio.run(main())
+    first, second = c.of("scene")
+    assert (first["index"], first["next_at"]) == (0, 5.0)
+    assert (second["index"], second["next_at"]) == (1, 10.0) and 5.0 <= second["t"] < 5.1
+    assert second["description"] == ref.shown(5.0).description
