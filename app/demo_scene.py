@@ -9,9 +9,10 @@ person can talk to the agent about it with their own microphone.
 - `shown(t)`: the scene on screen at t: its description and example questions whose
   answers are defined for it (demo.world.candidate_questions).
 A scene's beeps (and the pulses of the object making them) start `beeps_after` s after it
-appears and repeat every `beeps_every` s, so whenever the user asks, the beeps lie in the
-6 s the model listens to before the question ends. Front-end free: the Gradio app and
-the websocket server both drive it.
+appears and repeat every `beeps_every` s: the model listens to the 6 s before a question
+ends, so a user asks right after hearing them (never two runs in those 6 s). Front-end
+free: the Gradio app and the websocket server both drive it (`SoundCursor` plays the sound
+on a speaker with its own pace).
 """
 from __future__ import annotations
 

@@ -16,16 +16,49 @@ import gradio as gr  # noqa: E402
 
 from .demo_scene import world_markdown  # noqa: E402
 from .frames import latency_legend  # noqa: E402
-from .gradio_handlers import SOURCES, LiveController  # noqa: E402
+from .gradio_handlers import CAMERA, SOURCES, LiveController  # noqa: E402
 
 POLL_SECONDS = 0.5
 PREVIEW_SECONDS = 0.2           # the picture (a beeping shape pulses for 0.2-0.3 s)
 WEBCAM_MIRROR = True            # the webcam preview is a mirror (frames are un-mirrored)
-SCENE_EVERY = (0, 120, 20)      # "new scene every" slider: min, max, default (s; 0 = button)
+SCENE_EVERY_MAX = 120           # "new scene every" slider's top (s; 0 = only the button)
 MIC_CHUNK_SECONDS = 0.1         # browser microphone chunk (Gradio's recorder sends 0.1 s)
 WEBCAM = {"video": {"width": {"ideal": 640}, "height": {"ideal": 480}}}  # enough for the model
 LATENCY_COLORS = {"response": "#e4572e", "compute": "#17a2b8"}
 ATTENTION_COLORS = {"video": "#6f42c1", "audio": "#f0ad4e"}
+# After "Start browser session": start the microphone (and the webcam when the agent sees
+# the camera) as if the user clicked their buttons; "Stop" stops them. The status line
+# still says what to click should a browser refuse.
+DEVICES_JS = """
+async (source) => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const button = (id, text) => [...document.querySelectorAll(`#${id} button`)]
+      .find((b) => b.innerText.trim() === text);
+  const press = async (id, text, ms) => {
+    for (let t = 0; t < ms; t += 100) {
+      const b = button(id, text);
+      if (b) { b.click(); return true; }
+      await sleep(100);
+    }
+    return false;
+  };
+  if (source === "%s") {
+    if (!button("tandem-webcam", "Record"))
+      await press("tandem-webcam", "Click to Access Webcam", 1000);
+    await press("tandem-webcam", "Record", 5000);
+  }
+  await press("tandem-mic", "Record", 2000);
+  return [];
+}
+"""
+STOP_DEVICES_JS = """
+() => {
+  for (const id of ["tandem-mic", "tandem-webcam"])
+    for (const b of document.querySelectorAll(`#${id} button`))
+      if (b.innerText.trim() === "Stop") b.click();
+  return [];
+}
+"""
 CSS = """
 #tandem-notice {border-left: 4px solid #e8a317; padding: 0 12px; background: #fff8e6;}
 #tandem-notice h3 {margin: 4px 0;}
@@ -42,7 +75,7 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                           open=ctl.default_source == SOURCES[0]):
             gr.Markdown(world_markdown())
         notice = gr.Markdown(ctl.notices_markdown(), elem_id="tandem-notice")
-        status = gr.Markdown(ctl.status_markdown(None))
+        status = gr.Markdown(ctl.status_markdown(None), elem_id="tandem-status")
         with gr.Row():
             with gr.Column(scale=2):
                 source = gr.Radio(list(SOURCES), value=ctl.default_source,
@@ -51,8 +84,9 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                                    interactive=False, height=260, format="jpeg")
                 scene_md = gr.Markdown(ctl.scene_markdown())
                 with gr.Row(equal_height=True):
-                    new_scene = gr.Button("🔀 New scene", scale=1)
-                    every = gr.Slider(*SCENE_EVERY[:2], value=SCENE_EVERY[2], step=5, scale=2,
+                    new_scene = gr.Button("New scene", scale=1)
+                    every = gr.Slider(0, SCENE_EVERY_MAX, step=5, scale=2,
+                                      value=ctl.scene_options.scene_seconds,
                                       label="New scene every (s; 0 = only on the button; "
                                             "applies at Start)")
                 with gr.Row(equal_height=True):
@@ -77,13 +111,13 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                                     "stream back. Press Start, then follow the status line.")
                         with gr.Row():
                             b_start = gr.Button("▶ Start browser session", variant="primary")
-                            b_stop = gr.Button("■ Stop")
+                            b_stop = gr.Button("■ Stop", elem_id="tandem-browser-stop")
                             b_interrupt = gr.Button("Interrupt")
                         mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy",
                                        label="Microphone", elem_id="tandem-mic")
                         webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy",
-                                          label="Webcam (only when the agent sees the camera)",
-                                          height=200, elem_id="tandem-webcam",
+                                          label="Webcam", height=200, elem_id="tandem-webcam",
+                                          visible=ctl.default_source == CAMERA,
                                           webcam_options=gr.WebcamOptions(
                                               mirror=WEBCAM_MIRROR, constraints=WEBCAM))
                         voice = gr.Audio(streaming=True, autoplay=True, interactive=False,
@@ -127,6 +161,9 @@ def build_app(ctl: LiveController) -> gr.Blocks:
             *rest, lat, att = ctl.refresh()
             return (*rest, None if lat.empty else lat, None if att.empty else att)
 
+        source.change(lambda src: gr.update(visible=src == CAMERA), source, webcam,
+                      show_progress="hidden")
+
         def interrupt_reply() -> str:
             if ctl.session is not None:
                 ctl.session.interrupt()
@@ -148,15 +185,18 @@ def build_app(ctl: LiveController) -> gr.Blocks:
         start.click(ctl.start_local, [model, mode, source, every], status, api_name="start").then(
             refresh, None, views).then(ctl.scene_sound, None, scene_sound,
                                        concurrency_limit=None, show_progress="hidden")
+        b_stop.click(None, None, None, js=STOP_DEVICES_JS)
         stopped = [stop.click(ctl.stop, None, status, api_name="stop"),
                    b_stop.click(ctl.stop, None, status, api_name="stop_browser"),
                    d_stop.click(ctl.stop, None, status, api_name="stop_replay")]
         interrupt.click(interrupt_reply, None, status, api_name="interrupt")
         b_interrupt.click(interrupt_reply, None, status, api_name="interrupt_browser")
         new_scene.click(ctl.new_scene, None, scene_md, api_name="new_scene")
-        b_start.click(ctl.start_browser, [model, mode, source, every], status,
-                      api_name="start_browser").then(
-            ctl.browser_voice, None, voice, concurrency_limit=None, show_progress="hidden")
+        b_started = b_start.click(ctl.start_browser, [model, mode, source, every], status,
+                                  api_name="start_browser")
+        b_started.then(None, source, None, js=DEVICES_JS % CAMERA)
+        b_started.then(ctl.browser_voice, None, voice, concurrency_limit=None,
+                       show_progress="hidden")
         d_start.click(ctl.start_demo, [session, model, mode], status, api_name="replay")
         for ev in stopped:      # a stopped session's streams end at once
             ev.then(lambda: (None, None), None, [voice, scene_sound], show_progress="hidden")
@@ -166,7 +206,7 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                    concurrency_limit=4, show_progress="hidden")
         timer = gr.Timer(POLL_SECONDS)
         timer.tick(tick, None, [status, notice, chat, latency, attention],
-                   show_progress="hidden", api_name="refresh")
+                   show_progress="hidden", api_name="poll")
         gr.Timer(PREVIEW_SECONDS).tick(scene_view, None, [scene_md, preview],
                                        show_progress="hidden", api_name="scene_view")
         seen = {"turns": -1}

@@ -141,11 +141,13 @@ class LiveController:
             return self._message
         self._replace(BrowserDevices(agent, replace(self.options, mode=mode), scene=scene),
                       "browser")
-        steps = ("click **Record** under *Microphone* (allow the microphone), then ask about "
-                 "the scene aloud." if scene is not None else
-                 "click the camera button on *Webcam* (allow the camera), then **Record** "
-                 "under *Microphone* (allow the microphone), then ask aloud.")
-        self._message = f"▶ Browser session started ({agent.name}, {mode}). Now {steps}"
+        steps = ("the microphone starts (allow it if your browser asks); if it does not, "
+                 "click **Record** under *Microphone*. Then ask about the scene aloud."
+                 if scene is not None else
+                 "the webcam and the microphone start (allow them if your browser asks); if "
+                 "they do not, click **Click to Access Webcam** and **Record** under "
+                 "*Webcam*, and **Record** under *Microphone*. Then ask aloud.")
+        self._message = f"▶ Browser session started ({agent.name}, {mode}): {steps}"
         return self._message
 
     def demo_sessions(self) -> list[str]:

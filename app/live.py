@@ -209,10 +209,11 @@ class LiveSession:
 
     def notice(self, text: str) -> None:
         """Show `text` to the user (device problems, source ended, ...)."""
-        log.warning(text)
         with self._lock:
-            if text not in self._notices:
-                self._notices.append(text)
+            if text in self._notices:
+                return
+            self._notices.append(text)
+        log.warning(text)
 
     def set_preview(self, bgr: np.ndarray) -> None:
         with self._lock:

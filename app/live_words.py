@@ -17,6 +17,7 @@ from speech.constants import QUESTION_PAD, SAMPLE_RATE
 log = logging.getLogger("tandem.words")
 
 KEEP_SECONDS = 30.0                # microphone audio kept for transcription
+IDLE_EXIT = 5.0                    # s without work: the worker thread ends (a new one starts)
 MAX_WORDS_SECONDS = 15.0           # longer turns are not transcribed (only their end is kept)
 
 _recognizer = None                 # shared by every session: loaded once, on first use
@@ -79,14 +80,23 @@ class UserWords:
         x = self.audio(*span)
         if not len(x):
             return
-        self._jobs.put((turn, x))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="tandem-words", daemon=True)
-            self._thread.start()
+        with self._lock:
+            self._jobs.put((turn, x))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="tandem-words",
+                                                daemon=True)
+                self._thread.start()
 
     def _work(self) -> None:
         while True:
-            turn, x = self._jobs.get()
+            try:
+                turn, x = self._jobs.get(timeout=IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():       # no session keeps an idle thread
+                        self._thread = None
+                        return
+                continue
             rec = recognizer()
             if rec is None:
                 continue

@@ -4,8 +4,8 @@ the timer, the example questions have answers in that scene. No model, no device
 import numpy as np
 import pytest
 
-from app.demo_scene import (MIN_BEEPS_EVERY, DemoScene, DemoSceneOptions, questions_markdown,
-                            world_markdown)
+from app.demo_scene import (MIN_BEEPS_EVERY, DemoScene, DemoSceneOptions, SoundCursor,
+                            questions_markdown, world_markdown)
 from demo import world as W
 from speech.constants import SAMPLE_RATE
 
@@ -142,3 +142,21 @@ def test_the_page_texts_come_from_the_world():
         assert template.split(" {")[0].split("?")[0] in text
     assert "Which object made the sound?" in text and "left/middle/right" in text
     assert "demo world" in world_markdown() and "beeps" in world_markdown()
+
+
+def test_sound_cursor_follows_the_session_clock():
+    """A speaker playing at its own pace (the browser's player) gets the scene's sound at the
+    session clock: contiguous while in step, jumping back into step when it drifts."""
+    ds = beeping(scene_seconds=0)
+    b = ds.shown(0.0).scene.beeps[0]
+    cur = SoundCursor(ds, 24_000)                 # another rate: the agent voice's
+    n = 2400                                      # 0.1 s
+    before = [cur.next(n, clock=0.1 * k) for k in range(int(b.t0 / 0.1) + 3)]
+    played = np.concatenate(before)
+    assert np.array_equal(played, ds.audio(0, len(played), 24_000))
+    assert rms(played[int(b.t0 * 24_000):int((b.t0 + 0.2) * 24_000)]) > 0.01
+    # the session clock stalls (no microphone audio): playback waits within `resync`
+    pos = cur.pos
+    for _ in range(10):
+        cur.next(n, clock=1.0)
+    assert cur.pos <= int(1.5 * 24_000) + n and cur.pos != pos + 10 * n

@@ -236,3 +236,322 @@ def test_demo_replay_without_a_speaker_shows_the_reply(agent, media, tmp_path):
     assert sr == agent.output_rate and np.abs(audio).max() > 1e-3
     assert any("No speaker" in n for n in snap.notices)
     assert snap.preview is not None and set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+
+
+def red_left_scene() -> W.Scene:
+    """A demo-world scene: a red circle on the left, a blue square on the right."""
+    bg = W.Background("flat", (20, 20, 30), (20, 20, 30), 0, 0)
+    return W.Scene(bg, (W.WorldObject("circle", "red", "left", W.COLORS["red"], 70.0, 120.0),
+                        W.WorldObject("square", "blue", "right", W.COLORS["blue"], 70.0, 120.0)),
+                   (), (), None)
+
+
+def red_on_left(bgr: np.ndarray) -> bool:
+    b, g, r = np.moveaxis(bgr.astype(int), 2, 0)
+    red = (r - g > 100) & (r - b > 100)
+    w = bgr.shape[1]
+    return red[:, :w // 3].mean() > 0.03 and red[:, 2 * w // 3:].mean() < 0.001
+
+
+def test_demo_scene_mode_on_this_computer(agent, media, tmp_path):
+    """No camera: the agent sees the rendered scene (frames at the camera rate) and hears
+    its beeps mixed into the microphone; the page shows the scene, its questions, a new one
+    on the button."""
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    wav = write_wav(tmp_path / "mic.wav", np.concatenate([z(2.5), media["question"], z(1.0)]))
+    opts = beeping_scene_options(beeps_after=1.0, scene_seconds=0)
+    ctl = LiveController(QUIET, model=RANDOM, audio_factory=file_audio(wav),
+                         agents={RANDOM: agent}, scene_options=opts)
+    assert ctl.default_source == SCENE
+    assert ctl.start_local(RANDOM, "vanilla", SCENE, 0).startswith("▶ Live")
+    s = ctl.session
+    try:
+        scene = s.scene.shown(0.0).scene
+        assert "Scene 1" in ctl.scene_markdown() and W.describe_scene(scene) in ctl.scene_markdown()
+        for q in s.scene.shown(0.0).examples:
+            assert q.text in ctl.scene_markdown()
+        wait_for(lambda: ctl.snapshot().metrics, 30, "a turn on the demo scene")
+        snap = ctl.snapshot()
+        # what the agent heard: the beeps (the file is silent there), at their times
+        b = scene.beeps[0]
+        a = int(round(b.t0 * SAMPLE_RATE))
+        heard = s.engine.scene._audio(a, a + int(b.dur * SAMPLE_RATE))
+        assert np.allclose(heard, W.beep_wave(b).astype(np.float32), atol=1e-4)
+        # what it saw (and the page shows): the world's frames of this scene
+        times = np.arange(0, snap.clock, 0.1)
+        assert any(np.array_equal(snap.preview, s.scene.frame(t)[..., ::-1]) for t in times)
+        assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+        key, image = ctl.preview_frame()                    # the page's picture
+        assert key is not None and image.shape == (240, 320, 3)
+        assert "Scene 2" in ctl.new_scene()                  # the button
+        assert s.scene.shown(s.clock).index == 1
+        sound = ctl.scene_sound(0.1)                         # the page's scene-sound player
+        sr, pcm = _wav(next(sound))
+        assert sr == SAMPLE_RATE and len(pcm) == SAMPLE_RATE // 10
+        assert not any("camera" in n.lower() for n in snap.notices)   # no audio-only note
+    finally:
+        ctl.stop()
+    assert list(sound) == []                                 # the player ends with the session
+
+
+def test_browser_webcam_frames_reach_the_agent_unmirrored(agent, tmp_path):
+    """Gradio's webcam sends frames mirrored like its preview (it draws the video flipped):
+    the agent must get the camera's own view. A left/right question about a red circle on
+    the left of the scene goes through the browser path; the frames reaching the engine
+    have the circle on the left."""
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    assert ctl.webcam_mirrored
+    assert ctl.start_browser(RANDOM, "vanilla", CAMERA).startswith("▶")
+    s = ctl.session
+    got, push = [], s.engine.push_frame
+    s.engine.push_frame = lambda img, t=None: (got.append(img.copy()), push(img, t))
+    camera_view = W.render_frame(red_left_scene(), 0.0)             # BGR
+    assert red_on_left(camera_view)
+    as_gradio_sends = np.ascontiguousarray(camera_view[:, ::-1, ::-1])   # mirrored, RGB
+    q = synth_speech("Where is the red circle?", tmp_path, "q")
+    z = np.zeros(int(0.6 * SAMPLE_RATE), np.float32)
+    mic = np.concatenate([z, 0.6 * q, z, z, z])
+    t0 = time.monotonic()
+    try:
+        for k in range(0, len(mic), 1600):                        # 0.1 s chunks, 16 kHz
+            ctl.browser_frame(as_gradio_sends)
+            ctl.browser_mic((SAMPLE_RATE, (mic[k:k + 1600] * 32767).astype(np.int16)))
+        wait_for(lambda: ctl.snapshot().metrics, 30, "the answer")
+        snap = ctl.snapshot()
+    finally:
+        ctl.stop()
+    assert time.monotonic() - t0 < 60 and len(got) >= 10
+    assert all(red_on_left(img) for img in got)
+    assert red_on_left(snap.preview[..., ::-1])           # the page shows it the same way
+    assert snap.metrics[0].text and set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
+
+
+def test_browser_says_when_webcam_frames_do_not_arrive(agent):
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    ctl.start_browser(RANDOM, "vanilla", CAMERA)
+    s = ctl.session
+    try:
+        t0 = time.monotonic() - 4.0
+        chunk = np.zeros(1600, np.int16)
+        for k in range(40):                                  # 4 s of microphone, no frames
+            s.push_mic(SAMPLE_RATE, chunk, now=t0 + 0.1 * (k + 1))
+        assert "No webcam frames" in ctl.notices_markdown(ctl.snapshot())
+        ctl.browser_frame(np.zeros((240, 320, 3), np.uint8))
+        assert s.input_problems() == [] and "webcam" not in ctl.notices_markdown(ctl.snapshot())
+    finally:
+        ctl.stop()
+    ctl.start_browser(RANDOM, "vanilla", SCENE)              # the scene needs no webcam
+    s = ctl.session
+    try:
+        for k in range(40):
+            s.push_mic(SAMPLE_RATE, chunk, now=t0 + 0.1 * (k + 1))
+        assert s.input_problems() == [] and "Record" in ctl.status_markdown(None)
+        assert "Webcam" not in ctl.status_markdown(None)
+    finally:
+        ctl.stop()
+
+
+def test_a_reloaded_page_starts_clean(agent, media):
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    ctl.start_browser(RANDOM, "vanilla", SCENE)
+    s = ctl.session
+    s._add(1, "user", "an old question")                    # an old conversation on show
+    assert ctl.refresh()[3] and "listening" in ctl.refresh()[0]
+    status, notice, preview, chat, lat, att = ctl.page_loaded()
+    assert ctl.session is None and not s.running
+    assert chat == [] and preview is None and lat.empty and att.empty
+    assert "not running" in status and "▶" not in status and "listening" not in status
+    assert "Stopped" not in status                          # a fresh page, not a stopped one
+
+
+def test_the_users_words_are_shown(agent, media):
+    """With the recogniser installed (a dev dependency), what the user said replaces
+    "speech, 1.4 s" once the reply has been made."""
+    opts = LiveOptions(camera=None, engine=REPLY, user_words=True)
+    ctl = LiveController(opts, model=RANDOM, audio_factory=file_audio(media["wav"]),
+                         agents={RANDOM: agent})
+    ctl.start_local(RANDOM, "vanilla", SCENE, 0)
+    try:
+        wait_for(lambda: ctl.snapshot().metrics, 30, "the turn")
+        wait_for(lambda: "red" in " ".join(user_lines(ctl)).lower(), 90, "the user's words")
+        said = user_lines(ctl)
+    finally:
+        ctl.stop()
+    assert len(said) == 1 and said[0].startswith("“") and "speech," not in said[0]
+    assert "object" in said[0].lower()
+
+
+def test_page_buttons_drive_a_conversation(agent, media):
+    """The page's wiring as a browser drives it, through gradio_client against the launched
+    app: Start (demo scene, file-backed microphone with a question), the reply appears in
+    the conversation the page polls, Interrupt, New scene, Stop."""
+    from gradio_client import Client
+    ctl = LiveController(QUIET, model=RANDOM, audio_factory=file_audio(media["wav"]),
+                         agents={RANDOM: agent})
+    demo, url = launch(ctl, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, verbose=False)
+
+        def page(deadline: float, what: str, cond):
+            """Poll the page's timer endpoint until cond(status, notice, chat), the chat as
+            [{"role", "content"}] with the content as text."""
+            end = time.monotonic() + deadline
+            while time.monotonic() < end:
+                status, notice, chat, _, _ = client.predict(api_name="/poll")
+                chat = [{"role": m["role"], "content": " ".join(
+                    c["text"] for c in m["content"] if c.get("type") == "text")} for m in chat]
+                if cond(status, notice, chat):
+                    return status, chat
+                time.sleep(0.2)
+            pytest.fail(f"the page never showed {what}: {status!r} {chat!r}")
+
+        status, *_ = client.predict(api_name="/page_loaded")
+        assert "not running" in status
+        status = client.predict(RANDOM, "vanilla", SCENE, 0, api_name="/start")
+        assert status.startswith("▶ Live") and "demo-world scene" in status
+        assert ctl.kind == "local" and ctl.session.scene is not None
+        _, chat = page(60, "the agent's reply", lambda st, n, chat: any(
+            m["role"] == "assistant" and m["content"] not in ("", "…") for m in chat)
+            and "turns: 1" in st)
+        assert chat[0]["role"] == "user" and chat[0]["content"].startswith("speech, ")
+        status = client.predict(api_name="/interrupt")
+        assert "Status:" in status
+        page(30, "the interruption", lambda st, n, chat: any(
+            "(reply interrupted: control)" in m["content"] for m in chat))
+        scene_text = client.predict(api_name="/new_scene")
+        assert "Scene 2" in scene_text and ctl.session.scene.shown(ctl.session.clock).index == 1
+        session = ctl.session
+        assert client.predict(api_name="/stop") == "■ Stopped."
+        assert ctl.session is None and not session.running
+        page(10, "the stopped state", lambda st, n, chat: "not running" in st and not chat)
+    finally:
+        demo.close()
+        ctl.stop()
+
+
+@pytest.mark.slow
+def test_browser_devices_tab_in_chromium(agent, tmp_path):
+    """The Browser devices tab in real headless Chromium (Debian's, via Playwright) whose fake
+    webcam films a demo-world scene (a red circle on the left) and whose fake microphone asks
+    about it: one Start starts the session, the webcam and the microphone; the frames that
+    reach the engine are the camera's own view (Gradio's webcam sends them mirrored); the
+    reply comes; Stop ends the session and the devices."""
+    import cv2
+    import soundfile as sf
+    from playwright.sync_api import sync_playwright
+    from tests.test_browser import launch as chromium
+    y4m = tmp_path / "camera.y4m"
+    with open(y4m, "wb") as f:
+        f.write(b"YUV4MPEG2 W640 H480 F10:1 Ip A1:1 C420jpeg\n")
+        frame = W.render_frame(red_left_scene(), 0.0, (640, 480))
+        for _ in range(20):
+            f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
+    q = synth_speech("Where is the red circle?", tmp_path, "q")
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
+    wav = tmp_path / "mic.wav"
+    sf.write(wav, resample(np.concatenate([z(1.5), 0.7 * q / np.abs(q).max(), z(3.0)]),
+                           SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent})
+    seen = {"frames": 0, "red_left": 0}
+    start_browser = ctl.start_browser
+
+    def start_and_watch(model, mode, source, every):     # what reaches the engine
+        msg = start_browser(model, mode, source, every)
+        eng = ctl.session.engine
+        push = eng.push_frame
+
+        def watched(img, t=None):
+            seen["frames"] += 1
+            seen["red_left"] += red_on_left(img)
+            push(img, t)
+        eng.push_frame = watched
+        return msg
+    ctl.start_browser = start_and_watch
+    demo, url = launch(ctl, "127.0.0.1", free_port(), prevent_thread_lock=True, quiet=True)
+    problems = []
+    try:
+        with sync_playwright() as pw:
+            browser = chromium(pw, tmp_path / "profile", wav, y4m)
+            try:
+                page = browser.new_page()
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.goto(url)
+                page.get_by_role("tab", name="Browser devices").click()
+                page.get_by_label(CAMERA, exact=True).check()
+                page.get_by_role("button", name="▶ Start browser session").click()
+                wait_for(lambda: seen["frames"] >= 5, 60, "webcam frames at the engine")
+                wait_for(lambda: ctl.session.received_seconds > 1.0, 60, "microphone audio")
+                wait_for(lambda: ctl.snapshot().metrics, 90, "the agent's answer")
+                assert "Browser session started" in page.locator("#tandem-status").inner_text()
+                page.click("#tandem-browser-stop")
+                wait_for(lambda: ctl.session is None, 20, "the session to stop")
+                page.wait_for_function("() => [...document.querySelectorAll('#tandem-mic "
+                                       "button')].some((b) => b.innerText.trim() === 'Record')",
+                                       timeout=20_000)          # the microphone stopped too
+                # a microphone chunk still in flight must not find a missing session
+                status = ctl.status_markdown(None)
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end and ctl.status_markdown(None) == status:
+                    time.sleep(0.05)
+                status = ctl.status_markdown(None)
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+        ctl.stop()
+    assert seen["red_left"] == seen["frames"], seen          # never mirrored
+    assert status == "**Status:** not running. ■ Stopped." and not problems, (status, problems)
+
+
+def test_browser_scene_mode_plays_the_beeps_with_the_voice(agent):
+    """Browser path on the demo scene: the scene's beeps stream back with the agent's voice,
+    at the session clock (the microphone received so far); the webcam is not needed."""
+    ctl = LiveController(QUIET, model=RANDOM, agents={RANDOM: agent},
+                         scene_options=beeping_scene_options(beeps_after=1.0, scene_seconds=0))
+    ctl.start_browser(RANDOM, "vanilla", SCENE)
+    s = ctl.session
+    try:
+        b = s.scene.shown(0.0).scene.beeps[0]
+        ctl.browser_frame(np.zeros((240, 320, 3), np.uint8))     # ignored: the scene shows
+        assert np.array_equal(s.snapshot().preview, s.scene.frame(0.0)[..., ::-1])
+        silent = np.zeros(1600, np.int16)
+        t0 = time.monotonic()
+        for k in range(int(b.t0 * 10)):                           # the mic up to the beep
+            s.push_mic(SAMPLE_RATE, silent, now=t0 + 0.1 * (k + 1))
+        sr, pcm = s.pull_reply(b.dur)                             # plays from the clock
+    finally:
+        ctl.stop()
+    assert sr == agent.output_rate
+    played = pcm.astype(np.float64) / 32767
+    want = W.beep_wave(b, sr)[:len(played)]
+    assert np.sqrt(np.mean(played ** 2)) == pytest.approx(np.sqrt(np.mean(want ** 2)), rel=0.1)
+
+
+@pytest.mark.slow
+def test_shipped_model_answers_about_the_demo_scene(tmp_path):
+    """The point of the demo-scene mode: the shipped model, on this computer's path (a WAV
+    for the microphone), answers questions about the rendered scene it sees and the beeps
+    mixed into what it hears. Scene seed 4: a red triangle on the left, a yellow circle in
+    the middle, a blue square on the right that beeps twice, high, 1 s after it appears."""
+    from app.agent import load_agent
+    from speech.tts import Voice, synthesize
+    opts = DemoSceneOptions(seed=4, scene_seconds=0)
+    examples = {q.text: q.answer for q in DemoScene(opts).shown(0.0).examples}
+    asked = ["Where did the sound come from?", "What shape is on the middle?"]
+    assert [examples[q] for q in asked] == ["the right.", "a circle."]
+    x = np.zeros(16 * SAMPLE_RATE, np.float32)
+    for text, t in zip(asked, (2.5, 11.0)):                       # beeps at 1 s and 9 s
+        q = synthesize(text, Voice("en-us", None, 160, 50), SAMPLE_RATE)
+        x[int(t * SAMPLE_RATE):int(t * SAMPLE_RATE) + len(q)] = q * (
+            10 ** (-24 / 20) / np.sqrt(np.mean(q ** 2)))
+    shipped = "assets/fusion.safetensors"
+    ctl = LiveController(LiveOptions(camera=None, user_words=False),
+                         audio_factory=file_audio(write_wav(tmp_path / "q.wav", x)),
+                         model=shipped, agents={shipped: load_agent()}, scene_options=opts)
+    assert ctl.start_local(shipped, "mctp", SCENE, 0).startswith("▶")
+    try:
+        wait_for(lambda: len(ctl.snapshot().metrics) >= 2, 120, "two answers")
+        texts = [m.text.strip() for m in ctl.snapshot().metrics]
+    finally:
+        ctl.stop()
+    assert texts == ["the right.", "a circle."]
