@@ -81,10 +81,11 @@ INTERNAL = "internal"                # a server-side failure for this session
 
 # Per-kind payload limits (bytes); the websocket max_size caps whole messages above these.
 DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
+                  Kind.VIDEO_OUT: 2 * 1024 * 1024,          # demo-scene frames
                   Kind.AUDIO_IN: 2 * MAX_INPUT_RATE,        # 1 s of PCM16 at the top rate
                   Kind.AUDIO_OUT: 2 * MAX_INPUT_RATE * 4,
-                  Kind.VIDEO_IN: 2 * 1024 * 1024, Kind.VIDEO_OUT: 2 * 1024 * 1024}
-CONTROL_ACTIONS = ("interrupt", "reset", "new_scene")
+                  Kind.VIDEO_IN: 2 * 1024 * 1024}
+CONTROL_ACTIONS = ("interrupt", "reset")
 
 
 class ProtocolError(ValueError):
@@ -197,6 +198,10 @@ def parse_client_handshake(obj: dict) -> ClientHello:
     except ValueError as e:
         raise ProtocolError(BAD_HANDSHAKE, str(e)) from None
     return ClientHello(version, rate, token, scene)
+
+
+# --- the demo scene (app/server_scene.py) ----------------------------------------------------
+SCENE_ACTIONS = ("new_scene",)       # control actions of a demo-scene session (besides CONTROL_ACTIONS)
 
 
 def scene_options(obj):

@@ -62,8 +62,7 @@ def run(args) -> None:
     def ready(server):
         url = server.url + (f"?token={options.token}" if options.token else "")
         print(f"\nTandem ({agent.name}) is serving on {url}\n"
-              f"  open it in a browser, pick Camera or Demo scene (the world the shipped model "
-              f"knows), press Start, and talk\n  health check: {server.url}health\n"
+              f"  open it in a browser, press Start, and talk; health check: {server.url}health\n"
               + (f"  recording sessions into {options.record_dir}/\n" if options.record_dir else "")
               + "  Ctrl-C to stop", flush=True)
     try:

@@ -16,7 +16,7 @@ from speech.constants import CONTEXT_SECONDS, SAMPLE_RATE
 
 from . import protocol as P
 from .demo_scene import DemoScene, DemoSceneOptions
-from .frames import LATENCY_WORDS
+from .frames import LATENCY_WORDS, Control
 
 BEEP_LOOKAHEAD = 0.6      # s: beeps are announced this far ahead of the session clock
 JPEG_QUALITY = 85
@@ -46,12 +46,13 @@ def page_info(model: str) -> dict:
 
 
 class SceneFeed:
-    """One session's demo scene. On the session's worker thread: `feed(pcm)` instead of
-    engine.push_audio (it mixes in the scene sound, pushes due frames and returns the messages
-    for the page); `new_scene()` on the page's request."""
+    """One session's demo scene, standing in front of its engine on the session's worker
+    thread: `push_audio` mixes in the scene sound, pushes it and the due frames to the engine
+    and hands the page's messages (bytes) to `send`; camera frames are ignored (the scene is
+    the camera); a "new_scene" control shows another scene, other frames go to the engine."""
 
-    def __init__(self, engine, options: DemoSceneOptions):
-        self.engine, self.scene = engine, DemoScene(options)
+    def __init__(self, engine, options: DemoSceneOptions, send):
+        self.engine, self.scene, self.send = engine, DemoScene(options), send
         self.fed = 0                          # 16 kHz samples pushed
         self._frame = None                    # index of the last frame pushed
         self._shown = None                    # index of the last scene announced
@@ -59,23 +60,33 @@ class SceneFeed:
 
     @property
     def now(self) -> float:
-        return self.fed / SAMPLE_RATE
+        return self.engine.now
 
-    def feed(self, pcm: np.ndarray) -> list[bytes]:
+    def push_audio(self, pcm: np.ndarray) -> None:
         i0 = self.fed
         self.fed += len(pcm)
         self.engine.push_audio(self.scene.hear(i0, pcm))
-        return self.messages()
+        self._send_due()
 
-    def new_scene(self) -> list[bytes]:
-        self.scene.new_scene(self.now)
-        return self.messages()
+    def push_frame(self, image, t=None) -> None:
+        """A camera frame: not this session's picture."""
+
+    def push(self, frame) -> None:
+        if isinstance(frame, Control) and frame.kind in P.SCENE_ACTIONS:
+            self.scene.new_scene(self.fed / SAMPLE_RATE)
+            self._send_due()
+        else:
+            self.engine.push(frame)
+
+    def _send_due(self) -> None:
+        for message in self.messages():
+            self.send(message)
 
     def messages(self) -> list[bytes]:
         """The page's share of what is due at the session clock: the scene (when it changed),
         the frame (when a new one is due; also pushed to the engine), beeps ahead."""
         import cv2
-        t, out = self.now, []
+        t, out = self.fed / SAMPLE_RATE, []
         shown = self.scene.shown(t)
         if shown.index != self._shown:
             self._shown = shown.index

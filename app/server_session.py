@@ -42,13 +42,13 @@ class ClientSession:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"session-{sid}")
         self.engine: Engine | None = None
         self.recorder = None                     # app.recorder.Recorder with --record-dir
-        self.scene = None                        # app.server_scene.SceneFeed: a demo-scene session
         self.pcm = P.PCMInput(hello.input_rate)
         self.samples_in = 0                      # input samples received (at input_rate)
         self._arrivals: deque = deque(maxlen=4096)  # (session s at message end, wall s)
         self._first_sent: dict[int, float] = {}  # turn -> wall s its first audio was sent
         self.errors = 0
         self.closed = False
+        self.scene = None                        # app.server_scene.SceneFeed: a demo-scene session
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -86,7 +86,7 @@ class ClientSession:
             self.engine = Engine(self.server.agent, self._on_output, o.engine, recorder=self.recorder)
             if self.hello.demo_scene is not None:
                 from .server_scene import SceneFeed
-                self.scene = SceneFeed(self.engine, self.hello.demo_scene)
+                self.scene = SceneFeed(self.engine, self.hello.demo_scene, self._on_output)
         except BaseException:
             if self.recorder is not None:
                 self.recorder.close()
@@ -144,9 +144,12 @@ class ClientSession:
             raise P.ProtocolError(P.BAD_EVENT, f"unknown event type {obj.get('type')!r}: clients "
                                                'send {"type": "control", "action": ...}')
         action = obj.get("action")
-        if action not in P.CONTROL_ACTIONS:
+        if action not in P.CONTROL_ACTIONS + P.SCENE_ACTIONS:
             raise P.ProtocolError(P.BAD_EVENT, f"control action must be one of "
-                                               f"{P.CONTROL_ACTIONS}, got {action!r}")
+                                               f"{P.CONTROL_ACTIONS + P.SCENE_ACTIONS}, got {action!r}")
+        if action in P.SCENE_ACTIONS and self.hello.demo_scene is None:
+            raise P.ProtocolError(P.BAD_EVENT, f"{action} needs a demo-scene session (the "
+                                               'handshake\'s "demo_scene")')
         return action
 
     async def _error(self, code: str, message: str) -> bool:
@@ -180,22 +183,11 @@ class ClientSession:
 
     def _process(self, kind: P.Kind, payload) -> None:
         """On the session's worker thread."""
-        eng = self.engine
+        eng = self.scene or self.engine          # a demo scene stands in front of the engine
         if kind == P.Kind.AUDIO_IN:
             pcm = self.pcm.push(payload)
-            if len(pcm) and self.scene is not None:      # demo scene: its sound and frames too
-                for message in self.scene.feed(pcm):
-                    self._on_output(message)
-            elif len(pcm):
+            if len(pcm):
                 eng.push_audio(pcm)
-        elif kind == P.Kind.VIDEO_IN and self.scene is not None:
-            return                               # the demo scene is this session's camera
-        elif payload == "new_scene":
-            if self.scene is None:
-                raise P.ProtocolError(P.BAD_EVENT, "new_scene needs a demo-scene session (the "
-                                                   'handshake\'s "demo_scene")')
-            for message in self.scene.new_scene():
-                self._on_output(message)
         elif kind == P.Kind.VIDEO_IN:
             import cv2
             image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
