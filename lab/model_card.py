@@ -117,12 +117,14 @@ def eval_markdown(results: dict) -> str:
             "the reference row is the recogniser's ceiling.", "",
             _table(["replies", "n", "codes = reference", "mel distance (DTW)", "recognised",
                     "heard as the reply"], rows), ""]
-    rows = [[m, _num(s["response_latency"]["median"]), _num(s["response_latency"]["p90"]),
+    wait = lambda s, k: _num(s["end_of_turn_wait"][k]) if s.get("end_of_turn_wait") else "-"  # noqa: E731 (older evals)
+    rows = [[m, _num(s["response_latency"]["median"]), _num(s["response_latency"]["p90"]), wait(s, "median"),
              _num(s["compute_latency"]["median"]), _num(s["compute_latency"]["p90"])] for m, s in modes.items()]
     out += ["## Latency (s)", "",
             f"Replay on a virtual clock (no sound played: the first reply sound is the first reply "
             f"audio ready): {latency_legend()}. Hardware: {r['hardware']}.", "",
-            _table(["mode", "response median", "response p90", "compute median", "compute p90"], rows)]
+            _table(["mode", "response median", "response p90", "end-of-turn wait median", "compute median",
+                    "compute p90"], rows)]
     return "\n".join(out)
 
 

@@ -172,6 +172,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
         m = r["modes"][mode]
         assert sorted(m["accuracy"]["by_type"]) == qtypes and m["missed"] == 0
         assert m["response_latency"]["median"] > 0 and m["compute_latency"]["p90"] > 0
+        assert 0 < m["end_of_turn_wait"]["median"] < m["response_latency"]["median"]
         assert m["spoken"]["n"] == 2 and m["spoken"]["mel_dtw"] > 0 and m["spoken"]["recognised"] is not None
         assert 0 <= m["spoken"]["codes_vs_reference"] <= 1
         heard = [is_recognized(t["modes"][mode]["text"], t["modes"][mode]["transcript"])
