@@ -344,6 +344,10 @@ function showSource() {
   const demo = $("source").value === "demo";
   $("new-scene").hidden = !demo; $("timer").hidden = !demo;
   $("view-title").textContent = demo ? "Demo scene: what the agent sees" : "Camera";
+  $("source-hint").textContent = demo
+    ? "The server renders the demo world (10 frames per second) and mixes its beeps into what " +
+      "the agent hears; you hear them too, and your microphone asks (16 kHz)."
+    : "Microphone audio streams at 16 kHz, camera frames at 4 per second.";
 }
 $("source").onchange = showSource;
 if (params.get("source") === "demo") $("source").value = "demo";
