@@ -15,8 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls 
 import gradio as gr  # noqa: E402
 
 from .demo_scene import world_markdown  # noqa: E402
-from .frames import latency_legend  # noqa: E402
-from .gradio_handlers import CAMERA, SOURCES, LiveController  # noqa: E402
+from .gradio_handlers import CAMERA, SCENE, SOURCES, LiveController  # noqa: E402
 
 POLL_SECONDS = 0.5
 PREVIEW_SECONDS = 0.2           # the picture (a beeping shape pulses for 0.2-0.3 s)
@@ -68,11 +67,12 @@ CSS = """
 
 def build_app(ctl: LiveController) -> gr.Blocks:
     """The page, wired to `ctl`."""
+    from .frames import latency_legend       # the latency plot's caption
     with gr.Blocks(title="Tandem live") as demo:
         gr.Markdown("## Tandem — live conversation\nTalk to the agent: it sees the camera or "
                     "the demo-world scene, hears you and the scene, and answers out loud.")
         with gr.Accordion("What the shipped model knows, and the questions it understands",
-                          open=ctl.default_source == SOURCES[0]):
+                          open=ctl.default_source == SCENE):
             gr.Markdown(world_markdown())
         notice = gr.Markdown(ctl.notices_markdown(), elem_id="tandem-notice")
         status = gr.Markdown(ctl.status_markdown(None), elem_id="tandem-status")
@@ -222,6 +222,7 @@ def build_app(ctl: LiveController) -> gr.Blocks:
 
         gr.Timer(1.0).tick(slow_refresh, None, [metrics, reply], show_progress="hidden")
         def page_loaded():
+            shown.update(scene=None, preview=None)      # a fresh page gets everything
             *rest, lat, att = ctl.page_loaded()
             return (*rest, None if lat.empty else lat, None if att.empty else att)
 

@@ -424,6 +424,11 @@ def test_page_buttons_drive_a_conversation(agent, media):
         assert client.predict(api_name="/stop") == "■ Stopped."
         assert ctl.session is None and not session.running
         page(10, "the stopped state", lambda st, n, chat: "not running" in st and not chat)
+        assert client.predict(RANDOM, "vanilla", SCENE, 0, api_name="/start").startswith("▶")
+        session = ctl.session
+        status, _, _, chat, _, _ = client.predict(api_name="/page_loaded")   # a reload
+        assert ctl.session is None and not session.running and chat == []
+        assert status == "**Status:** not running. "
     finally:
         demo.close()
         ctl.stop()
@@ -555,3 +560,35 @@ def test_shipped_model_answers_about_the_demo_scene(tmp_path):
     finally:
         ctl.stop()
     assert texts == ["the right.", "a circle."]
+
+
+def test_user_words_transcribe_the_turns_own_audio(monkeypatch):
+    """UserWords hands the recogniser exactly the turn's microphone audio (from its speech
+    start less QUESTION_PAD), and without a recogniser installed leaves the line alone."""
+    from app import live_words
+    from speech.constants import QUESTION_PAD
+    got, heard = [], []
+
+    class Recogniser:
+        def transcribe(self, x):
+            heard.append(x)
+            return "what color is the circle"
+    monkeypatch.setattr(live_words, "recognizer", lambda: Recogniser())
+    w = live_words.UserWords(lambda turn, text: got.append((turn, text)))
+    mic = np.arange(5 * SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE     # value = its time
+    for i0 in range(0, len(mic), 1600):
+        w.keep(i0, mic[i0:i0 + 1600])
+    w.heard(3, 1.5, 2.5)
+    w.transcribe(3)
+    wait_for(lambda: got, 10, "the words")
+    assert got == [(3, "what color is the circle")]
+    x = heard[0]
+    assert x[0] == pytest.approx(1.5 - QUESTION_PAD, abs=1e-4) and x[-1] < 2.5
+    assert len(x) == int(2.5 * SAMPLE_RATE) - int((1.5 - QUESTION_PAD) * SAMPLE_RATE)
+    monkeypatch.setattr(live_words, "recognizer", lambda: None)          # not installed
+    monkeypatch.setattr(live_words, "IDLE_EXIT", 0.2)
+    w.heard(4, 3.0, 4.0)
+    w.transcribe(4)
+    w.transcribe(4)                                                       # asked once only
+    wait_for(lambda: w._thread is None, 10, "the idle worker to end")
+    assert got == [(3, "what color is the circle")] and len(heard) == 1
