@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("bench", help="benchmarks: codec streaming, vanilla vs MCTP, first-audio latency")
+    text = "benchmarks: codec streaming, vanilla vs MCTP, compute latency, training steps"
+    b = sub.add_parser("bench", help=text, description=(
+        f"{text}. Compute latency = end-of-turn decision to the first reply audio ready. Ratios "
+        "are measured side by side in one run; absolute times depend on the hardware, printed too."))
     b.add_argument("--model", default=DEFAULT_MODEL, help="fusion checkpoint (default: %(default)s; "
                    "the demo preset with random weights when it does not exist)")
     b.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
@@ -65,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("data", help="render the demo world: sessions for val/test, shards for training")
+    text = "render the demo world: sessions for val/test, shards for training"
+    d = sub.add_parser("data", help=text, description=(
+        f"{text}, and the codec corpus (the agent's voice). The demo world: up to 3 coloured "
+        "shapes in left/middle/right slots, high or low beeps, spoken questions about them."))
     d.add_argument("--out", default="data/demo", help="output directory (default: %(default)s)")
     d.add_argument("--train", type=int, default=None, help="training sessions")
     d.add_argument("--val", type=int, default=None, help="validation sessions")

@@ -69,6 +69,24 @@ class AudioOut(Frame):
     offset: int = 0                        # first sample's index within the reply
 
 
+# The latency words, the same on every page and report (bench, replay, eval, browser, live):
+# response latency = end-of-turn wait + compute latency (+ transport and playback in a browser).
+LATENCY_WORDS = {
+    "response_latency": ("response latency",
+                         "end of the user's speech to the first reply sound heard"),
+    "end_of_turn_wait": ("end-of-turn wait",
+                         "end of the user's speech to the end-of-turn decision (the silence the "
+                         "agent waits for before it answers)"),
+    "compute_latency": ("compute latency",
+                        "end-of-turn decision to the first reply audio ready"),
+}
+
+
+def latency_legend(sep: str = "; ") -> str:
+    """'response latency = end of the user's speech to ...; end-of-turn wait = ...; ...'"""
+    return sep.join(f"{name} = {text}" for name, text in LATENCY_WORDS.values())
+
+
 @dataclass
 class TurnMetrics:
     turn: int
@@ -76,7 +94,7 @@ class TurnMetrics:
     speech_end: float                      # session s: end of the user's speech
     decision: float                        # session s: end-of-turn decision
     first_audio: float | None              # session s: first reply audio sample out
-    response_latency: float | None         # first_audio - speech_end
+    response_latency: float | None         # first_audio - speech_end (LATENCY_WORDS)
     compute_latency: float | None          # first chunk ready - decision (wall s)
     generation_rtf: float | None           # reply audio s / generation wall s
     reply_seconds: float
@@ -84,6 +102,11 @@ class TurnMetrics:
     interrupted: bool
     backbone_forwards: int
     mode: str
+    end_of_turn_wait: float | None = None  # decision - speech_end
+
+    def __post_init__(self):
+        if self.end_of_turn_wait is None:
+            self.end_of_turn_wait = self.decision - self.speech_end
 
     def to_dict(self) -> dict:
         return asdict(self)

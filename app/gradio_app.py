@@ -67,6 +67,7 @@ CSS = """
 
 def build_app(ctl: LiveController) -> gr.Blocks:
     """The page, wired to `ctl`."""
+    from .frames import latency_legend       # the latency plot's caption
     with gr.Blocks(title="Tandem live") as demo:
         gr.Markdown("## Tandem — live conversation\nTalk to the agent: it sees the camera or "
                     "the demo-world scene, hears you and the scene, and answers out loud.")
@@ -144,7 +145,8 @@ def build_app(ctl: LiveController) -> gr.Blocks:
                     # non-empty data, so no empty frame is ever sent; color_map names all series
                     latency = gr.LinePlot(None, x="turn", y="latency_ms", color="kind",
                                           height=230, title="Latency per turn", x_title="turn",
-                                          y_title="ms", color_map=LATENCY_COLORS)
+                                          y_title="ms", color_map=LATENCY_COLORS,
+                                          caption=latency_legend())
                     attention = gr.LinePlot(None, x="t", y="weight", color="modality",
                                             height=230, title="Aggregator attention, last turn",
                                             x_title="s before the question ends",

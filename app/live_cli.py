@@ -71,4 +71,6 @@ def run(args) -> None:
     from .gradio_app import launch
     from .gradio_handlers import LiveController
     ctl = LiveController(options, model=model, device=args.device, notices=notices)
-    launch(ctl, args.host, args.port, share=args.share)
+    # quiet: no Gradio banner nor its share hint (launch prints the URL); --share prints
+    # Gradio's public link
+    launch(ctl, args.host, args.port, share=args.share, quiet=not args.share)

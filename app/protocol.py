@@ -9,10 +9,12 @@ Every message is binary: the first byte is the kind, the rest the payload.
 | 3 audio out | server -> client | PCM16 little-endian mono at the handshake's output_rate |
 | 4 event | both | JSON object with a "type" |
 | 5 error | server -> client | JSON object {"code": CODE, "message": text} |
+| 6 video out | server -> client | one JPEG frame of the demo scene (app/server_scene.py) |
 
 Handshake. The client opens with {"protocol": 1, "input_rate": 16000, "token": "..."}
 ("input_rate" defaults to 16000, "token" is needed only when the server was started with
-one). The server answers {"protocol": 1, "session": id, "input_rate": rate accepted,
+one; "demo_scene": true or {"seed": N, "scene_seconds": S} makes the server render the demo
+world as the session's camera and scene sound, app/server_scene.py). The server answers {"protocol": 1, "session": id, "input_rate": rate accepted,
 "output_rate": codec rate, "model": name}.
 
 Input rate: the server accepts any integer input_rate within [MIN_INPUT_RATE,
@@ -21,7 +23,7 @@ chunked output equals offline resampling); anything else is refused with "bad_ha
 The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling is the
 usual case.
 
-Client events: {"type": "control", "action": "interrupt" | "reset"}.
+Client events: {"type": "control", "action": "interrupt" | "reset" | "new_scene"}.
 Server events ("t": seconds on the session clock = input audio received / input_rate):
   speech_start {t}, speech_end {t}               the VAD heard the user start / stop
   turn_start {t, turn, speech_start, speech_end}  end of the user's turn: a reply starts
@@ -30,6 +32,8 @@ Server events ("t": seconds on the session clock = input audio received / input_
   turn_end {t, turn, text, interrupted}           the reply's audio is complete
   metrics {t, TurnMetrics fields (app/frames.py), browser_response_latency}
   shutdown {message}                              the server is stopping; it then closes
+  scene {t, index, description, examples, next_at}  demo scene: a new scene is shown
+  scene_beep {t, t0, dur, freq, level_dbfs}       demo scene: a beep at session time t0
 browser_response_latency: wall time the turn's first audio message was sent minus the wall
 time the end of the user's speech arrived (DESIGN.md "Metrics", on the browser path).
 """
@@ -52,10 +56,11 @@ class Kind(IntEnum):
     AUDIO_OUT = 3
     EVENT = 4
     ERROR = 5
+    VIDEO_OUT = 6
 
 
 CLIENT_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO_IN, Kind.VIDEO_IN, Kind.EVENT})
-SERVER_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO_OUT, Kind.EVENT, Kind.ERROR})
+SERVER_KINDS = frozenset({Kind.HANDSHAKE, Kind.AUDIO_OUT, Kind.EVENT, Kind.ERROR, Kind.VIDEO_OUT})
 JSON_KINDS = frozenset({Kind.HANDSHAKE, Kind.EVENT, Kind.ERROR})
 
 # Error codes (kind 5 "code")
@@ -76,6 +81,7 @@ INTERNAL = "internal"                # a server-side failure for this session
 
 # Per-kind payload limits (bytes); the websocket max_size caps whole messages above these.
 DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
+                  Kind.VIDEO_OUT: 2 * 1024 * 1024,          # demo-scene frames
                   Kind.AUDIO_IN: 2 * MAX_INPUT_RATE,        # 1 s of PCM16 at the top rate
                   Kind.AUDIO_OUT: 2 * MAX_INPUT_RATE * 4,
                   Kind.VIDEO_IN: 2 * 1024 * 1024}
@@ -126,11 +132,13 @@ def decode(message, sender: str = "client", limits: dict | None = None):
                                          "messages whose first byte is the kind")
     message = bytes(message)
     if not message:
-        raise ProtocolError(BAD_MESSAGE, "empty message: the first byte must be the kind (0-5)")
+        raise ProtocolError(BAD_MESSAGE, f"empty message: the first byte must be the kind "
+                                         f"(0-{max(Kind)})")
     try:
         kind = Kind(message[0])
     except ValueError:
-        raise ProtocolError(UNKNOWN_KIND, f"unknown message kind {message[0]}: kinds are 0-5") from None
+        raise ProtocolError(UNKNOWN_KIND, f"unknown message kind {message[0]}: kinds are "
+                                          f"0-{max(Kind)}") from None
     allowed = CLIENT_KINDS if sender == "client" else SERVER_KINDS
     if kind not in allowed:
         raise ProtocolError(WRONG_DIRECTION, f"kind {int(kind)} ({kind.name.lower()}) is never sent "
@@ -168,6 +176,7 @@ class ClientHello:
     protocol: int
     input_rate: int
     token: str | None
+    demo_scene: object = None            # app.demo_scene.DemoSceneOptions: render the demo world
 
 
 def parse_client_handshake(obj: dict) -> ClientHello:
@@ -184,7 +193,38 @@ def parse_client_handshake(obj: dict) -> ClientHello:
     token = obj.get("token")
     if token is not None and not isinstance(token, str):
         raise ProtocolError(BAD_HANDSHAKE, "token must be a string")
-    return ClientHello(version, rate, token)
+    try:
+        scene = scene_options(obj.get("demo_scene"))
+    except ValueError as e:
+        raise ProtocolError(BAD_HANDSHAKE, str(e)) from None
+    return ClientHello(version, rate, token, scene)
+
+
+# --- the demo scene (app/server_scene.py) ----------------------------------------------------
+SCENE_ACTIONS = ("new_scene",)       # control actions of a demo-scene session (besides CONTROL_ACTIONS)
+
+
+def scene_options(obj):
+    """The handshake's "demo_scene": absent/false/null -> None (the camera), true or
+    {"seed": int | null, "scene_seconds": s (0: on request only)} -> DemoSceneOptions.
+    Raises ValueError saying what is wrong."""
+    from .demo_scene import DemoSceneOptions
+    if obj is None or obj is False:
+        return None
+    if obj is True:
+        obj = {}
+    if not isinstance(obj, dict):
+        raise ValueError(f"demo_scene must be true or an object {{\"seed\": N, \"scene_seconds\": S}}, "
+                         f"got {type(obj).__name__}")
+    unknown = set(obj) - {"seed", "scene_seconds"}
+    if unknown:
+        raise ValueError(f"demo_scene takes only seed and scene_seconds, got {sorted(unknown)}")
+    seed, every = obj.get("seed"), obj.get("scene_seconds", DemoSceneOptions.scene_seconds)
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"demo_scene seed must be an integer >= 0 or null, got {seed!r}")
+    if not isinstance(every, (int, float)) or isinstance(every, bool):
+        raise ValueError(f"demo_scene scene_seconds must be a number of seconds, got {every!r}")
+    return DemoSceneOptions(seed=seed, scene_seconds=float(every))
 
 
 def server_handshake(session: str, input_rate: int, output_rate: int, model: str) -> dict:

@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
                    help="fusion checkpoint for --agent (default: the shipped model)")
     p.add_argument("--random", action="store_true", help="--agent with an untrained demo agent")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (with --agent)")
-    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp")
+    p.add_argument("--mode", choices=("vanilla", "mctp"), default="mctp",
+                   help="with --agent: audio generation, one token per backbone step (vanilla) "
+                        "or MCTP (default: %(default)s)")
     p.add_argument("--half-duplex", action="store_true",
                    help="mute the microphone while the agent speaks (no echo cancellation)")
 

@@ -51,6 +51,7 @@ class TurnResult:
     question: str | None = None       # ground truth (demo-world "question" events)
     expected: str | None = None
     correct: bool | None = None
+    end_of_turn_wait: float | None = None  # decision - speech_end (frames.LATENCY_WORDS)
 
 
 @dataclass
@@ -234,7 +235,8 @@ def _timeline(col: _Collector, s: Session, sr: int, out: Path):
             text=m.text if m else "".join(tokens), tokens=tokens, audio_file=audio_file,
             interrupted=interrupted,
             interrupted_at=stop_at if interrupted else None,
-            backbone_forwards=m.backbone_forwards if m else 0))
+            backbone_forwards=m.backbone_forwards if m else 0,
+            end_of_turn_wait=(m.decision - m.speech_end) if m else te.t - te.speech_end))
     return results, track
 
 

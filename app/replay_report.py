@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import re
 import string
+import textwrap
 from pathlib import Path
 
 import numpy as np
+
+from .frames import LATENCY_WORDS, latency_legend
 
 
 def normalize_text(text: str) -> str:
@@ -48,6 +51,7 @@ def summarize(turns: list, s) -> dict:
         "replies_with_audio": sum(r.first_audio is not None for r in turns),
         "interrupted": sum(r.interrupted for r in turns),
         "response_latency": _stats(r.response_latency for r in turns),
+        "end_of_turn_wait": _stats(r.end_of_turn_wait for r in turns),
         "compute_latency": _stats(r.compute_latency for r in turns),
         "generation_rtf": _stats(r.generation_rtf for r in turns),
         "reply_seconds": sum(r.reply_seconds for r in turns),
@@ -76,7 +80,7 @@ def format_summary(r) -> str:
     clock = "real time" if r.realtime else "virtual clock"
     lines = [f"replay of {r.session}", f"model {r.model} ({r.mode}, {clock}) on {r.hardware}",
              f"session {r.duration:.1f} s replayed in {r.wall_seconds:.1f} s wall", "",
-             f"{'turn':>4} {'speech_end':>10} {'first_audio':>11} {'response':>8} "
+             f"{'turn':>4} {'speech_end':>10} {'first_audio':>11} {'response':>8} {'wait':>5} "
              f"{'compute':>7} {'rtf':>5} {'reply_s':>7}  text"]
     for t in r.turns:
         note = " [interrupted]" if t.interrupted else ""
@@ -84,14 +88,15 @@ def format_summary(r) -> str:
             note += f"  expected {t.expected!r} {'ok' if t.correct else 'WRONG'}"
         text = t.text if len(t.text) <= 40 else t.text[:37] + "..."
         lines.append(f"{t.turn:>4} {t.speech_end:>10.2f} {_f(t.first_audio):>11} "
-                     f"{_f(t.response_latency):>8} {_f(t.compute_latency):>7} "
+                     f"{_f(t.response_latency):>8} {_f(t.end_of_turn_wait):>5} "
+                     f"{_f(t.compute_latency):>7} "
                      f"{_f(t.generation_rtf, '.1f'):>5} {t.reply_seconds:>7.2f}  {text!r}{note}")
     if not r.turns:
         lines.append("   (no turns: no user speech was detected)")
     s = r.summary
     lines.append("")
-    for key, label in (("response_latency", "response latency"), ("compute_latency", "compute latency")):
-        st = s[key]
+    for key, (label, _) in LATENCY_WORDS.items():
+        st = s.get(key)                     # reports written before end_of_turn_wait lack it
         lines.append(f"{label:<17} " + ("-" if st is None else
                      f"mean {st['mean']:.3f} s  median {st['median']:.3f} s  p90 {st['p90']:.3f} s"))
     lines.append(f"turns {s['turns']}, interrupted {s['interrupted']}, reply audio "
@@ -99,6 +104,9 @@ def format_summary(r) -> str:
     if s["questions"]:
         lines.append(f"ground truth: {s['correct']} of {s['questions']} questions answered "
                      f"correctly (accuracy {s['accuracy']:.2f})")
+    lines += ["", textwrap.fill(latency_legend() + ("" if r.realtime else
+              " (on the virtual clock no sound is played: first reply sound = first reply audio "
+              "ready, so response latency = end-of-turn wait + compute latency)"), 100)]
     return "\n".join(lines)
 
 
@@ -114,7 +122,7 @@ def _envelope(x: np.ndarray, sr: int, bins: int = 4000):
 
 
 def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndarray,
-                  sr: int) -> None:
+                  sr: int):
     from matplotlib.figure import Figure     # no pyplot: no GUI backend, no global state
 
     dur = max(session.duration, len(track) / sr, 1e-3)
@@ -132,8 +140,11 @@ def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndar
     t, lo, hi = _envelope(track, sr)
     ax_agent.fill_between(t, lo, hi, color="tab:blue", lw=0, label="agent")
     for r in turns:
+        ax_agent.axvspan(r.speech_end, r.decision, color="tab:orange", alpha=0.12, lw=0,
+                         label=f"{LATENCY_WORDS['end_of_turn_wait'][0]}")
         if r.first_audio is not None:
-            ax_agent.axvspan(r.speech_end, r.first_audio, color="tab:red", alpha=0.08, lw=0)
+            ax_agent.axvspan(r.decision, r.first_audio, color="tab:red", alpha=0.12, lw=0,
+                             label=f"{LATENCY_WORDS['compute_latency'][0]}")
         ax_agent.axvline(r.decision, color="0.5", ls=":", lw=1)
         for ax in (ax_mic, ax_agent):
             ax.axvline(r.speech_end, color="tab:orange", ls="--", lw=1)
@@ -141,9 +152,11 @@ def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndar
                 ax.axvline(r.first_audio, color="tab:red", lw=1)
         label = f"T{r.turn}"
         if r.response_latency is not None:
-            label += f"\n{r.response_latency * 1000:.0f} ms"
+            label += f"\nresponse {r.response_latency * 1000:.0f} ms"
+            if r.end_of_turn_wait is not None:
+                label += f"\nwait {r.end_of_turn_wait * 1000:.0f}"
             if r.compute_latency is not None:
-                label += f"\n(compute {r.compute_latency * 1000:.0f})"
+                label += f"\ncompute {r.compute_latency * 1000:.0f}"
         ax_agent.annotate(label, (r.speech_end, 0.95), xycoords=("data", "axes fraction"),
                           va="top", ha="right", fontsize=7)
         if r.interrupted and r.interrupted_at is not None:
@@ -155,10 +168,18 @@ def plot_timeline(path: Path, session, speech: list, turns: list, track: np.ndar
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             uniq = dict(zip(labels, handles))
-            ax.legend(uniq.values(), uniq.keys(), loc="upper right", fontsize=7)
+            ax.legend(uniq.values(), uniq.keys(), loc="upper right" if ax is ax_mic else "best",
+                      fontsize=7)
     ax_agent.set_xlim(0, dur)
-    ax_agent.set_xlabel("session time (s)   dashed: end of user speech, dotted: end-of-turn "
-                        "decision, red: first reply audio (shaded: response latency)")
+    ax_agent.set_xlabel("session time (s)")
+    # the key under the axes, wrapped to the figure: it used to run past the right edge
+    key = ("dashed: end of the user's speech · dotted: end-of-turn decision · red: first reply "
+           "audio. Response latency (dashed to red) = end-of-turn wait (orange shade) + compute "
+           "latency (red shade).")
+    width_chars = int(fig.get_figwidth() * 100 / 6.2)   # ~6.2 px per character at 8 pt
+    fig.text(0.01, 0.01, textwrap.fill(key, width_chars), fontsize=8, ha="left", va="bottom")
     fig.suptitle(f"{Path(str(session.root)).name}: {len(turns)} turns", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(str(path))
+    n_lines = textwrap.fill(key, width_chars).count("\n") + 1
+    fig.tight_layout(rect=(0, 0.01 + 0.035 * n_lines, 1, 1))
+    fig.savefig(str(path), bbox_inches="tight", pad_inches=0.1)
+    return fig

@@ -1,6 +1,7 @@
 """Browser streaming: one asyncio websockets server serving the websocket protocol on /ws
 (app/protocol.py), the browser client (GET / and /static/*) and a health check
-(GET /health) on one port.
+(GET /health) and what the page says about the model (GET /info, app/server_scene.py) on
+one port.
 
 Each connection is its own `Engine` over the shared `Agent` (weights loaded once). The event
 loop only moves bytes: every connection has one worker thread that resamples, decodes JPEGs,
@@ -116,6 +117,10 @@ class Server:
             body = {"status": "closing" if self._closing else "ok", "sessions": len(self.sessions),
                     "max_sessions": self.options.max_sessions, "model": self.agent.name}
             return _response(503 if self._closing else 200, json.dumps(body).encode(),
+                             "application/json")
+        if path == "/info":                          # what the page says about the model
+            from .server_scene import page_info
+            return _response(200, json.dumps(page_info(self.agent.name)).encode(),
                              "application/json")
         name = "index.html" if path in ("/", "/index.html") else (
             path[len("/static/"):] if path.startswith("/static/") else None)

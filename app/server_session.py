@@ -48,6 +48,7 @@ class ClientSession:
         self._first_sent: dict[int, float] = {}  # turn -> wall s its first audio was sent
         self.errors = 0
         self.closed = False
+        self.scene = None                        # app.server_scene.SceneFeed: a demo-scene session
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -83,6 +84,9 @@ class ClientSession:
             self.recorder = Recorder(writer)
         try:
             self.engine = Engine(self.server.agent, self._on_output, o.engine, recorder=self.recorder)
+            if self.hello.demo_scene is not None:
+                from .server_scene import SceneFeed
+                self.scene = SceneFeed(self.engine, self.hello.demo_scene, self._on_output)
         except BaseException:
             if self.recorder is not None:
                 self.recorder.close()
@@ -140,9 +144,12 @@ class ClientSession:
             raise P.ProtocolError(P.BAD_EVENT, f"unknown event type {obj.get('type')!r}: clients "
                                                'send {"type": "control", "action": ...}')
         action = obj.get("action")
-        if action not in P.CONTROL_ACTIONS:
+        if action not in P.CONTROL_ACTIONS + P.SCENE_ACTIONS:
             raise P.ProtocolError(P.BAD_EVENT, f"control action must be one of "
-                                               f"{P.CONTROL_ACTIONS}, got {action!r}")
+                                               f"{P.CONTROL_ACTIONS + P.SCENE_ACTIONS}, got {action!r}")
+        if action in P.SCENE_ACTIONS and self.hello.demo_scene is None:
+            raise P.ProtocolError(P.BAD_EVENT, f"{action} needs a demo-scene session (the "
+                                               'handshake\'s "demo_scene")')
         return action
 
     async def _error(self, code: str, message: str) -> bool:
@@ -176,7 +183,7 @@ class ClientSession:
 
     def _process(self, kind: P.Kind, payload) -> None:
         """On the session's worker thread."""
-        eng = self.engine
+        eng = self.scene or self.engine          # a demo scene stands in front of the engine
         if kind == P.Kind.AUDIO_IN:
             pcm = self.pcm.push(payload)
             if len(pcm):
@@ -204,6 +211,9 @@ class ClientSession:
         from speech.audio import float_to_pcm16
         while (frame := await self.outbox.get()) is not _STOP:
             try:
+                if isinstance(frame, bytes):         # a ready message (demo scene)
+                    await self.ws.send(frame)
+                    continue
                 if isinstance(frame, AudioOut):
                     assert frame.sample_rate == self.server.agent.output_rate, frame.sample_rate
                     await self.ws.send(P.encode(P.Kind.AUDIO_OUT, float_to_pcm16(frame.pcm)))

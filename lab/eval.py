@@ -259,7 +259,8 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
                    "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
             if r is not None:
                 rec.update(engine_turn=r.turn, text=r.text, correct=answers_match(r.text, q.get("answer", "")),
-                           response_latency=r.response_latency, compute_latency=r.compute_latency,
+                           response_latency=r.response_latency, end_of_turn_wait=r.end_of_turn_wait,
+                           compute_latency=r.compute_latency,
                            reply_seconds=r.reply_seconds, backbone_forwards=r.backbone_forwards,
                            audio=str(rdir / r.audio_file) if r.audio_file else None,
                            codes=by_turn[r.turn])
@@ -279,6 +280,7 @@ def _mode_summary(records: list, turns: list, wall: float) -> dict:
             "missed": sum(r["engine_turn"] is None for r in records),
             "engine_turns": len(turns), "replay_wall_seconds": wall,
             "response_latency": _stats(t.response_latency for t in turns),
+            "end_of_turn_wait": _stats(t.end_of_turn_wait for t in turns),
             "compute_latency": _stats(t.compute_latency for t in turns),
             "reply_seconds": audio_s, "backbone_forwards": forwards,
             "backbone_forwards_per_audio_second": forwards / audio_s if audio_s else None,

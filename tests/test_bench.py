@@ -34,5 +34,13 @@ def test_bench_command_reports_all_sections(tmp_path):
     assert report["generation"]["mctp_speedup_forwards"] > 1, report["generation"]
     assert [row["stage"] for row in report["training"]["rows"]][0] == "align"
     text = format_report(report)
-    for needle in ("codec streaming decode", "vanilla vs MCTP", "first PCM chunk", "fusion training step"):
+    for needle in ("codec streaming decode", "vanilla vs MCTP",
+                   "compute latency (end-of-turn decision -> first reply audio ready)",
+                   "fusion training step"):
         assert needle in text, (needle, text)
+    assert "first PCM" not in text
+    lat = report["latency"]
+    assert 0 < lat["compute_latency_ms_min"] <= lat["compute_latency_ms_median"]
+    old = {**report, "latency": {"first_pcm_ms_median": 12.0, "first_pcm_ms_min": 10.0,
+                                 "question_encode_and_aggregate_ms": 3.0}}   # an older bench JSON
+    assert "median 12 ms (min 10 ms" in format_report(old)

@@ -94,7 +94,7 @@ def test_browser_conversation(media, tmp_path):
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 stats = page.evaluate("window.tandemStats")
-                if stats["turns"] >= 1 and stats["lastClientLatency"] is not None:
+                if stats["turns"] >= 1 and stats["lastResponseLatency"] is not None:
                     break
                 assert not stats["errors"], stats["errors"]
                 time.sleep(0.25)
@@ -103,6 +103,9 @@ def test_browser_conversation(media, tmp_path):
             page.wait_for_timeout(500)
             row = [c.strip() for c in page.locator("#turns tr").last.locator("td").all_text_contents()]
             agent_said = page.locator(".bubble.agent").first.text_content()
+            about = page.text_content("#about")
+            legend = page.text_content("#latency-legend")
+            titles = page.eval_on_selector_all("th[data-latency]", "els => els.map(e => e.title)")
             shot = tmp_path / "client.png"
             page.screenshot(path=str(shot))
             if os.environ.get("TANDEM_SCREENSHOT"):
@@ -115,9 +118,19 @@ def test_browser_conversation(media, tmp_path):
     # the page got the turn's events and non-silent reply audio, and shows them
     assert stats["state"] == "live" and stats["session"] and stats["outputRate"] == 16000
     assert stats["audioBytes"] > 0.2 * 2 * 16000 and stats["audioRms"] > 0.01
-    assert 0.3 < stats["lastLatency"] < 10 and 0.3 < stats["lastClientLatency"] < 10
-    assert 0 < stats["lastComputeLatency"] < 10
+    assert 0.3 < stats["lastServerLatency"] < 10 and 0.3 < stats["lastResponseLatency"] < 10
+    assert 0 < stats["lastComputeLatency"] < 10 and 0 < stats["lastWait"] < 10
+    # response (heard here) = end-of-turn wait + compute + transport and playback
+    assert stats["lastResponseLatency"] > stats["lastWait"] + stats["lastComputeLatency"]
     assert row[0] == "1" and row[1] and all(c.endswith(" ms") for c in row[2:5]), row
+    # the page says what the model knows, the questions it understands and the latency words
+    assert "demo world" in about and "Which object made the sound?" in about
+    assert all(c in about for c in ("red", "triangle", "middle", "high or low"))
+    assert "response latency = end of the user's speech to the first reply sound heard" in legend
+    assert titles == ["response latency: end of the user's speech to the first reply sound heard",
+                      "end-of-turn wait: end of the user's speech to the end-of-turn decision "
+                      "(the silence the agent waits for before it answers)",
+                      "compute latency: end-of-turn decision to the first reply audio ready"]
     assert agent_said and agent_said != "…" and not problems, problems
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the server received 16 kHz audio and JPEG frames from the browser's devices
@@ -160,3 +173,55 @@ def test_browser_token_flow(media, tmp_path):
             assert page.evaluate("window.tandemStats.session")
         finally:
             browser.close()
+
+
+def test_browser_demo_scene_with_the_shipped_model(tmp_path):
+    """"Demo scene": the server renders a seeded demo-world scene as the agent's camera and
+    scene sound; the page shows its frames, plays its beeps and lists example questions; the
+    (fake) microphone asks an audio-visual question valid for that scene and the shipped model
+    answers it right."""
+    from playwright.sync_api import sync_playwright
+
+    from app.agent import DEFAULT_MODEL, load_agent
+    from app.demo_scene import DemoScene, DemoSceneOptions
+    from demo import world as W
+    from speech.tts import Voice, synthesize_cached
+    from app.replay_report import normalize_text
+    seed = 1
+    shown = DemoScene(DemoSceneOptions(seed=seed, scene_seconds=0)).shown(0.0)
+    (q,) = W.candidate_questions(shown.scene, "which_object")   # needs the beeps and the picture
+    x = synthesize_cached(q.text, Voice("en-us", None, 160, 50)).astype(np.float64)
+    x *= 10 ** (-22 / 20) / np.sqrt(np.mean(x * x))              # -22 dBFS RMS, as the world speaks
+    z = lambda s: np.zeros(int(s * SAMPLE_RATE))  # noqa: E731
+    wav = tmp_path / "mic.wav"                    # the beeps come 1 s into the scene, then the question
+    sf.write(wav, resample(np.concatenate([z(3.0), x, z(6.0)]).astype(np.float32), SAMPLE_RATE, 48000),
+             48000, subtype="PCM_16")
+    y4m = write_y4m(tmp_path / "camera.y4m", n=4)                 # unused: the scene is the camera
+    problems: list[str] = []
+    with ServerThread(load_agent(DEFAULT_MODEL), ServerOptions(port=0)) as server, sync_playwright() as pw:
+        browser = launch(pw, tmp_path / "profile", wav, y4m)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(server.url + f"?source=demo&seed={seed}&timer=0")
+            assert page.locator("#new-scene").is_visible() and page.input_value("#source") == "demo"
+            page.click("#start")
+            page.wait_for_function("window.tandemStats.turns >= 1", timeout=180_000)
+            stats = page.evaluate("window.tandemStats")
+            examples = page.locator("#scene-examples li").all_text_contents()
+            desc = page.text_content("#scene-desc")
+            shown_img = page.locator("#scene-view").is_visible()
+            video_hidden = page.locator("#preview").is_hidden()
+            page.click("#new-scene")                              # another scene, announced
+            page.wait_for_function("window.tandemStats.scenes >= 2", timeout=30_000)
+            second = page.evaluate("window.tandemStats.scene")
+        finally:
+            browser.close()
+    assert not stats["errors"] and not problems, (stats["errors"], problems)
+    assert stats["source"] == "demo" and stats["framesSent"] == 0      # no camera frames
+    assert stats["scene"]["index"] == 0 and stats["scene"]["description"] == shown.description
+    assert desc.lower() == shown.description.lower() and examples == [e.text for e in shown.examples]
+    assert shown_img and video_hidden and stats["sceneFrames"] >= 20
+    assert stats["beeps"] >= len(shown.scene.beeps) >= 1                 # the page played them
+    assert normalize_text(stats["lastReply"]) == normalize_text(q.answer), (q, stats["lastReply"])
+    assert second["index"] == 1 and second["description"] != shown.description

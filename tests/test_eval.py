@@ -172,6 +172,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
         m = r["modes"][mode]
         assert sorted(m["accuracy"]["by_type"]) == qtypes and m["missed"] == 0
         assert m["response_latency"]["median"] > 0 and m["compute_latency"]["p90"] > 0
+        assert 0 < m["end_of_turn_wait"]["median"] < m["response_latency"]["median"]
         assert m["spoken"]["n"] == 2 and m["spoken"]["mel_dtw"] > 0 and m["spoken"]["recognised"] is not None
         assert 0 <= m["spoken"]["codes_vs_reference"] <= 1
         heard = [is_recognized(t["modes"][mode]["text"], t["modes"][mode]["transcript"])
@@ -210,6 +211,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     text = card.read_text()
     assert "## Data" in text and "## Training" in text and "## Limits" in text and "### Spoken answers" in text
     assert "spoken by the fixed agent voice `en-us+m3:165:50`" in text
+    assert "compute latency = end-of-turn decision to the first reply audio ready" in text
 
 
 def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
@@ -314,7 +316,7 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     from lab.data import DataOptions
     from lab.train_fusion import FusionTrainOptions
     big = pipeline.PipelineOptions(budget="large")
-    assert big.path("model_out") == pipeline.PipelineOptions().path("model_out")
+    assert big.path("model_out") != pipeline.PipelineOptions().path("model_out")
     assert big.path("data") != pipeline.PipelineOptions().path("data")
     b = pipeline.BUDGETS["large"]
     assert DataOptions(**b["data"]).n_train_sessions == 3 * DataOptions().n_train_sessions

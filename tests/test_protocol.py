@@ -60,7 +60,8 @@ def test_encode_refuses_wrong_payload_types():
 @pytest.mark.parametrize("message,sender,code", [
     (b"", "client", P.BAD_MESSAGE),
     ("\x04{}", "client", P.BAD_MESSAGE),                # a text frame
-    (b"\x06abc", "client", P.UNKNOWN_KIND),
+    (b"\x07abc", "client", P.UNKNOWN_KIND),
+    (b"\x06" + JPEG, "client", P.WRONG_DIRECTION),     # demo-scene video out from a client
     (b"\xff", "client", P.UNKNOWN_KIND),
     (b"\x03\x00\x00", "client", P.WRONG_DIRECTION),      # audio out from a client
     (b"\x05{}", "client", P.WRONG_DIRECTION),

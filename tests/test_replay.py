@@ -92,6 +92,10 @@ def test_two_turn_replay_writes_a_consistent_report(two_turns, agent):
         assert r["speech_end"] < r["decision"] < r["first_audio"]
         assert r["response_latency"] == pytest.approx(r["first_audio"] - r["speech_end"])
         assert r["compute_latency"] >= 0 and r["generation_rtf"] > 0
+        # the latency words: response = end-of-turn wait + compute on the virtual clock
+        assert r["end_of_turn_wait"] == pytest.approx(r["decision"] - r["speech_end"])
+        assert r["response_latency"] == pytest.approx(
+            r["end_of_turn_wait"] + r["compute_latency"], abs=5e-3)
         assert r["text"] == "".join(r["tokens"]) and r["tokens"]
         assert not r["interrupted"] and r["played_seconds"] == pytest.approx(r["reply_seconds"])
         x, sr = sf.read(str(out / r["audio_file"]), dtype="float32")
@@ -118,6 +122,11 @@ def test_two_turn_replay_writes_a_consistent_report(two_turns, agent):
 
     summary = (out / "summary.txt").read_text()
     assert "response latency" in summary and turns[0]["text"][:20] in summary
+    assert "end-of-turn wait  mean" in summary and "compute latency   mean" in summary
+    assert "response latency = end of the user's speech to the first reply sound heard" in \
+        " ".join(summary.split())
+    assert s["end_of_turn_wait"]["mean"] == pytest.approx(
+        np.mean([r["end_of_turn_wait"] for r in turns]))
     png = (out / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -131,6 +140,36 @@ def test_replays_of_a_session_are_identical(two_turns, agent, tmp_path):
         a1, _ = sf.read(str(out1 / t1.audio_file), dtype="int16")
         a2, _ = sf.read(str(tmp_path / "again" / t2.audio_file), dtype="int16")
         np.testing.assert_array_equal(a1, a2)
+
+
+def test_timeline_text_fits_in_the_figure(tmp_path):
+    """Every caption, label and annotation of timeline.png lies inside the image (the x-axis
+    key used to run past the right edge)."""
+    from types import SimpleNamespace
+
+    from matplotlib.text import Text
+
+    from app.replay_report import plot_timeline
+    sr = 16000
+    session = SimpleNamespace(duration=8.0, audio=np.zeros(8 * sr, np.float32), sample_rate=sr,
+                              root=tmp_path / "s", events=[
+                                  {"t": 1.0, "type": "question", "t_end": 2.0, "text": "q"}])
+    turns = [TurnResult(turn=1, speech_start=1.0, speech_end=2.0, decision=2.4, first_audio=2.6,
+                        response_latency=0.6, compute_latency=0.2, generation_rtf=2.0,
+                        reply_seconds=0.5, played_seconds=0.5, text="red.", tokens=["red."],
+                        audio_file=None, interrupted=False, interrupted_at=None,
+                        backbone_forwards=3, end_of_turn_wait=0.4)]
+    fig = plot_timeline(tmp_path / "t.png", session, [[1.0, 2.0]], turns,
+                        np.zeros(8 * sr, np.float32), sr)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    W, H = fig.bbox.width, fig.bbox.height
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert any("compute latency" in t.get_text() for t in texts)
+    for t in texts:
+        b = t.get_window_extent(renderer)
+        assert b.x0 >= -1 and b.y0 >= -1 and b.x1 <= W + 1 and b.y1 <= H + 1, (t.get_text(), b)
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_ground_truth_matching_and_normalisation():

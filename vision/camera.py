@@ -19,6 +19,11 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+if "OPENCV_LOG_LEVEL" not in os.environ:
+    # OpenCV's own "[ WARN:0] can't open camera by index" lines: CameraError says it, with
+    # what to do (OPENCV_LOG_LEVEL=WARNING brings them back for debugging)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 _FALLBACK_FPS = 30.0          # used when a source does not report a usable fps
 _HINT = ("List the cameras this machine has with `ls /dev/video*`, or use a video file "
          "instead with `--camera PATH_TO_VIDEO`.")

@@ -1,22 +1,29 @@
 // Tandem browser client: camera + microphone -> websocket (app/protocol.py) -> reply audio.
 // Plain JS, no build step. Test hooks: window.tandemStats.
+// URL parameters: token=..., source=demo (the demo scene), seed=N (its scenes), timer=S.
 "use strict";
 
-const KIND = { HANDSHAKE: 0, AUDIO_IN: 1, VIDEO_IN: 2, AUDIO_OUT: 3, EVENT: 4, ERROR: 5 };
+const KIND = { HANDSHAKE: 0, AUDIO_IN: 1, VIDEO_IN: 2, AUDIO_OUT: 3, EVENT: 4, ERROR: 5, VIDEO_OUT: 6 };
 const INPUT_RATE = 16000, FRAME_MS = 250, FRAME_W = 320, FRAME_H = 240;
 const MAX_BUFFERED = 512 * 1024;   // skip video frames while the socket is this far behind
 
 const $ = (id) => document.getElementById(id);
 const enc = new TextEncoder(), dec = new TextDecoder();
 
+// latencies (s): response = end of speech -> first reply sound heard (this browser), server =
+// end of speech arrived -> first reply audio sent (server clock), wait = end-of-turn wait,
+// compute = compute latency (app/frames.py LATENCY_WORDS; the page's words come from /info)
 const stats = window.tandemStats = {
   state: "idle", session: null, outputRate: null, audioBytesSent: 0, framesSent: 0,
-  framesSkipped: 0, audioBytes: 0, audioChunks: 0, audioRms: 0, turns: 0, lastLatency: null,
-  lastClientLatency: null, lastComputeLatency: null, events: 0, errors: [], underruns: 0,
+  framesSkipped: 0, audioBytes: 0, audioChunks: 0, audioRms: 0, turns: 0,
+  lastResponseLatency: null, lastServerLatency: null, lastWait: null, lastComputeLatency: null,
+  events: 0, errors: [], underruns: 0, info: null, source: "camera", scene: null, scenes: 0,
+  sceneFrames: 0, beeps: 0, lastReply: null,
 };
 let sumSq = 0, nSamples = 0;
 let ctx = null, stream = null, ws = null, capture = null, player = null, sink = null;
-let frameTimer = null, samplesSent = 0;
+let frameTimer = null, samplesSent = 0, sceneTimer = null, sceneUrl = null;
+const params = new URLSearchParams(location.search);
 let sent = [];                    // [session seconds at chunk end, performance.now()] per chunk
 const turns = new Map();          // turn -> {row, speechEnd, capturedAt, heardAt}
 
@@ -53,27 +60,34 @@ async function start() {
   $("errors-box").hidden = true;
   turns.clear(); currentTurn = 0;
   $("chat").replaceChildren(); $("turns").replaceChildren();
+  const demo = $("source").value === "demo";
+  stats.source = demo ? "demo" : "camera";
+  $("source").disabled = true;
   try {
     stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-      video: { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } },
+      video: demo ? false : { width: { ideal: 640 }, height: { ideal: 480 }, frameRate: { ideal: 15 } },
     });
   } catch (e) {
-    setState("error", "no camera/mic");
-    showError(`camera/microphone unavailable: ${e.message} (allow access, or open the page ` +
-              "on localhost/https: browsers only grant it to secure pages)");
+    setState("error", demo ? "no mic" : "no camera/mic");
+    showError(`${demo ? "microphone" : "camera/microphone"} unavailable: ${e.message} (allow access, ` +
+              "or open the page on localhost/https: browsers only grant it to secure pages)");
+    $("source").disabled = false;
     return;
   }
-  $("preview").srcObject = stream;
+  $("preview").srcObject = demo ? null : stream;
+  $("preview").hidden = demo;
+  $("scene-view").hidden = !demo;
   ctx = new AudioContext({ latencyHint: "interactive" });
   await ctx.audioWorklet.addModule("/static/worklets.js");
-  const params = new URLSearchParams(location.search);
   const token = $("token").value || params.get("token") || undefined;
+  const seed = params.get("seed") === null ? null : Number(params.get("seed"));
+  const demoScene = demo ? { seed, scene_seconds: Number($("timer").value) } : undefined;
   ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => {
     setState("connecting", "handshake…");
-    send(KIND.HANDSHAKE, { protocol: 1, input_rate: INPUT_RATE, token });
+    send(KIND.HANDSHAKE, { protocol: 1, input_rate: INPUT_RATE, token, demo_scene: demoScene });
   };
   ws.onmessage = (e) => onMessage(new Uint8Array(e.data));
   ws.onerror = () => showError("websocket error (is the server running?)");
@@ -111,7 +125,8 @@ function onHandshake(h) {
   ctx.createMediaStreamSource(stream).connect(capture);
   capture.connect(sink).connect(ctx.destination);
   ctx.resume();
-  frameTimer = setInterval(sendFrame, FRAME_MS);
+  if (stats.source === "demo") sceneTimer = setInterval(showCountdown, 250);
+  else frameTimer = setInterval(sendFrame, FRAME_MS);
   setState("live", "live");
 }
 
@@ -133,6 +148,7 @@ function onMessage(m) {
   if (m.length === 0) return;
   const kind = m[0];
   if (kind === KIND.AUDIO_OUT) return onAudio(m.slice(1).buffer);
+  if (kind === KIND.VIDEO_OUT) return onSceneFrame(m.subarray(1));
   let obj;
   try { obj = JSON.parse(dec.decode(m.subarray(1))); } catch (e) { return showError("bad JSON from server"); }
   if (kind === KIND.HANDSHAKE) onHandshake(obj);
@@ -158,14 +174,58 @@ function onAudio(buf) {
   if (t && t.receivedAt === undefined) t.receivedAt = performance.now();
 }
 
+// --- the demo scene (app/server_scene.py): frames to show, beeps to play, what it shows --------
+function sessionNow() { return samplesSent / INPUT_RATE; }   // the server's clock, nearly
+
+function onSceneFrame(jpeg) {
+  stats.sceneFrames++;
+  const url = URL.createObjectURL(new Blob([jpeg], { type: "image/jpeg" }));
+  $("scene-view").src = url;
+  if (sceneUrl) URL.revokeObjectURL(sceneUrl);
+  sceneUrl = url;
+}
+
+function onScene(e) {
+  stats.scene = e; stats.scenes++;
+  $("scene-box").hidden = false;
+  $("scene-desc").textContent = e.description.charAt(0).toUpperCase() + e.description.slice(1);
+  $("scene-examples").replaceChildren(...e.examples.map((q) => {
+    const li = document.createElement("li"); li.textContent = q; return li;
+  }));
+  showCountdown();
+}
+
+function showCountdown() {
+  const e = stats.scene;
+  if (!e) return;
+  $("scene-next").textContent = e.next_at === null ? "a new scene when you press New scene"
+    : `next scene in ${Math.max(0, Math.ceil(e.next_at - sessionNow()))} s (or press New scene)`;
+}
+
+function playBeep(e) {                       // a sine as the demo world's: 10 ms fades
+  if (!ctx) return;
+  const delay = e.t0 - sessionNow();
+  if (delay + e.dur <= 0) return;            // too late: it is over
+  const start = ctx.currentTime + Math.max(0, delay), dur = e.dur + Math.min(0, delay);
+  const osc = ctx.createOscillator(), gain = ctx.createGain(), peak = Math.pow(10, e.level_dbfs / 20);
+  osc.frequency.value = e.freq;
+  gain.gain.setValueAtTime(0, start);
+  gain.gain.linearRampToValueAtTime(peak, start + 0.01);
+  gain.gain.setValueAtTime(peak, start + Math.max(0.01, dur - 0.01));
+  gain.gain.linearRampToValueAtTime(0, start + dur);
+  osc.connect(gain).connect(ctx.destination);
+  osc.start(start); osc.stop(start + dur + 0.02);
+  stats.beeps++;
+}
+
 function onPlayer(m) {
   if (m.type === "started") {
     const t = turns.get(m.turn);
     if (!t || t.heardAt !== undefined || t.capturedAt === undefined) return;
     const ts = ctx.getOutputTimestamp();
     t.heardAt = ts.performanceTime + (m.time - ts.contextTime) * 1000 + (ctx.outputLatency || 0) * 1000;
-    stats.lastClientLatency = (t.heardAt - t.capturedAt) / 1000;
-    cell(t, "client", stats.lastClientLatency);
+    stats.lastResponseLatency = (t.heardAt - t.capturedAt) / 1000;
+    cell(t, "response", stats.lastResponseLatency);
   } else if (m.type === "drained") {
     stats.underruns = m.underruns;
   }
@@ -186,8 +246,8 @@ function onEvent(e) {
     case "turn_start": {
       currentTurn = e.turn;
       const row = $("turns").insertRow(0);
-      row.innerHTML = `<td>${e.turn}</td><td class="text">…</td><td data-k="server">…</td>` +
-        `<td data-k="client">…</td><td data-k="compute">…</td><td data-k="audio">…</td>`;
+      row.innerHTML = `<td>${e.turn}</td><td class="text">…</td><td data-k="response">…</td>` +
+        `<td data-k="wait">…</td><td data-k="compute">…</td><td data-k="audio">…</td>`;
       turns.set(e.turn, { row, speechEnd: e.speech_end, capturedAt: capturedAt(e.speech_end) });
       const said = (e.speech_end - e.speech_start).toFixed(1);
       bubble("user", `you spoke for ${said} s`, e.turn).classList.add("pending");
@@ -209,19 +269,26 @@ function onEvent(e) {
       break;
     case "metrics": {
       stats.turns++;
-      stats.lastLatency = e.browser_response_latency;
+      stats.lastServerLatency = e.browser_response_latency;
+      stats.lastWait = e.end_of_turn_wait;
       stats.lastComputeLatency = e.compute_latency;
+      stats.lastReply = e.text;
       const t = turns.get(e.turn);
       if (t) {
-        cell(t, "server", e.browser_response_latency);
+        cell(t, "wait", e.end_of_turn_wait);
         cell(t, "compute", e.compute_latency);
+        if (e.browser_response_latency !== null && e.browser_response_latency !== undefined)
+          t.row.querySelector('[data-k="response"]').title = "first reply audio sent by the server: " +
+            `${Math.round(e.browser_response_latency * 1000)} ms after your speech ended`;
         t.row.querySelector('[data-k="audio"]').textContent =
           `${e.reply_seconds.toFixed(1)} s${e.interrupted ? " ✂" : ""}`;
-        if (t.heardAt === undefined) cell(t, "client", null);
+        if (t.heardAt === undefined) cell(t, "response", null);
         if (e.text) t.row.querySelector(".text").textContent = e.text.trim();
       }
       break;
     }
+    case "scene": onScene(e); break;
+    case "scene_beep": playBeep(e); break;
     case "shutdown": showError(`server: ${e.message}`); setState("closed", "server stopped"); break;
   }
 }
@@ -247,6 +314,8 @@ function bubble(who, text, turn) {
 
 function teardown() {
   clearInterval(frameTimer); frameTimer = null;
+  clearInterval(sceneTimer); sceneTimer = null;
+  $("source").disabled = false;
   if (capture) { capture.port.postMessage("stop"); capture.disconnect(); capture = null; }
   if (player) { player.disconnect(); player = null; }
   if (stream) { stream.getTracks().forEach((t) => t.stop()); stream = null; }
@@ -266,6 +335,57 @@ function control(action) { send(KIND.EVENT, { type: "control", action }); }
 $("start").onclick = () => (stats.state === "live" || stats.state === "connecting" ? stop() : start());
 $("interrupt").onclick = () => control("interrupt");
 $("reset").onclick = () => control("reset");
-$("token").value = new URLSearchParams(location.search).get("token") || "";
+$("new-scene").onclick = () => control("new_scene");
+$("token").value = params.get("token") || "";
 $("token").hidden = !$("token").value;
+
+// --- what the model knows and the latency words: GET /info (app/server_scene.py) ---------------
+function showSource() {
+  const demo = $("source").value === "demo";
+  $("new-scene").hidden = !demo; $("timer").hidden = !demo;
+  $("view-title").textContent = demo ? "Demo scene: what the agent sees" : "Camera";
+  $("source-hint").textContent = demo
+    ? "The server renders the demo world (10 frames per second) and mixes its beeps into what " +
+      "the agent hears; you hear them too, and your microphone asks (16 kHz)."
+    : "Microphone audio streams at 16 kHz, camera frames at 4 per second.";
+}
+$("source").onchange = showSource;
+if (params.get("source") === "demo") $("source").value = "demo";
+if (params.get("timer") !== null) {
+  const v = String(Number(params.get("timer")));
+  if (![...$("timer").options].some((o) => o.value === v)) $("timer").add(new Option(`every ${v} s`, v));
+  $("timer").value = v;
+}
+showSource();
+
+async function loadInfo() {
+  try {
+    const info = await (await fetch("/info")).json();
+    const about = $("about");
+    about.replaceChildren(...info.world.map((line) => {
+      const p = document.createElement("p"); p.textContent = line; return p;
+    }));
+    const ul = document.createElement("ul");
+    for (const g of info.questions) {
+      const li = document.createElement("li");
+      const span = document.createElement("span");
+      span.textContent = `${g.group}: `;
+      li.append(span, g.questions.join(" · "));
+      ul.append(li);
+    }
+    const head = document.createElement("p");
+    head.textContent = "The questions it understands (colour, shape, left/middle/right: say one):";
+    about.append(head, ul);
+    for (const th of document.querySelectorAll("th[data-latency]")) {
+      const w = info.latency[th.dataset.latency];
+      if (w) th.title = `${w.name}: ${w.text}`;
+    }
+    $("latency-legend").textContent = Object.values(info.latency)
+      .map((w) => `${w.name} = ${w.text}`).join("; ") + ". Hover a response cell for the server's view.";
+    stats.info = info;
+  } catch (e) {
+    showError(`could not load /info: ${e.message}`);
+  }
+}
+loadInfo();
 setState("idle", "not connected");
