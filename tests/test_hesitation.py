@@ -105,3 +105,21 @@ def test_sessions_carry_the_pause_and_the_vad_hears_two_utterances(hesitant, tmp
     assert len(cut) == 2 and h.t0 - 0.2 < cut[0][1] < h.t1 + 0.1 < cut[1][1] + 0.1
     whole = utterances(1.2)                              # a patient one: one question
     assert len(whole) == 1 and whole[0][0] < h.t0 and whole[0][1] > turn.t_q1 - 0.2
+
+
+def test_run_py_data_hesitations_reach_shards_and_sessions(tmp_path):
+    import run
+    from app.session import load_session
+    from lab.data import TrainShards, main
+    args = run.build_parser().parse_args(["data", "--hesitations", "0.25"])
+    assert args.hesitations == 0.25
+    m = main(tmp_path, n_train_sessions=1, n_val_sessions=1, n_test_sessions=0,
+             turns_per_session=1, workers=1, progress=False, n_codec_sentences=1,
+             n_codec_eval=0, hesitation_prob=1.0)
+    assert m["options"]["hesitation_prob"] == 1.0
+    (spec,) = TrainShards(tmp_path).specs
+    assert spec.turns[0].hesitation is not None
+    ses = load_session(tmp_path / "val" / "00000")
+    (q,) = [e for e in ses.events if e["type"] == "question"]
+    h = W.SessionSpec.from_dict(ses.meta["spec"]).turns[0].hesitation
+    assert q["pause"] == [h.t0, h.t1] and q["t"] < h.t0 < h.t1 < q["t_end"]
