@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lab.train_loop import LoopOptions, train
-from lab.turn_end_data import EXTRA_SILENCE, KINDS, Examples, make_examples
+from lab.turn_end_data import EXTRA_SILENCE, KINDS, Examples, concat, make_examples, subset
 from speech.constants import TURN_END_PAUSE
 from speech.turn_end import TurnEndConfig, TurnEndNet, TurnEndPredictor, features
 
@@ -140,13 +140,20 @@ def evaluate(predictor: TurnEndPredictor, splits: dict[str, Examples],
 
 # --- the run -------------------------------------------------------------------------------
 def _examples(out: Path, split: str, n: int, o: TurnEndTrainOptions, progress: bool):
+    """The split's examples, from OUT's cache where it has them (more turns: rendered on)."""
     path, meta = out / f"examples_{split}.npz", out / f"examples_{split}.json"
     key = {"n_turns": n, "seed": o.seed, "window_seconds": o.config.window_seconds,
-           "extra_silence": EXTRA_SILENCE}
-    if path.is_file() and meta.is_file() and json.loads(meta.read_text()) == key:
-        return Examples.load(path)
-    ex = make_examples(split, n, o.config.window_seconds, seed=o.seed, workers=o.workers,
-                       progress=progress)
+           "extra_silence": list(EXTRA_SILENCE)}
+    old = json.loads(meta.read_text()) if path.is_file() and meta.is_file() else {}
+    have = old.pop("n_turns", 0)
+    ex = None
+    if old == {k: v for k, v in key.items() if k != "n_turns"} and have >= 1:
+        ex = Examples.load(path)
+        if have >= n:
+            return subset(ex, ex.turn < n)
+    more = make_examples(split, n, o.config.window_seconds, seed=o.seed, workers=o.workers,
+                         progress=progress, first=have if ex is not None else 0)
+    ex = more if ex is None else concat(ex, more)
     ex.save(path)
     meta.write_text(json.dumps(key))
     return ex

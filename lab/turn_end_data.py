@@ -24,7 +24,7 @@ import numpy as np
 from demo import world as W
 from demo.hesitation import HESITATION_PROB_V2, n_boundaries, split_words
 from speech.audio import float_to_pcm16
-from speech.constants import PCM16_MAX, SAMPLE_RATE, TURN_END_PAUSE
+from speech.constants import PCM16_MAX, SAMPLE_RATE
 from speech.tts import synthesize_cached
 
 EXTRA_SILENCE = (0.15, 0.3)        # s of silence after the cut drawn in training
@@ -104,18 +104,19 @@ def _job(args):
 
 def make_examples(split: str, n_turns: int, window_seconds: float, *, seed: int = 0,
                   workers: int = 1, hesitation_prob: float = HESITATION_PROB_V2,
-                  progress: bool = True) -> Examples:
-    """Examples of `n_turns` one-turn sessions of a world split (test: held-out voices)."""
+                  progress: bool = True, first: int = 0) -> Examples:
+    """Examples of one-turn sessions `first` .. `n_turns - 1` of a world split (test:
+    held-out voices); session i is the same whatever the range."""
     from tqdm import tqdm
     if split not in SPLIT_ID:
         raise ValueError(f"split must be one of {tuple(SPLIT_ID)}, got {split!r}")
     length = int(round((window_seconds + EXTRA_SILENCE[1] - EXTRA_SILENCE[0]) * SAMPLE_RATE))
-    jobs = [(seed, split, i, length, hesitation_prob) for i in range(n_turns)]
+    jobs = [(seed, split, i, length, hesitation_prob) for i in range(first, n_turns)]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         it = pool.imap_unordered(_job, jobs) if pool else map(_job, jobs)
         rows = []
-        for i, exs in tqdm(it, total=n_turns, desc=f"turn-end {split}", unit="turn",
+        for i, exs in tqdm(it, total=len(jobs), desc=f"turn-end {split}", unit="turn",
                            disable=not progress):
             rows += [(i, *e) for e in exs]
     finally:
@@ -127,6 +128,11 @@ def make_examples(split: str, n_turns: int, window_seconds: float, *, seed: int 
                     np.array([r[2] for r in rows], np.int64),
                     np.array([KINDS.index(r[3]) for r in rows], np.int64),
                     np.array([r[0] for r in rows], np.int64))
+
+
+def concat(a: Examples, b: Examples) -> Examples:
+    return Examples(*(np.concatenate([getattr(a, k), getattr(b, k)]) for k in
+                      ("audio", "label", "kind", "turn")))
 
 
 def subset(ex: Examples, keep) -> Examples:
