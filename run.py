@@ -39,6 +39,8 @@ def cmd_data(args):
             if v is not None}
     if args.agent_voice is not None:
         opts["agent_voice"] = args.agent_voice
+    if args.hesitations is not None:
+        opts["hesitation_prob"] = args.hesitations
     main(args.out, seed=args.seed, workers=args.workers, **opts)
 
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "NAME[+VARIANT][:RATE_WPM[:PITCH]] or flite:NAME (awb, kal, kal16, rms, "
                         "slt; needs apt-get install flite) (default: en-us+m3:165:50, the shipped "
                         "model's)")
+    d.add_argument("--hesitations", type=float, default=None, metavar="P",
+                   help="share of questions spoken with one 0.3-1.0 s pause at a word boundary "
+                        "(DEMO_WORLD.md version 2: 0.25; default: 0, none)")
     d.set_defaults(func=cmd_data)
 
     # commands implemented by a module with cheap imports exposing add_arguments(p) and run(args)

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from demo.hesitation import (HESITATION_PAUSE, Hesitation, hesitant_speech, n_boundaries,
+                              pause_span, speech_only)
 from speech.constants import CONTEXT_SECONDS, DEMO_FRAME_SIZE, SAMPLE_RATE
 from speech.tts import Voice, list_english_voices, list_variants, synthesize_cached
 
@@ -173,13 +175,25 @@ class TurnSpec(_Dict):
     t_next: float                  # end of the answer silence (next scene)
     speech_dbfs: float             # RMS of the question speech
     speech_noise_db: float | None  # light noise on the speech, dB below it; None = none
+    hesitation: Hesitation | None = None   # a pause inside the question (demo/hesitation.py)
+
+    def to_dict(self) -> dict:
+        return _drop_no_hesitation(asdict(self))
 
     @classmethod
     def from_dict(cls, d):
         return cls(Scene.from_dict(d["scene"]), float(d["t_scene"]),
                    Question.from_dict(d["question"]), Voice.from_dict(d["voice"]),
                    float(d["t_q0"]), float(d["t_q1"]), float(d["t_next"]),
-                   float(d["speech_dbfs"]), d["speech_noise_db"])
+                   float(d["speech_dbfs"]), d["speech_noise_db"],
+                   Hesitation.from_dict(d.get("hesitation")))
+
+
+def _drop_no_hesitation(turn: dict) -> dict:
+    """Turns without a hesitation serialise as before hesitations existed."""
+    if turn.get("hesitation", 0) is None:
+        del turn["hesitation"]
+    return turn
 
 
 @dataclass(frozen=True)
@@ -188,6 +202,11 @@ class SessionSpec(_Dict):
     duration: float                # s
     noise_level: float | None      # background noise RMS dBFS; None = no noise
     seed: int                      # seeds render_audio's noise
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["turns"] = [_drop_no_hesitation(t) for t in d["turns"]]
+        return d
 
     @classmethod
     def from_dict(cls, d):
@@ -276,9 +295,11 @@ def _pick_balanced(rng, cands: list[Question]) -> Question:
 @dataclass(frozen=True)
 class SplitRules:
     """What a split may use: train/val never see held-out voices or triples; test always
-    uses held-out voices and forces a held-out triple into a scene with `heldout_combo_prob`."""
+    uses held-out voices and forces a held-out triple into a scene with `heldout_combo_prob`.
+    `hesitation_prob`: the share of questions spoken with a pause (0: none, version 1)."""
     split: str                     # train | val | test
     heldout_combo_prob: float = 0.5
+    hesitation_prob: float = 0.0
 
     def __post_init__(self):
         if self.split not in ("train", "val", "test"):
@@ -286,6 +307,9 @@ class SplitRules:
         if not 0.0 <= self.heldout_combo_prob <= 1.0:
             raise ValueError(f"heldout_combo_prob must be in [0, 1], got "
                              f"{self.heldout_combo_prob}")
+        if not 0.0 <= self.hesitation_prob <= 1.0:
+            raise ValueError(f"hesitation_prob must be in [0, 1] (0.25 is the page's version 2),"
+                             f" got {self.hesitation_prob}")
 
     @property
     def heldout(self) -> bool:
@@ -390,10 +414,20 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -
     else:
         raise AssertionError(f"no scene found for {qtype} -> {target}")
     question = _pick_balanced(rng, cands)
-    audio = synth(question.text, voice, sample_rate)
+    pause = None                   # (words before it, ms); rng untouched when prob is 0
+    if rules.hesitation_prob > 0 and rng.random() < rules.hesitation_prob:
+        pause = (int(rng.integers(1, n_boundaries(question.text) + 1)),
+                 _ms(rng, *HESITATION_PAUSE))
+    if pause is None:
+        audio, span = synth(question.text, voice, sample_rate), None
+    else:
+        audio, *span = hesitant_speech(question.text, voice, pause[0],
+                                       round(pause[1] * sample_rate / 1000), synth, sample_rate)
     q0_ms = t_scene_ms + _ms(rng, *SCENE_SECONDS)
     t_q0 = q0_ms / 1000
     t_q1 = t_q0 + len(audio) / sample_rate
+    hesitation = None if span is None else Hesitation(
+        pause[0], t_q0 + span[0] / sample_rate, t_q0 + span[1] / sample_rate)
     lo_ms = max(t_scene_ms, int(np.ceil((t_q1 - CONTEXT_SECONDS) * 1000))) + \
         round(EVENT_MARGIN * 1000)
     hi_ms = q0_ms - round(EVENT_MARGIN * 1000)
@@ -424,14 +458,14 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -
         pulses += [Pulse(slot, (s0 + o) / 1000, d / 1000, scale, bright) for o, d in run]
     scene = Scene(draft.background, objects, beeps,
                   tuple(sorted(pulses, key=lambda p: p.t0)), sound_slot)
-    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    rms = float(np.sqrt(np.mean(np.square(speech_only(audio, span), dtype=np.float64))))
     limit = 20 * np.log10(0.9 * rms / float(np.max(np.abs(audio))))   # peak at 0.9
     dbfs = float(np.clip(base_dbfs + rng.uniform(-1.5, 1.5), *SPEECH_DBFS))
     speech_noise = None if rng.random() < 0.3 else round(float(rng.uniform(
         *SPEECH_NOISE_BELOW_DB)), 2)
     t_next = (int(np.ceil(t_q1 * 1000)) + _ms(rng, *ANSWER_SILENCE)) / 1000
     return TurnSpec(scene, t_scene_ms / 1000, question, voice, t_q0, t_q1, t_next,
-                    round(min(dbfs, limit), 2), speech_noise)
+                    round(min(dbfs, limit), 2), speech_noise, hesitation)
 
 
 def sample_session(rng, n_turns: int, split_rules: SplitRules, synth=None,
@@ -461,9 +495,16 @@ def sample_session(rng, n_turns: int, split_rules: SplitRules, synth=None,
 
 def question_audio(spec: SessionSpec, synth=None,
                    sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
-    """The question speech of each turn (as `sample_session` synthesised it)."""
+    """The question speech of each turn (as `sample_session` synthesised it; a hesitation's
+    pause as zeros)."""
     synth = synth or synthesize_cached
-    return [synth(t.question.text, t.voice, sample_rate) for t in spec.turns]
+    out = []
+    for t in spec.turns:
+        span = pause_span(t, sample_rate)
+        out.append(synth(t.question.text, t.voice, sample_rate) if span is None else
+                   hesitant_speech(t.question.text, t.voice, t.hesitation.words,
+                                   span[1] - span[0], synth, sample_rate)[0])
+    return out
 
 
 # --- live scenes (no question: a person asks) -----------------------------------------------
@@ -653,12 +694,17 @@ def render_audio(spec: SessionSpec, question_audio: list[np.ndarray],
             raise ValueError(f"question_audio[{i}] has shape {q.shape}, the spec expects "
                              f"{want:.0f} samples; synthesise it with the turn's voice at "
                              f"{sample_rate} Hz (question_audio(spec, sample_rate=...))")
-        rms = float(np.sqrt(np.mean(q * q)))
+        span = pause_span(turn, sample_rate)           # a hesitation: silent, not counted
+        sp = speech_only(q, span)
+        rms = float(np.sqrt(np.mean(sp * sp)))
         seg = q * (10 ** (turn.speech_dbfs / 20) / max(rms, 1e-12))
         if turn.speech_noise_db is not None:
             rng = np.random.default_rng([spec.seed, 2, i])
-            seg = seg + rng.standard_normal(len(q)) * 10 ** (
+            noise = rng.standard_normal(len(q)) * 10 ** (
                 (turn.speech_dbfs - turn.speech_noise_db) / 20)
+            if span is not None:
+                noise[span[0]:span[1]] = 0.0
+            seg = seg + noise
         a = int(round(turn.t_q0 * sample_rate))
         out[a:a + len(seg)] += seg[:max(0, n - a)]
     if spec.noise_level is not None:

@@ -48,6 +48,7 @@ class DataOptions:
     n_codec_sentences: int = 1500      # codec training sentences (answers included)
     n_codec_eval: int = 100            # held-out codec sentences (no answer text among them)
     agent_voice: str = voice_spec(AGENT_VOICE)   # the answers' and codec corpus' voice (tts.parse_voice)
+    hesitation_prob: float = 0.0       # questions spoken with a pause (version 2: 0.25; 0 = none)
 
     def __post_init__(self):
         for name, lo in (("n_train_sessions", 0), ("n_val_sessions", 0),
@@ -56,6 +57,10 @@ class DataOptions:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"DataOptions.{name} must be an integer >= {lo}, got {v!r}")
+        if not isinstance(self.hesitation_prob, (int, float)) or isinstance(
+                self.hesitation_prob, bool) or not 0.0 <= self.hesitation_prob <= 1.0:
+            raise ValueError(f"DataOptions.hesitation_prob must be a number in [0, 1] (the "
+                             f"page's version 2 uses 0.25), got {self.hesitation_prob!r}")
         # raises ValueError with the accepted forms; one spelling per voice ("en-us+m3" -> "en-us+m3:165:50")
         object.__setattr__(self, "agent_voice", voice_spec(parse_voice(self.agent_voice)))
 
@@ -120,11 +125,11 @@ def _speak_to_wav(job) -> float:
     return len(x) / SAMPLE_RATE
 
 
-def _make_session(job: tuple[int, str, int, int, str]):
+def _make_session(job: tuple[int, str, int, int, str, float]):
     from speech.audio import float_to_pcm16
-    seed, split, i, n_turns, out = job
+    seed, split, i, n_turns, out, hesitation_prob = job
     rng = np.random.default_rng([seed, SPLIT_ID[split], i])
-    spec = W.sample_session(rng, n_turns, W.SplitRules(split))
+    spec = W.sample_session(rng, n_turns, W.SplitRules(split, hesitation_prob=hesitation_prob))
     audio = W.render_audio(spec, W.question_audio(spec))
     if split == "train":
         return json.dumps(spec.to_dict(), separators=(",", ":")), float_to_pcm16(audio)
@@ -146,8 +151,11 @@ def write_session(root, spec: W.SessionSpec, audio: np.ndarray, meta: dict) -> N
         for j, turn in enumerate(spec.turns):
             q = turn.question
             w.write_event(turn.t_scene, "scene", turn=j, scene=turn.scene.to_dict())
+            h = turn.hesitation                       # the pause inside it, if any
             w.write_event(turn.t_q0, "question", turn=j, t_end=turn.t_q1, text=q.text,
-                          qtype=q.qtype, group=q.type_group, answer=q.answer)
+                          qtype=q.qtype, group=q.type_group, answer=q.answer,
+                          **({} if h is None else {"pause": [h.t0, h.t1],
+                                                   "pause_after_words": h.words}))
 
 
 # --- train shards --------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
     speak = [(t, str(out / "answers" / f), voice) for t, f in answers.items()]
     speak += [(e["text"], str(out / "codec" / e["file"]), voice) for k in ("train", "eval")
               for e in codec[k]]
-    jobs = [(o.seed, split, i, o.turns_per_session, str(out)) for split, n in
+    jobs = [(o.seed, split, i, o.turns_per_session, str(out), o.hesitation_prob) for split, n in
             (("train", o.n_train_sessions), ("val", o.n_val_sessions),
              ("test", o.n_test_sessions)) for i in range(n)]
     counts = {s: {"sessions": 0, "turns": 0, "seconds": 0.0} for s in SPLIT_ID}
@@ -319,8 +327,10 @@ def main(out_dir, *, n_train_sessions: int = DataOptions.n_train_sessions,
          workers: int = 2, progress: bool = True,
          n_codec_sentences: int = DataOptions.n_codec_sentences,
          n_codec_eval: int = DataOptions.n_codec_eval,
-         agent_voice: str = DataOptions.agent_voice, overwrite: bool = False) -> dict:
+         agent_voice: str = DataOptions.agent_voice, overwrite: bool = False,
+         hesitation_prob: float = DataOptions.hesitation_prob) -> dict:
     """Entry point of `python run.py data OUT`; see `DataOptions` for the defaults."""
     opts = DataOptions(n_train_sessions, n_val_sessions, n_test_sessions, turns_per_session,
-                       seed, workers, n_codec_sentences, n_codec_eval, agent_voice)
+                       seed, workers, n_codec_sentences, n_codec_eval, agent_voice,
+                       hesitation_prob)
     return generate(out_dir, opts, progress=progress, overwrite=overwrite)

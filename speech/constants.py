@@ -33,6 +33,8 @@ SAMPLER_FPS = 5.0                          # default rate frames are sampled for
 # --- turn timing --------------------------------------------------------------------------
 CONTEXT_SECONDS = 6.0                      # questions are about the 6 s before they end
 END_OF_TURN_SILENCE = 0.4                  # s of silence that ends a user turn
+TURN_END_PAUSE = 0.2                       # s of silence at which the end-of-turn predictor
+                                           # (speech/turn_end.py) is asked (Smart Turn: 0.2)
 QUESTION_PAD = 0.05                        # s of audio kept before the VAD's speech start
 
 # --- PCM ------------------------------------------------------------------------------------
