@@ -10,7 +10,7 @@ import importlib.util
 import sys
 
 DEFAULT_DATA = "data/demo"
-DEFAULT_CODEC_OUT = "assets/codec"
+DEFAULT_CODEC_OUT = "runs/codec"          # --out assets/codec replaces the shipped codec
 
 
 class _LazyParser(argparse.ArgumentParser):
@@ -46,8 +46,8 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
     from lab.train_codec import CodecTrainOptions as d  # the class: its defaults, no torch
     _common(p)
     p.add_argument("--out", default=DEFAULT_CODEC_OUT, metavar="DIR",
-                   help="where the codec, checkpoint, loss.png and report.json go "
-                        "(default: %(default)s)")
+                   help="where the codec, checkpoint, loss.png and report.json go (default: "
+                        "%(default)s; assets/codec replaces the shipped codec)")
     p.add_argument("--preset", default=d.preset, help="codec preset (default: %(default)s)")
     p.add_argument("--steps", type=int, default=d.steps, help="total steps (default: %(default)s)")
     p.add_argument("--batch", type=int, default=d.batch,

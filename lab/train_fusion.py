@@ -37,7 +37,7 @@ class FusionTrainOptions:
     data: str = "data/demo"
     codec: str = "assets/codec"
     run_dir: str = "runs/fusion"
-    out: str | None = "assets/fusion.safetensors"
+    out: str | None = None              # also write the shipped-format file here (int8 embedding)
     preset: str = "demo"
     stages: tuple[str, ...] = STAGES
     ablation: str | None = None          # None | "full" (control) | "mean" | "vision" | "audio"
@@ -421,6 +421,7 @@ def _export(model, o: FusionTrainOptions, run: Path) -> Path:
     if is_main():
         timings = json.loads((run / "timings.json").read_text()) if (run / "timings.json").exists() else {}
         save_model(model, final, half=True, extra={"timings_s": timings, "options": asdict(o)})
+        print(f"saved {final} (try it: python run.py replay assets/sessions/demo-1 --model {final})")
         if o.out:
             Path(o.out).parent.mkdir(parents=True, exist_ok=True)
             save_model(model, o.out, half=True, int8=SHIPPED_INT8,
@@ -443,7 +444,10 @@ def add_fusion_arguments(p) -> None:
                    help="train an ablation: mean-pooled clues instead of the aggregator, or one modality")
     g.add_argument("--codec-dir", default=d.codec, help="the codec to train against (default: %(default)s)")
     g.add_argument("--run-dir", default=d.run_dir, help="checkpoints, caches, curves (default: %(default)s)")
-    g.add_argument("--model-out", default=d.out, help="final model (default: %(default)s)")
+    g.add_argument("--model-out", default=d.out, metavar="PATH",
+                   help="also write the final model in the shipped format here (the run directory's "
+                        "model.safetensors is always written); --model-out assets/fusion.safetensors "
+                        "replaces the shipped model")
     for k, text in (("encoder_steps", "steps of the encoders stage (vision and audio pretraining)"),
                     ("align_steps", "steps of the align stage (text answers)"),
                     ("sft_steps", "steps of the sft stage (spoken answers)"),
