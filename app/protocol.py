@@ -16,8 +16,9 @@ one). The server answers {"protocol": 1, "session": id, "input_rate": rate accep
 "output_rate": codec rate, "model": name}.
 
 Input rate: the server accepts any integer input_rate within [MIN_INPUT_RATE,
-MAX_INPUT_RATE] and resamples to 16 kHz itself (`PCMInput`, a streaming resampler whose
-chunked output equals offline resampling); anything else is refused with "bad_handshake".
+MAX_INPUT_RATE] and resamples to 16 kHz itself (speech.resample.StreamResampler: libsoxr,
+any ratio at the same small cost; chunked output equals resampling the whole stream);
+anything else is refused with "bad_handshake".
 The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling is the
 usual case.
 
@@ -198,62 +199,3 @@ def error(code: str, message: str) -> bytes:
 
 def event(type: str, **fields) -> bytes:
     return encode(Kind.EVENT, {"type": type, **fields})
-
-
-# --- input audio ----------------------------------------------------------------------------
-class PCMInput:
-    """Turns kind-1 payloads at `rate` into 16 kHz float32, streaming. It applies the kernel
-    of `speech.audio.resample` (torchaudio's windowed sinc, built once) block by block, so
-    the concatenated output equals resampling the whole stream offline (to float rounding,
-    far below one PCM16 step). Output is released in blocks of `rate / gcd(rate, 16000)`
-    input samples once the filter's right-hand context has arrived: a lag under 1 ms at 48
-    kHz, about 10 ms at 44.1 kHz; `flush` releases the rest."""
-
-    def __init__(self, rate: int, out_rate: int = 16_000):
-        self.rate, self.out_rate = int(rate), int(out_rate)
-        self._n_in = self._n_out = 0          # samples received / emitted
-        if self.rate == self.out_rate:
-            return
-        from torchaudio.transforms import Resample
-        r = Resample(self.rate, self.out_rate)
-        self.si, self.so = self.rate // r.gcd, self.out_rate // r.gcd  # input/output per block
-        self.width = r.width                  # kernel reach before each block, in input samples
-        self.kernel = r.kernel[:, 0].numpy()  # (so, 2 * width + si)
-        assert self.kernel.shape == (self.so, 2 * self.width + self.si), self.kernel.shape
-        self._buf = np.zeros(self.width, np.float32)   # input from absolute sample _i0
-        self._i0 = -self.width                          # (the left zero padding included)
-
-    def push(self, payload: bytes) -> np.ndarray:
-        from speech.audio import pcm16_to_float
-        x = pcm16_to_float(payload)
-        self._n_in += len(x)
-        if self.rate == self.out_rate:
-            return x
-        self._buf = np.concatenate([self._buf, x])
-        return self._emit(final=False)
-
-    def flush(self) -> np.ndarray:
-        if self.rate == self.out_rate:
-            return np.zeros(0, np.float32)
-        self._buf = np.concatenate([self._buf, np.zeros(self.width + self.si, np.float32)])
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> np.ndarray:
-        si, so, k = self.si, self.so, self.kernel.shape[1]
-        b0 = self._n_out // so                           # next output block
-        # block b reads input [b * si - width, b * si - width + k)
-        b1 = (self._i0 + len(self._buf) - k + self.width) // si + 1
-        if final:                                        # offline length: ceil(n_in * so / si)
-            b1 = min(b1, -(-(-(-self._n_in * so // si)) // so))
-        if b1 <= b0:
-            return np.zeros(0, np.float32)
-        lo = b0 * si - self.width - self._i0
-        windows = np.lib.stride_tricks.sliding_window_view(
-            self._buf[lo:lo + (b1 - b0 - 1) * si + k], k)[::si]          # (b1 - b0, k)
-        out = (windows @ self.kernel.T).reshape(-1)                       # ((b1 - b0) * so,)
-        if final:
-            out = out[:max(0, -(-self._n_in * so // si) - self._n_out)]
-        self._n_out += len(out)
-        keep = b1 * si - self.width                      # the next block's first input
-        self._buf, self._i0 = self._buf[keep - self._i0:], keep
-        return np.ascontiguousarray(out, np.float32)

@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from speech.audio import pcm16_to_float
+from speech.constants import SAMPLE_RATE
+from speech.resample import StreamResampler
+
 from . import protocol as P
 from .engine import Engine
 from .frames import (AudioOut, Control, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
@@ -42,7 +46,7 @@ class ClientSession:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"session-{sid}")
         self.engine: Engine | None = None
         self.recorder = None                     # app.recorder.Recorder with --record-dir
-        self.pcm = P.PCMInput(hello.input_rate)
+        self.pcm: StreamResampler | None = None   # input_rate -> 16 kHz, built in _open
         self.samples_in = 0                      # input samples received (at input_rate)
         self._arrivals: deque = deque(maxlen=4096)  # (session s at message end, wall s)
         self._first_sent: dict[int, float] = {}  # turn -> wall s its first audio was sent
@@ -71,7 +75,9 @@ class ClientSession:
                 pass
 
     def _open(self) -> None:
+        """On the worker thread: nothing a session builds may hold up the event loop."""
         o = self.options
+        self.pcm = StreamResampler(self.hello.input_rate, SAMPLE_RATE)
         if o.record_dir:
             from .recorder import Recorder
             from .session import SessionWriter
@@ -109,7 +115,7 @@ class ClientSession:
     def _close_sync(self) -> None:
         if self.engine is not None:
             tail = self.pcm.flush()
-            if len(tail):
+            if len(tail):                        # the resampler's last block
                 self.engine.push_audio(tail)
             self.engine.close()                  # also finishes the recording
         elif self.recorder is not None:
@@ -178,7 +184,7 @@ class ClientSession:
         """On the session's worker thread."""
         eng = self.engine
         if kind == P.Kind.AUDIO_IN:
-            pcm = self.pcm.push(payload)
+            pcm = self.pcm.feed(pcm16_to_float(payload))
             if len(pcm):
                 eng.push_audio(pcm)
         elif kind == P.Kind.VIDEO_IN:

@@ -1,4 +1,5 @@
-"""app.protocol: encode/decode round trips, every kind of bad input, the streaming resampler."""
+"""app.protocol: encode/decode round trips, every kind of bad input (the input resampler:
+tests/test_resample.py)."""
 from __future__ import annotations
 
 import json
@@ -110,21 +111,3 @@ def test_client_handshake():
     hs = P.server_handshake("abc", 16000, 24000, "demo")
     assert hs == {"protocol": 1, "session": "abc", "input_rate": 16000, "output_rate": 24000,
                   "model": "demo"}
-
-
-@pytest.mark.parametrize("rate", [8000, 11025, 16000, 44100, 48000])
-def test_pcm_input_chunked_equals_offline(rate):
-    from speech.audio import float_to_pcm16, pcm16_to_float, resample
-    rng = np.random.default_rng(rate)
-    x = float_to_pcm16(rng.uniform(-0.5, 0.5, rate // 2 + 123).astype(np.float32))
-    ref = resample(pcm16_to_float(x.tobytes()), rate, 16000)
-    conv, outs, i = P.PCMInput(rate), [], 0
-    while i < len(x):
-        n = int(rng.integers(1, rate // 25))             # up to 40 ms per message
-        outs.append(conv.push(x[i:i + n].tobytes()))
-        i += n
-    early = np.concatenate(outs)
-    y = np.concatenate([early, conv.flush()])
-    assert len(y) == len(ref)
-    np.testing.assert_allclose(y, ref, atol=1 / 32767)              # within one PCM16 step
-    assert len(ref) - len(early) <= 0.045 * 16000        # holds back at most one block

@@ -338,3 +338,23 @@ def test_graceful_shutdown(agent, question, tmp_path):
     assert sess.meta["duration"] == pytest.approx(1.0, abs=0.01)   # finalised by close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.server.port), 2).close()
+
+
+def test_an_input_rate_sharing_no_factor_with_16k(agent, question, tmp_path):
+    """8003 Hz: the session opens (its resampler is built off the event loop, at the cost of
+    any other: tests/test_resample.py) and its audio arrives resampled to 16 kHz."""
+    q = resample(question[:SAMPLE_RATE], SAMPLE_RATE, 8003)
+    with ServerThread(agent, ServerOptions(port=0, record_dir=str(tmp_path))) as s:
+        async def main():
+            c = await Client.open(s.ws_url, input_rate=8003)
+            await c.stream(q, rate=8003, speed=4.0, frames_every=10.0)
+            await c.close()
+            async with asyncio.timeout(10):
+                while json.loads(http_get(s.url + "health")[2])["sessions"]:
+                    await asyncio.sleep(0.05)
+            return c.hello
+        hello = asyncio.run(main())
+    assert hello["input_rate"] == 8003
+    sess = load_session(tmp_path / hello["session"])
+    assert abs(len(sess.audio) - SAMPLE_RATE) <= 2
+    assert np.corrcoef(sess.audio[400:-400], question[400:SAMPLE_RATE - 400])[0, 1] > 0.99
