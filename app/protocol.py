@@ -81,6 +81,8 @@ DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
                   Kind.AUDIO_OUT: 2 * MAX_INPUT_RATE * 4,
                   Kind.VIDEO_IN: 2 * 1024 * 1024}
 CONTROL_ACTIONS = ("interrupt", "reset")
+MAX_JSON_DEPTH = 16                  # nesting of JSON payloads (the protocol's own use 1)
+MAX_VIDEO_SIDE = 4096                # px: a JPEG header claiming more is refused undecoded
 
 
 class ProtocolError(ValueError):
@@ -116,6 +118,42 @@ def _is_jpeg(b: bytes) -> bool:
     return len(b) >= 4 and b[:3] == b"\xff\xd8\xff" and b.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(b: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding; None if the
+    segments before the image data hold no frame header."""
+    i, n = 2, len(b)
+    while i + 4 <= n:
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:                          # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            i += 2
+            continue
+        if marker == 0xDA or marker == 0xD9:        # image data (or the end) before any SOF
+            return None
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in _SOF:
+            if i + 9 > n or length < 7:
+                return None
+            return int.from_bytes(b[i + 7:i + 9], "big"), int.from_bytes(b[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of `[`/`{` in JSON text (outside strings), without parsing it."""
+    import re
+    bare = np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body), np.uint8)
+    step = (np.isin(bare, (0x5B, 0x7B)).astype(np.int32) - np.isin(bare, (0x5D, 0x7D)))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def decode(message, sender: str = "client", limits: dict | None = None):
     """Parse one message from `sender` ("client": what a server receives; "server": what a
     client receives) -> (Kind, payload): a dict for JSON kinds, bytes otherwise.
@@ -142,10 +180,16 @@ def decode(message, sender: str = "client", limits: dict | None = None):
         raise ProtocolError(TOO_LARGE, f"{kind.name.lower()} payload of {len(body)} bytes is over "
                                        f"the {limit}-byte limit for that kind")
     if kind in JSON_KINDS:
+        if (depth := json_depth(body)) > MAX_JSON_DEPTH:
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is JSON nested {depth} "
+                                          f"deep; at most {MAX_JSON_DEPTH} levels are accepted")
         try:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is not UTF-8 JSON: {e}") from None
+        except RecursionError:                          # never reached past the depth check
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is JSON nested too "
+                                          "deep") from None
         if not isinstance(obj, dict):
             raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload must be a JSON object, "
                                           f"got {type(obj).__name__}")
@@ -160,6 +204,14 @@ def decode(message, sender: str = "client", limits: dict | None = None):
     if not _is_jpeg(body):
         raise ProtocolError(BAD_VIDEO, f"video payload of {len(body)} bytes is not a whole JPEG "
                                        "(must start with FF D8 FF and end with FF D9)")
+    size = jpeg_size(body)
+    if size is None:
+        raise ProtocolError(BAD_VIDEO, f"video payload of {len(body)} bytes has no frame header "
+                                       "(SOF) before its image data: not a decodable JPEG")
+    if not all(1 <= side <= MAX_VIDEO_SIDE for side in size):
+        raise ProtocolError(BAD_VIDEO, f"JPEG header claims {size[0]}x{size[1]} pixels; frames "
+                                       f"must be 1..{MAX_VIDEO_SIDE} px on each side (scale the "
+                                       "camera frames down, e.g. to 640x480)")
     return kind, body
 
 
@@ -174,7 +226,7 @@ class ClientHello:
 def parse_client_handshake(obj: dict) -> ClientHello:
     """Validate the client's handshake object; raises ProtocolError(BAD_HANDSHAKE)."""
     version = obj.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(BAD_HANDSHAKE, f"protocol version {version!r} is not supported; this "
                                            f"server speaks version {PROTOCOL_VERSION}")
     rate = obj.get("input_rate", 16_000)

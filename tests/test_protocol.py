@@ -111,3 +111,44 @@ def test_client_handshake():
     hs = P.server_handshake("abc", 16000, 24000, "demo")
     assert hs == {"protocol": 1, "session": "abc", "input_rate": 16000, "output_rate": 24000,
                   "model": "demo"}
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small real JPEG whose SOF header is rewritten to claim width x height."""
+    b = bytearray(real_jpeg())
+    i = 2
+    while b[i + 1] not in (0xC0, 0xC1, 0xC2):             # walk the segments to the SOF
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    b[i + 5:i + 7], b[i + 7:i + 9] = height.to_bytes(2, "big"), width.to_bytes(2, "big")
+    return bytes(b)
+
+
+def test_jpeg_dimensions_are_checked_from_the_header():
+    assert P.jpeg_size(real_jpeg()) == (32, 24)
+    assert decode(encode(Kind.VIDEO_IN, _jpeg_claiming(1920, 1080)), "client")[0] == Kind.VIDEO_IN
+    for w, h in ((20000, 20000), (30000, 30000), (8000, 100), (0, 24)):
+        big = _jpeg_claiming(w, h)
+        assert len(big) < 1000
+        with pytest.raises(ProtocolError) as e:
+            decode(encode(Kind.VIDEO_IN, big), "client")
+        assert e.value.code == P.BAD_VIDEO and f"{w}x{h}" in e.value.message
+    with pytest.raises(ProtocolError, match="no frame header"):  # markers, but no SOF
+        decode(encode(Kind.VIDEO_IN, JPEG), "client")
+
+
+@pytest.mark.parametrize("body", [b"[" * 2000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
+                                  b'{"type": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                  b'{"type": "x", "a": ' + b"[" * 40 + b"]" * 40 + b"}"],
+                         ids=["list_2000", "object_5000", "event_5000", "event_40"])
+def test_deeply_nested_json_is_a_protocol_error(body):
+    for kind in (Kind.HANDSHAKE, Kind.EVENT):
+        with pytest.raises(ProtocolError) as e:
+            decode(bytes((kind,)) + body, "client", {**P.DEFAULT_LIMITS, kind: 1 << 20})
+        assert e.value.code == P.BAD_JSON and "nested" in e.value.message
+
+
+def test_protocol_version_must_be_the_integer_1():
+    for version in (1.0, "1", [1]):
+        with pytest.raises(ProtocolError) as e:
+            P.parse_client_handshake({"protocol": version})
+        assert e.value.code == P.BAD_HANDSHAKE
