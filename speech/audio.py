@@ -170,6 +170,26 @@ def _parse_wav(path: Path):
     raise AudioFileError(f"{path}: WAV file is corrupt or truncated ({what})")
 
 
+def wav_rate(path) -> int:
+    """The sample rate a WAV header states, read without reading the samples."""
+    return int(_parse_wav(Path(path))[0]["rate"])
+
+
+def wav_cut_short(path) -> tuple[float, float] | None:
+    """(seconds the header says, seconds the file holds) for a WAV whose finalised header
+    promises more samples than the file has (a copy cut short); None otherwise. A header
+    never finalised (sizes 0 or 0xFFFFFFFF: a crash while recording) is not "cut short"."""
+    path = Path(path)
+    fmt, offset, nbytes, trusted = _parse_wav(path)
+    with open(path, "rb") as f:
+        f.seek(offset - 4)
+        claimed = struct.unpack("<I", f.read(4))[0]
+    frame = max(1, fmt["channels"] * fmt["bits"] // 8)
+    if trusted or claimed in (0, _UNKNOWN) or claimed <= nbytes or fmt["rate"] < 1:
+        return None
+    return claimed / frame / fmt["rate"], nbytes / frame / fmt["rate"]
+
+
 def read_wav(path) -> tuple[np.ndarray, int]:
     """Read a WAV file -> (float32 `(T,)` or `(T, C)`, sample_rate). Tolerates a header that
     was never finalised (sizes 0, 0xFFFFFFFF or past the end of the file, or samples
