@@ -52,6 +52,8 @@ def run(args) -> None:
             record_dir=args.record_dir, engine=with_generation(EngineOptions(), mode=args.mode))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    from .host import return_freed_memory
+    return_freed_memory()                    # sessions' memory goes back when they end
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("websockets").setLevel(logging.WARNING)
