@@ -28,6 +28,7 @@ from speech.resample import StreamResampler
 
 from . import protocol as P
 from .engine import Engine
+from .host import trim_memory
 from .frames import (AudioOut, Control, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
                      TurnEnd)
 
@@ -110,6 +111,8 @@ class ClientSession:
         self.closed = True
         await self.loop.run_in_executor(self.pool, self._close_sync)
         self.pool.shutdown(wait=False)
+        self.engine = self.recorder = self.pcm = None   # the connection may outlive us
+        await asyncio.to_thread(trim_memory)
         log.info("session %s closed", self.id)
 
     def _close_sync(self) -> None:

@@ -117,8 +117,8 @@ class StreamingVAD:
 
     def __init__(self, options: VADOptions = VADOptions()):
         self.options = options
-        self._model = _take_model()
-        weakref.finalize(self, _give_back, self._model)   # back to the pool with the stream
+        self._model, self._closed = _take_model(), False
+        self._release = weakref.finalize(self, _give_back, self._model)  # or at close()
         o = options
         self._min_speech = int(np.ceil(o.min_speech_ms * SAMPLE_RATE / 1000 / VAD_WINDOW))
         self._min_speech = max(self._min_speech, 1)                    # windows
@@ -126,6 +126,12 @@ class StreamingVAD:
         self._pad = int(round(o.speech_pad_ms * SAMPLE_RATE / 1000))           # samples
         self._buf = np.zeros(VAD_WINDOW, np.float32)  # remainder of the last feed
         self.reset()
+
+    def close(self) -> None:
+        """End the stream: its model goes back to the pool for the next stream at once
+        (without close, when this object is collected). Audio fed afterwards is ignored."""
+        self._closed = True
+        self._release()
 
     def reset(self) -> None:
         """Forget everything: a new stream starts at t = 0."""
@@ -156,6 +162,8 @@ class StreamingVAD:
         x = np.asarray(check_pcm(pcm, SAMPLE_RATE, SAMPLE_RATE, "VAD input")
                        if np.size(pcm) else np.zeros(0, np.float32), dtype=np.float32)
         events, probs = [], []
+        if self._closed:                         # a capture thread racing a stop
+            return events
         with _one_thread():
             self._consume(x, events, probs)
         if probs:
