@@ -83,6 +83,7 @@ DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
 CONTROL_ACTIONS = ("interrupt", "reset")
 MAX_JSON_DEPTH = 16                  # nesting of JSON payloads (the protocol's own use 1)
 MAX_VIDEO_SIDE = 4096                # px: a JPEG header claiming more is refused undecoded
+MAX_JPEG_MARKERS = 256               # markers (and fill bytes) read looking for the frame header
 
 
 class ProtocolError(ValueError):
@@ -123,9 +124,13 @@ _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 
 def jpeg_size(b: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's frame header, read without decoding; None if the
-    segments before the image data hold no frame header."""
+    segments before the image data hold no frame header, or it is not within the first
+    MAX_JPEG_MARKERS markers (real files have about ten; a crafted one must not keep the
+    event loop walking megabytes of empty segments)."""
     i, n = 2, len(b)
-    while i + 4 <= n:
+    for _ in range(MAX_JPEG_MARKERS):
+        if i + 4 > n:
+            break
         if b[i] != 0xFF:
             return None
         marker = b[i + 1]

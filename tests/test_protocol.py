@@ -134,6 +134,8 @@ def test_jpeg_dimensions_are_checked_from_the_header():
         assert e.value.code == P.BAD_VIDEO and f"{w}x{h}" in e.value.message
     with pytest.raises(ProtocolError, match="no frame header"):  # markers, but no SOF
         decode(encode(Kind.VIDEO_IN, JPEG), "client")
+    crafted = b"\xff\xd8" + b"\xff\xfe\x00\x02" * 400_000 + real_jpeg()[2:]   # 1.6 MB of comments
+    assert P.jpeg_size(crafted) is None                 # gives up after MAX_JPEG_MARKERS
 
 
 @pytest.mark.parametrize("body", [b"[" * 2000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
