@@ -267,11 +267,13 @@ async def fuzz(ws_url: str, limits: dict, max_message_bytes: int, rounds: int = 
     return rep
 
 
-async def churn(ws_url: str, cycles: int, seed: int = 0) -> int:
-    """Open and close `cycles` sessions, each sending a little audio and a frame; every
-    fourth goes away without a close. Returns the sessions opened."""
+async def churn(ws_url: str, cycles: int, seed: int = 0, every: float = 0.0) -> int:
+    """Open and close `cycles` sessions, each sending a little audio and a frame, one
+    every `every` s (0: back to back); every fourth goes away without a close. Returns the
+    sessions opened."""
     rng, opened, frame = random.Random(seed), 0, P.encode(P.Kind.VIDEO_IN, jpeg())
     for k in range(cycles):
+        await asyncio.sleep(every)
         try:
             ws, _ = await open_session(ws_url)
         except (P.ProtocolError, InvalidStatus, OSError, TimeoutError):
@@ -306,6 +308,7 @@ class SoakOptions:
     fuzz_rounds: int = 3           # passes over every attack during the attacked phase
     cycles: int = 600              # session open/close cycles for the memory check
     model: str | None = None       # fusion checkpoint; None: the shipped one; "random": untrained
+    mid_reply: bool = True         # the fuzzer also asks questions and leaves mid-reply
 
     def __post_init__(self):
         if min(self.turns, self.churn, self.fuzz_rounds, self.cycles) < 1:
@@ -374,10 +377,23 @@ async def _soak(server: ServerProcess, o: SoakOptions, question: np.ndarray,
     busy = asyncio.create_task(talk(server.ws_url, question, o.turns))
     stop_at = time.monotonic() + 600
 
+    span = o.turns * len(question) / SAMPLE_RATE          # the attacks run all along the talk
+
+    async def fuzzer():
+        total = FuzzReport()
+        for k in range(o.fuzz_rounds):
+            rep = await fuzz(server.ws_url, limits, 4 * 1024 * 1024, seed=k,
+                             question=question if o.mid_reply else None)
+            for case, n in rep.cases.items():
+                total.cases[case] = total.cases.get(case, 0) + n
+            total.unanswered += rep.unanswered
+            total.internal += rep.internal
+            await asyncio.sleep(span / o.fuzz_rounds)
+        return total
+
     async def attackers():
-        fz = asyncio.create_task(fuzz(server.ws_url, limits, 4 * 1024 * 1024,
-                                      rounds=o.fuzz_rounds, question=question))
-        churned = await churn(server.ws_url, o.churn)
+        fz = asyncio.create_task(fuzzer())
+        churned = await churn(server.ws_url, o.churn, every=span / o.churn)
         return await fz, churned
     attack = asyncio.create_task(attackers())
     loaded = await busy
