@@ -13,7 +13,7 @@ import pytest
 from app import protocol as P
 from app.agent import random_agent
 from app.server import ServerOptions, ServerThread
-from lab import soak
+from lab import attack as soak
 
 
 @pytest.fixture(scope="module")
