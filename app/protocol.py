@@ -22,6 +22,12 @@ anything else is refused with "bad_handshake".
 The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling is the
 usual case.
 
+Limits, each checked before the work it bounds: per-kind payload sizes (DEFAULT_LIMITS,
+capped by the server's --max-message-mb; a message over that gets "too_large" before the
+close 1009), JSON nested at most MAX_JSON_DEPTH deep, JPEG frames at most MAX_VIDEO_SIDE px
+a side as their header says. The server accepts websockets only from its own page's origin
+(and --allow-origin ones); clients that send no Origin are not web pages.
+
 Client events: {"type": "control", "action": "interrupt" | "reset"}.
 Server events ("t": seconds on the session clock = input audio received / input_rate):
   speech_start {t}, speech_end {t}               the VAD heard the user start / stop
