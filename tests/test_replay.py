@@ -401,3 +401,8 @@ def test_a_session_without_audio_is_refused_by_replay(tmp_path, agent):
     (root / "mic.wav").unlink()
     with pytest.raises(SessionError, match="no audio"):
         replay(root, tmp_path / "out", agent, options=OPTS, progress=False)
+    r = subprocess.run([sys.executable, "run.py", "replay", str(root), "--random",
+                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "no audio" in r.stderr
