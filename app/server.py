@@ -53,6 +53,7 @@ class ServerOptions:
     handshake_timeout: float = 10.0      # s for a client to send its handshake
     max_errors: int = 50                 # protocol errors before a client is dropped
     input_queue: int = 256               # messages buffered per session before backpressure
+    input_queue_bytes: int = 16 * 1024 * 1024  # ...or payload bytes (then one more message)
     allow_origins: tuple[str, ...] = ()  # web origins allowed besides the server's own page
 
     def __post_init__(self):
@@ -73,8 +74,10 @@ class ServerOptions:
             raise ValueError(f"max message size must be >= 64 KiB, got {self.max_message_bytes} bytes")
         if self.token is not None and not self.token:
             raise ValueError("token must be a non-empty string (or None for no token)")
-        if self.handshake_timeout <= 0 or self.max_errors < 1 or self.input_queue < 1:
-            raise ValueError("handshake_timeout must be > 0, max_errors and input_queue >= 1")
+        if (self.handshake_timeout <= 0 or self.max_errors < 1 or self.input_queue < 1
+                or self.input_queue_bytes < 1):
+            raise ValueError("handshake_timeout must be > 0, max_errors, input_queue and "
+                             "input_queue_bytes >= 1")
 
     @property
     def origins(self) -> frozenset[str]:

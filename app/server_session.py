@@ -43,6 +43,8 @@ class ClientSession:
         self.options = server.options
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue = asyncio.Queue(self.options.input_queue)
+        self.queued_bytes = self.peak_queued_bytes = 0   # payload bytes waiting in the inbox
+        self._drained = asyncio.Event()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"session-{sid}")
         self.engine: Engine | None = None
@@ -142,6 +144,12 @@ class ClientSession:
                 if not await self._error(e.code, e.message):
                     return
                 continue
+            while self.queued_bytes > self.options.input_queue_bytes:   # backpressure
+                self._drained.clear()
+                await self._drained.wait()
+            size = len(payload) if isinstance(payload, bytes) else 0
+            self.queued_bytes += size
+            self.peak_queued_bytes = max(self.peak_queued_bytes, self.queued_bytes)
             await self.inbox.put((kind, payload))
 
     def _control(self, obj: dict) -> str:
@@ -171,6 +179,8 @@ class ClientSession:
     async def _work(self) -> None:
         while (item := await self.inbox.get()) is not _STOP:
             kind, payload = item
+            self.queued_bytes -= len(payload) if isinstance(payload, bytes) else 0
+            self._drained.set()
             try:
                 try:
                     await self.loop.run_in_executor(self.pool, self._process, kind, payload)

@@ -409,3 +409,26 @@ def test_the_token_is_not_printed():
     opts = ServerOptions(host="0.0.0.0", port=8765, token="s3cret")
     text = ready_message("random-demo", "http://127.0.0.1:8765/", opts)
     assert "s3cret" not in text and "?token=" in text and "http://127.0.0.1:8765/" in text
+
+
+def test_input_backlog_is_bounded_in_bytes(agent, monkeypatch):
+    """A client sending large frames faster than its session decodes them is held back by
+    the byte budget (TCP backpressure), not buffered: 256 queued 2 MB frames were 512 MB."""
+    from app.server_session import ClientSession
+    slow = ClientSession._process
+    monkeypatch.setattr(ClientSession, "_process",
+                        lambda self, kind, payload: (time.sleep(0.02), slow(self, kind, payload)))
+    noise = np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)
+    big = P.encode(P.Kind.VIDEO_IN, cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    budget = 512 * 1024
+    with ServerThread(agent, ServerOptions(port=0, input_queue_bytes=budget)) as s:
+        async def main():
+            c = await Client.open(s.ws_url)
+            for _ in range(30):
+                await c.ws.send(big)
+            session = next(iter(s.server.sessions.values()))
+            await c.close()
+            return session
+        session = asyncio.run(main())
+    assert len(big) > 200_000 and session.peak_queued_bytes >= budget
+    assert session.peak_queued_bytes <= budget + len(big)
