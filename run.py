@@ -20,8 +20,14 @@ def _not_built(name: str):
 
 
 def cmd_bench(args):
-    from lab.bench import format_report, run_bench
     import os
+    if args.soak:
+        from lab.soak import SoakOptions, run_soak
+        model = "random" if args.random else (None if args.model == DEFAULT_MODEL else args.model)
+        run_soak(SoakOptions(turns=4 if args.quick else 8, churn=100, cycles=600,
+                             fuzz_rounds=1 if args.quick else 3, model=model), args.json)
+        return
+    from lab.bench import format_report, run_bench
     model = args.model
     if model == DEFAULT_MODEL and not os.path.exists(model):
         print(f"(no trained model at {model}: benchmarking the demo preset with random weights)")
@@ -68,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.add_argument("--quick", action="store_true", help="shorter runs (for smoke tests)")
     b.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    b.add_argument("--soak", action="store_true",
+                   help="instead: the server under a fuzzing client and 100 connection churns "
+                        "beside a well-behaved session (its reply latency p95 alone vs under "
+                        "attack), then server memory over 600 session open/close cycles "
+                        "(loopback only; lab/soak.py)")
+    b.add_argument("--random", action="store_true", help="with --soak: an untrained demo-preset server")
     b.set_defaults(func=cmd_bench)
 
     text = "render the demo world: sessions for val/test, shards for training"

@@ -76,6 +76,9 @@ class VADProcessor(Processor):
         elif isinstance(frame, Control) and frame.kind == "reset":
             self.vad.reset()
 
+    def close(self) -> None:
+        self.vad.close()
+
 
 class TurnSegmenter(Processor):
     def __init__(self, opts: EngineOptions, replying: Callable[[float], bool]):
@@ -286,6 +289,12 @@ class Engine:
 
     def close(self) -> None:
         self.reply.cancel()
+        for p in self.processors:
+            if isinstance(p, VADProcessor):
+                p.close()                       # its model serves the next session
+        # The engine and its reply processor reference each other, so they wait for the
+        # cyclic GC; free the generation buffers (tens of MB with the shipped model) now.
+        self.reply.generator = None
         if self.recorder is not None:
             self.recorder.close()
 

@@ -18,10 +18,17 @@ world as the session's camera and scene sound, app/server_scene.py). The server 
 "output_rate": codec rate, "model": name}.
 
 Input rate: the server accepts any integer input_rate within [MIN_INPUT_RATE,
-MAX_INPUT_RATE] and resamples to 16 kHz itself (`PCMInput`, a streaming resampler whose
-chunked output equals offline resampling); anything else is refused with "bad_handshake".
+MAX_INPUT_RATE] and resamples to 16 kHz itself (speech.resample.StreamResampler: libsoxr,
+any ratio at the same small cost; chunked output equals resampling the whole stream);
+anything else is refused with "bad_handshake".
 The browser client downsamples to 16 kHz in its AudioWorklet, so no resampling is the
 usual case.
+
+Limits, each checked before the work it bounds: per-kind payload sizes (DEFAULT_LIMITS,
+capped by the server's --max-message-mb; a message over that gets "too_large" before the
+close 1009), JSON nested at most MAX_JSON_DEPTH deep, JPEG frames at most MAX_VIDEO_SIDE px
+a side as their header says. The server accepts websockets only from its own page's origin
+(and --allow-origin ones); clients that send no Origin are not web pages.
 
 Client events: {"type": "control", "action": "interrupt" | "reset" | "new_scene"}.
 Server events ("t": seconds on the session clock = input audio received / input_rate):
@@ -86,6 +93,9 @@ DEFAULT_LIMITS = {Kind.HANDSHAKE: 4096, Kind.EVENT: 16_384, Kind.ERROR: 16_384,
                   Kind.AUDIO_OUT: 2 * MAX_INPUT_RATE * 4,
                   Kind.VIDEO_IN: 2 * 1024 * 1024}
 CONTROL_ACTIONS = ("interrupt", "reset")
+MAX_JSON_DEPTH = 16                  # nesting of JSON payloads (the protocol's own use 1)
+MAX_VIDEO_SIDE = 4096                # px: a JPEG header claiming more is refused undecoded
+MAX_JPEG_MARKERS = 256               # markers (and fill bytes) read looking for the frame header
 
 
 class ProtocolError(ValueError):
@@ -121,6 +131,46 @@ def _is_jpeg(b: bytes) -> bool:
     return len(b) >= 4 and b[:3] == b"\xff\xd8\xff" and b.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
 
 
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(b: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding; None if the
+    segments before the image data hold no frame header, or it is not within the first
+    MAX_JPEG_MARKERS markers (real files have about ten; a crafted one must not keep the
+    event loop walking megabytes of empty segments)."""
+    i, n = 2, len(b)
+    for _ in range(MAX_JPEG_MARKERS):
+        if i + 4 > n:
+            break
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:                          # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            i += 2
+            continue
+        if marker == 0xDA or marker == 0xD9:        # image data (or the end) before any SOF
+            return None
+        length = int.from_bytes(b[i + 2:i + 4], "big")
+        if marker in _SOF:
+            if i + 9 > n or length < 7:
+                return None
+            return int.from_bytes(b[i + 7:i + 9], "big"), int.from_bytes(b[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def json_depth(body: bytes) -> int:
+    """Deepest nesting of `[`/`{` in JSON text (outside strings), without parsing it."""
+    import re
+    bare = np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b"", body), np.uint8)
+    step = (np.isin(bare, (0x5B, 0x7B)).astype(np.int32) - np.isin(bare, (0x5D, 0x7D)))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def decode(message, sender: str = "client", limits: dict | None = None):
     """Parse one message from `sender` ("client": what a server receives; "server": what a
     client receives) -> (Kind, payload): a dict for JSON kinds, bytes otherwise.
@@ -149,10 +199,16 @@ def decode(message, sender: str = "client", limits: dict | None = None):
         raise ProtocolError(TOO_LARGE, f"{kind.name.lower()} payload of {len(body)} bytes is over "
                                        f"the {limit}-byte limit for that kind")
     if kind in JSON_KINDS:
+        if (depth := json_depth(body)) > MAX_JSON_DEPTH:
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is JSON nested {depth} "
+                                          f"deep; at most {MAX_JSON_DEPTH} levels are accepted")
         try:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is not UTF-8 JSON: {e}") from None
+        except RecursionError:                          # never reached past the depth check
+            raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload is JSON nested too "
+                                          "deep") from None
         if not isinstance(obj, dict):
             raise ProtocolError(BAD_JSON, f"{kind.name.lower()} payload must be a JSON object, "
                                           f"got {type(obj).__name__}")
@@ -167,6 +223,14 @@ def decode(message, sender: str = "client", limits: dict | None = None):
     if not _is_jpeg(body):
         raise ProtocolError(BAD_VIDEO, f"video payload of {len(body)} bytes is not a whole JPEG "
                                        "(must start with FF D8 FF and end with FF D9)")
+    size = jpeg_size(body)
+    if size is None:
+        raise ProtocolError(BAD_VIDEO, f"video payload of {len(body)} bytes has no frame header "
+                                       "(SOF) before its image data: not a decodable JPEG")
+    if not all(1 <= side <= MAX_VIDEO_SIDE for side in size):
+        raise ProtocolError(BAD_VIDEO, f"JPEG header claims {size[0]}x{size[1]} pixels; frames "
+                                       f"must be 1..{MAX_VIDEO_SIDE} px on each side (scale the "
+                                       "camera frames down, e.g. to 640x480)")
     return kind, body
 
 
@@ -182,7 +246,7 @@ class ClientHello:
 def parse_client_handshake(obj: dict) -> ClientHello:
     """Validate the client's handshake object; raises ProtocolError(BAD_HANDSHAKE)."""
     version = obj.get("protocol", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(BAD_HANDSHAKE, f"protocol version {version!r} is not supported; this "
                                            f"server speaks version {PROTOCOL_VERSION}")
     rate = obj.get("input_rate", 16_000)
@@ -238,62 +302,3 @@ def error(code: str, message: str) -> bytes:
 
 def event(type: str, **fields) -> bytes:
     return encode(Kind.EVENT, {"type": type, **fields})
-
-
-# --- input audio ----------------------------------------------------------------------------
-class PCMInput:
-    """Turns kind-1 payloads at `rate` into 16 kHz float32, streaming. It applies the kernel
-    of `speech.audio.resample` (torchaudio's windowed sinc, built once) block by block, so
-    the concatenated output equals resampling the whole stream offline (to float rounding,
-    far below one PCM16 step). Output is released in blocks of `rate / gcd(rate, 16000)`
-    input samples once the filter's right-hand context has arrived: a lag under 1 ms at 48
-    kHz, about 10 ms at 44.1 kHz; `flush` releases the rest."""
-
-    def __init__(self, rate: int, out_rate: int = 16_000):
-        self.rate, self.out_rate = int(rate), int(out_rate)
-        self._n_in = self._n_out = 0          # samples received / emitted
-        if self.rate == self.out_rate:
-            return
-        from torchaudio.transforms import Resample
-        r = Resample(self.rate, self.out_rate)
-        self.si, self.so = self.rate // r.gcd, self.out_rate // r.gcd  # input/output per block
-        self.width = r.width                  # kernel reach before each block, in input samples
-        self.kernel = r.kernel[:, 0].numpy()  # (so, 2 * width + si)
-        assert self.kernel.shape == (self.so, 2 * self.width + self.si), self.kernel.shape
-        self._buf = np.zeros(self.width, np.float32)   # input from absolute sample _i0
-        self._i0 = -self.width                          # (the left zero padding included)
-
-    def push(self, payload: bytes) -> np.ndarray:
-        from speech.audio import pcm16_to_float
-        x = pcm16_to_float(payload)
-        self._n_in += len(x)
-        if self.rate == self.out_rate:
-            return x
-        self._buf = np.concatenate([self._buf, x])
-        return self._emit(final=False)
-
-    def flush(self) -> np.ndarray:
-        if self.rate == self.out_rate:
-            return np.zeros(0, np.float32)
-        self._buf = np.concatenate([self._buf, np.zeros(self.width + self.si, np.float32)])
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> np.ndarray:
-        si, so, k = self.si, self.so, self.kernel.shape[1]
-        b0 = self._n_out // so                           # next output block
-        # block b reads input [b * si - width, b * si - width + k)
-        b1 = (self._i0 + len(self._buf) - k + self.width) // si + 1
-        if final:                                        # offline length: ceil(n_in * so / si)
-            b1 = min(b1, -(-(-(-self._n_in * so // si)) // so))
-        if b1 <= b0:
-            return np.zeros(0, np.float32)
-        lo = b0 * si - self.width - self._i0
-        windows = np.lib.stride_tricks.sliding_window_view(
-            self._buf[lo:lo + (b1 - b0 - 1) * si + k], k)[::si]          # (b1 - b0, k)
-        out = (windows @ self.kernel.T).reshape(-1)                       # ((b1 - b0) * so,)
-        if final:
-            out = out[:max(0, -(-self._n_in * so // si) - self._n_out)]
-        self._n_out += len(out)
-        keep = b1 * si - self.width                      # the next block's first input
-        self._buf, self._i0 = self._buf[keep - self._i0:], keep
-        return np.ascontiguousarray(out, np.float32)

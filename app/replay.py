@@ -25,7 +25,7 @@ from .engine import Engine, EngineOptions
 from .frames import (AudioOut, Frame, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
                      TurnEnd, TurnMetrics)
 from .replay_report import format_summary, hardware, match_questions, plot_timeline, summarize
-from .session import Session, SessionWriter, load_session
+from .session import Session, SessionError, SessionWriter, load_session
 
 CHUNK = SAMPLE_RATE // 50      # 20 ms of microphone audio per push
 
@@ -110,6 +110,9 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
     session. `options.threaded` follows `realtime`."""
     from .recorder import EVENT_TYPES, Recorder
     session = load_session(session_dir)
+    if not len(session.audio):
+        raise SessionError(f"{session.root} has no audio (mic.wav) to replay: the engine "
+                           "follows the microphone's clock")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
@@ -127,8 +130,9 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
     col = _Collector()
     engine = Engine(agent, col, options, recorder=recorder)
     wall0 = time.perf_counter()
+    skipped: list[str] = []
     try:
-        _feed(engine, session, realtime, progress)
+        _feed(engine, session, realtime, progress, skipped)
         engine.wait_idle()
     finally:
         engine.close()
@@ -141,7 +145,7 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
         session=str(session.root), out_dir=str(out), model=agent.name,
         mode=options.generation.mode, realtime=realtime, hardware=hardware(agent),
         duration=session.duration, wall_seconds=wall, turns=turns,
-        summary=summarize(turns, session), warnings=list(session.warnings))
+        summary=summarize(turns, session), warnings=list(session.warnings) + skipped)
     _write_wav(out / "agent.wav", track, sr)
     (out / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     text = format_summary(report)
@@ -152,8 +156,10 @@ def replay(session_dir, out_dir, agent: Agent, *, realtime: bool = False,
     return report
 
 
-def _feed(engine: Engine, s: Session, realtime: bool, progress: bool) -> None:
-    """Mic audio in 20 ms chunks with each frame pushed once the clock reaches its t."""
+def _feed(engine: Engine, s: Session, realtime: bool, progress: bool,
+          skipped: list[str]) -> None:
+    """Mic audio in 20 ms chunks with each frame pushed once the clock reaches its t; a
+    frame that does not decode is skipped (one warning, in `skipped`, for all of them)."""
     from tqdm import tqdm
     audio, frames = s.audio, s.frames
     wall0 = time.perf_counter()
@@ -165,9 +171,14 @@ def _feed(engine: Engine, s: Session, realtime: bool, progress: bool) -> None:
     def push_frames_until(t: float, fi: int) -> int:
         while fi < len(frames) and frames[fi].t <= t:
             pace(frames[fi].t)
-            engine.push_frame(s.read_frame(fi), t=frames[fi].t)
+            try:
+                engine.push_frame(s.read_frame(fi), t=frames[fi].t)
+            except SessionError:
+                bad.append(frames[fi].file)
             fi += 1
         return fi
+
+    bad: list[str] = []
 
     fi, done = 0, 0.0
     with tqdm(total=round(s.duration, 2), unit="s", disable=not progress, leave=False,
@@ -181,6 +192,9 @@ def _feed(engine: Engine, s: Session, realtime: bool, progress: bool) -> None:
                 bar.update(round(b / SAMPLE_RATE - done, 2))
                 done = round(b / SAMPLE_RATE, 2)
         push_frames_until(float("inf"), fi)    # frames after the end of the audio
+    if bad:
+        skipped.append(f"{len(bad)} frame(s) skipped: JPEG not decodable: {', '.join(bad[:3])}"
+                       + (", ..." if len(bad) > 3 else ""))
 
 
 def _timeline(col: _Collector, s: Session, sr: int, out: Path):

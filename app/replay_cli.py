@@ -43,7 +43,9 @@ def run(args) -> None:
     from .replay import replay
     from .session import load_session
     try:
-        load_session(session)   # a bad directory fails before the model loads
+        if not len(load_session(session).audio):   # a bad directory fails before the model loads
+            raise SessionError(f"{session} has no audio (mic.wav) to replay: the engine "
+                               "follows the microphone's clock")
         agent = random_agent("demo", device=args.device) if args.random else \
             load_agent(args.model, device=args.device)
         if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):

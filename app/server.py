@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -21,8 +22,10 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.protocol import State
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -51,8 +54,19 @@ class ServerOptions:
     handshake_timeout: float = 10.0      # s for a client to send its handshake
     max_errors: int = 50                 # protocol errors before a client is dropped
     input_queue: int = 256               # messages buffered per session before backpressure
+    input_queue_bytes: int = 16 * 1024 * 1024  # ...or payload bytes (then one more message)
+    allow_origins: tuple[str, ...] = ()  # web origins allowed besides the server's own page
 
     def __post_init__(self):
+        if self.token is None and not is_loopback(self.host):
+            raise ValueError(f"binding to {self.host!r} serves every machine that can reach it: "
+                             "pass --token SECRET (or set TANDEM_TOKEN) so that only clients "
+                             "knowing it can talk, or bind to 127.0.0.1")
+        for origin in self.allow_origins:
+            u = urlsplit(origin)
+            if u.scheme not in ("http", "https") or not u.netloc or u.path not in ("", "/"):
+                raise ValueError(f"allowed origin {origin!r} must be scheme://host[:port], "
+                                 "e.g. https://app.example")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be within [0, 65535], got {self.port}")
         if self.max_sessions < 1:
@@ -61,13 +75,29 @@ class ServerOptions:
             raise ValueError(f"max message size must be >= 64 KiB, got {self.max_message_bytes} bytes")
         if self.token is not None and not self.token:
             raise ValueError("token must be a non-empty string (or None for no token)")
-        if self.handshake_timeout <= 0 or self.max_errors < 1 or self.input_queue < 1:
-            raise ValueError("handshake_timeout must be > 0, max_errors and input_queue >= 1")
+        if (self.handshake_timeout <= 0 or self.max_errors < 1 or self.input_queue < 1
+                or self.input_queue_bytes < 1):
+            raise ValueError("handshake_timeout must be > 0, max_errors, input_queue and "
+                             "input_queue_bytes >= 1")
+
+    @property
+    def origins(self) -> frozenset[str]:
+        return frozenset(o.rstrip("/").lower() for o in self.allow_origins)
 
     @property
     def limits(self) -> dict:
         """Per-kind payload limits, capped below the websocket's max message size."""
         return {k: min(v, self.max_message_bytes - 1) for k, v in P.DEFAULT_LIMITS.items()}
+
+
+def is_loopback(host: str) -> bool:
+    """True for a name or address that only this machine reaches."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Server:
@@ -91,6 +121,7 @@ class Server:
     async def start(self) -> "Server":
         o = self.options
         self._ws = await serve(self._handler, o.host, o.port, process_request=self._http,
+                               create_connection=_connection_class(o.max_message_bytes),
                                max_size=o.max_message_bytes, compression=None,
                                ping_interval=20, ping_timeout=20, close_timeout=5,
                                server_header="tandem")
@@ -112,6 +143,10 @@ class Server:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
+            refused = self._refuse_origin(request.headers)
+            if refused:
+                log.info("websocket from %s refused: %s", connection.remote_address, refused)
+                return _response(403, refused.encode(), "text/plain; charset=utf-8")
             return None                               # go on with the websocket handshake
         if path == "/health":
             body = {"status": "closing" if self._closing else "ok", "sessions": len(self.sessions),
@@ -129,6 +164,27 @@ class Server:
             return _response(200, (STATIC_DIR / name).read_bytes(), ctype)
         return _response(404, f"not found: {path} (the client is at /, the websocket at "
                               f"{WS_PATH})".encode(), "text/plain; charset=utf-8")
+
+    def _refuse_origin(self, headers: Headers) -> str | None:
+        """Why a websocket upgrade is refused, or None. Browsers send the page's Origin:
+        only the server's own page (Origin's host:port = the Host asked for) and
+        `allow_origins` may talk to it, so no other web page a user visits can. A server on
+        loopback also needs a loopback Host (a DNS-rebound name is someone else's page).
+        Clients that send no Origin are programs, not pages: the token guards those."""
+        host = (headers.get("Host") or "").lower()
+        if is_loopback(self.options.host) and not is_loopback(urlsplit(f"//{host}").hostname or ""):
+            return (f"this server listens on {self.options.host} only; the Host {host!r} is not "
+                    "this machine's name (open the page at the address the server printed)")
+        origin = headers.get("Origin")
+        if origin is None:
+            return None
+        origin = origin.rstrip("/").lower()
+        u = urlsplit(origin)
+        if (u.scheme in ("http", "https") and u.netloc == host) or origin in self.options.origins:
+            return None
+        return (f"websocket from the web page at origin {origin!r} refused: only this server's "
+                "own page may connect (start the server with --allow-origin ORIGIN to allow "
+                "another)")
 
     # --- websocket ---------------------------------------------------------------------------
     async def _handler(self, ws: ServerConnection) -> None:
@@ -192,6 +248,25 @@ def _response(status: int, body: bytes, content_type: str) -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
                        ("Cache-Control", "no-cache"), ("Connection", "close")])
     return Response(status, HTTPStatus(status).phrase, headers, body)
+
+
+def _connection_class(max_bytes: int) -> type[ServerConnection]:
+    """ServerConnection that, when the library fails a connection for a message over
+    `max_bytes` (close code 1009), first sends a protocol error saying so."""
+    class Connection(ServerConnection):
+        def __init__(self, protocol, *args, **kwargs):
+            super().__init__(protocol, *args, **kwargs)
+            fail = protocol.fail
+
+            def fail_with_error(code, reason=""):
+                if code == 1009 and protocol.state is State.OPEN:
+                    protocol.send_binary(P.error(P.TOO_LARGE, (
+                        f"message over the server's {max_bytes}-byte limit ({reason}); the "
+                        "server was started with --max-message-mb "
+                        f"{max_bytes / 1024 / 1024:g}; closing")))
+                fail(code, reason)
+            protocol.fail = fail_with_error
+    return Connection
 
 
 async def _close(ws: ServerConnection, code: str, message: str, close_code: int) -> None:

@@ -13,12 +13,15 @@ from .agent import add_agent_arguments
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only; 0.0.0.0 "
-                        "listens on every interface: set --token, and note that browsers only "
+                        "listens on every interface and needs --token; note that browsers only "
                         "grant camera/microphone to localhost or https pages)")
     p.add_argument("--port", type=int, default=8765, help="TCP port (default: %(default)s)")
     p.add_argument("--token", default=os.environ.get("TANDEM_TOKEN"),
                    help="shared secret clients must send in the handshake (default: "
                         "$TANDEM_TOKEN; none when unset); the page takes it from ?token=...")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept websockets from web pages at ORIGIN (scheme://host[:port]); "
+                        "by default only the server's own page may connect (repeatable)")
     p.add_argument("--max-sessions", type=int, default=4,
                    help="concurrent conversations; more clients get a 'busy' error "
                         "(default: %(default)s)")
@@ -43,11 +46,14 @@ def run(args) -> None:
     try:
         options = ServerOptions(
             host=args.host, port=args.port, token=args.token or None,
+            allow_origins=tuple(args.allow_origin),
             max_sessions=args.max_sessions,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
             record_dir=args.record_dir, engine=with_generation(EngineOptions(), mode=args.mode))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    from .host import return_freed_memory
+    return_freed_memory()                    # sessions' memory goes back when they end
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("websockets").setLevel(logging.WARNING)
@@ -60,14 +66,21 @@ def run(args) -> None:
         sys.exit(f"error: {e}")
 
     def ready(server):
-        url = server.url + (f"?token={options.token}" if options.token else "")
-        print(f"\nTandem ({agent.name}) is serving on {url}\n"
-              f"  open it in a browser, press Start, and talk; health check: {server.url}health\n"
-              + (f"  recording sessions into {options.record_dir}/\n" if options.record_dir else "")
-              + "  Ctrl-C to stop", flush=True)
+        print(ready_message(agent.name, server.url, options), flush=True)
     try:
         asyncio.run(serve_until_signal(agent, options, on_ready=ready))
     except OSError as e:
         sys.exit(f"error: cannot serve on {options.host}:{options.port}: {e} "
                  "(another server on that port? try --port)")
     print("stopped.")
+
+
+def ready_message(model: str, url: str, options) -> str:
+    """What `serve` prints once it listens; never the token itself (terminal logs and
+    screen shares would carry it)."""
+    token = (f"  the page needs the token: open {url}?token=<your --token>\n"
+             if options.token else "")
+    return (f"\nTandem ({model}) is serving on {url}\n{token}"
+            f"  open it in a browser, press Start, and talk; health check: {url}health\n"
+            + (f"  recording sessions into {options.record_dir}/\n" if options.record_dir else "")
+            + "  Ctrl-C to stop")

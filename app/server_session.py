@@ -22,8 +22,13 @@ from pathlib import Path
 import numpy as np
 from websockets.exceptions import ConnectionClosed
 
+from speech.audio import pcm16_to_float
+from speech.constants import SAMPLE_RATE
+from speech.resample import StreamResampler
+
 from . import protocol as P
 from .engine import Engine
+from .host import trim_memory
 from .frames import (AudioOut, Control, Interrupt, SpeechEnd, SpeechStart, TextOut, TurnDone,
                      TurnEnd)
 
@@ -38,11 +43,13 @@ class ClientSession:
         self.options = server.options
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue = asyncio.Queue(self.options.input_queue)
+        self.queued_bytes = self.peak_queued_bytes = 0   # payload bytes waiting in the inbox
+        self._drained = asyncio.Event()
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"session-{sid}")
         self.engine: Engine | None = None
         self.recorder = None                     # app.recorder.Recorder with --record-dir
-        self.pcm = P.PCMInput(hello.input_rate)
+        self.pcm: StreamResampler | None = None   # input_rate -> 16 kHz, built in _open
         self.samples_in = 0                      # input samples received (at input_rate)
         self._arrivals: deque = deque(maxlen=4096)  # (session s at message end, wall s)
         self._first_sent: dict[int, float] = {}  # turn -> wall s its first audio was sent
@@ -72,7 +79,9 @@ class ClientSession:
                 pass
 
     def _open(self) -> None:
+        """On the worker thread: nothing a session builds may hold up the event loop."""
         o = self.options
+        self.pcm = StreamResampler(self.hello.input_rate, SAMPLE_RATE)
         if o.record_dir:
             from .recorder import Recorder
             from .session import SessionWriter
@@ -108,12 +117,14 @@ class ClientSession:
         self.closed = True
         await self.loop.run_in_executor(self.pool, self._close_sync)
         self.pool.shutdown(wait=False)
+        self.engine = self.recorder = self.pcm = None   # the connection may outlive us
+        await asyncio.to_thread(trim_memory)
         log.info("session %s closed", self.id)
 
     def _close_sync(self) -> None:
         if self.engine is not None:
             tail = self.pcm.flush()
-            if len(tail):
+            if len(tail):                        # the resampler's last block
                 self.engine.push_audio(tail)
             self.engine.close()                  # also finishes the recording
         elif self.recorder is not None:
@@ -137,6 +148,12 @@ class ClientSession:
                 if not await self._error(e.code, e.message):
                     return
                 continue
+            while self.queued_bytes > self.options.input_queue_bytes:   # backpressure
+                self._drained.clear()
+                await self._drained.wait()
+            size = len(payload) if isinstance(payload, bytes) else 0
+            self.queued_bytes += size
+            self.peak_queued_bytes = max(self.peak_queued_bytes, self.queued_bytes)
             await self.inbox.put((kind, payload))
 
     def _control(self, obj: dict) -> str:
@@ -169,6 +186,8 @@ class ClientSession:
     async def _work(self) -> None:
         while (item := await self.inbox.get()) is not _STOP:
             kind, payload = item
+            self.queued_bytes -= len(payload) if isinstance(payload, bytes) else 0
+            self._drained.set()
             try:
                 try:
                     await self.loop.run_in_executor(self.pool, self._process, kind, payload)
@@ -185,7 +204,7 @@ class ClientSession:
         """On the session's worker thread."""
         eng = self.scene or self.engine          # a demo scene stands in front of the engine
         if kind == P.Kind.AUDIO_IN:
-            pcm = self.pcm.push(payload)
+            pcm = self.pcm.feed(pcm16_to_float(payload))
             if len(pcm):
                 eng.push_audio(pcm)
         elif kind == P.Kind.VIDEO_IN:

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from speech.audio import WavAppender, read_wav, resample, to_mono
+from speech.audio import WavAppender, read_wav, resample, to_mono, wav_cut_short, wav_rate
 from speech.constants import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ FORMAT = "tandem-session"
 VERSION = 1
 SYNC_SECONDS = 1.0          # fsync everything at least once per second of session time
 SESSION_FILES = ("session.json", "mic.wav", "frames.jsonl", "frames", "events.jsonl")
+MIC_RATES = (8_000, 192_000)  # Hz a mic.wav may have (its samples are resampled on load)
+TIME_SLACK = 2.0              # s past the audio's end a frame or event may have (flush lag)
 LAYOUT_HELP = ("a session directory must contain session.json "
                '({"format": "tandem-session", "version": 1, ...}) and mic.wav and/or '
                "frames.jsonl + frames/; events.jsonl is optional")
@@ -314,7 +316,7 @@ class Session:
 class _Problems:
     """Collects what loading skipped, one warning per kind (not one per line)."""
 
-    KINDS = ("truncated_lines", "bad_lines", "missing_frames", "corrupt_frames")
+    KINDS = ("truncated_lines", "bad_lines", "missing_frames", "corrupt_frames", "out_of_range")
 
     def __init__(self):
         self.counts = dict.fromkeys(self.KINDS, 0)
@@ -329,7 +331,8 @@ class _Problems:
         what = {"truncated_lines": "truncated last line ignored (crash while writing?)",
                 "bad_lines": "malformed line(s) ignored",
                 "missing_frames": "frame(s) skipped: JPEG missing",
-                "corrupt_frames": "frame(s) skipped: JPEG not decodable"}
+                "corrupt_frames": "frame(s) skipped: JPEG not decodable",
+                "out_of_range": "line(s) ignored: time outside the session's audio"}
         return [f"{n} {what[k]}: {', '.join(self.examples[k])}"
                 + (", ..." if n > len(self.examples[k]) else "")
                 for k, n in self.counts.items() if n]
@@ -420,13 +423,48 @@ def _read_meta(root: Path) -> dict:
     return meta
 
 
+def _read_mic(mic: Path, sample_rate: int, notes: list[str]) -> np.ndarray:
+    """mic.wav as mono float32 at `sample_rate`; a rate outside MIC_RATES is refused before
+    any sample is read (1 Hz resampled to 16 kHz would be 16000 times the file)."""
+    try:
+        rate = wav_rate(mic)
+        if not MIC_RATES[0] <= rate <= MIC_RATES[1]:
+            raise SessionError(f"{mic}: its header says {rate} Hz; a session's audio must be "
+                               f"{MIC_RATES[0]}..{MIC_RATES[1]} Hz (fix the header or re-encode "
+                               "it, e.g. sox IN.wav -r 16000 mic.wav)")
+        short = wav_cut_short(mic)
+        audio, rate = read_wav(mic)     # tolerates a header never finalised (crash)
+    except ValueError as e:
+        if isinstance(e, SessionError):
+            raise
+        raise SessionError(f"{mic} could not be read: {e}") from e
+    if short:
+        notes.append(f"{mic.name} is cut short: its header says {short[0]:.2f} s, the file "
+                     f"holds {short[1]:.2f} s; using the {short[1]:.2f} s there are")
+    return resample(to_mono(audio), rate, sample_rate) if len(audio) else audio[:0]
+
+
+def _within(items: list, end: float, name: str, problems: _Problems) -> list:
+    """Frames or events whose t is within [0, end]; the others are reported."""
+    kept = []
+    for x in items:
+        t = x.t if isinstance(x, FrameRef) else x["t"]
+        if 0 <= t <= end:
+            kept.append(x)
+        else:
+            problems.add("out_of_range", f"{name} t={t:g} (outside the session: 0..{end:.2f} s)")
+    return kept
+
+
 def load_session(root, sample_rate: int = SAMPLE_RATE) -> Session:
     """Load a session directory (also one whose writer was killed mid-session).
 
-    Audio is mixed to mono and resampled to `sample_rate`. Truncated JSONL lines and frames
-    whose JPEG is missing or corrupt are skipped, each kind with one warning (logged, and
-    listed in `Session.warnings`; counts in `Session.recovered`).
-    Raises SessionError if `root` is not a readable session.
+    Audio is mixed to mono and resampled to `sample_rate`. Truncated JSONL lines, frames
+    whose JPEG is missing or corrupt and frames/events timed outside [0, audio end +
+    TIME_SLACK] are skipped, each kind with one warning (logged, and listed in
+    `Session.warnings`; counts in `Session.recovered`); so is a mic.wav cut short.
+    Raises SessionError (naming the file and the problem) if `root` is not a readable
+    session, or its mic.wav's rate is outside MIC_RATES.
     """
     root = Path(root)
     meta = _read_meta(root)
@@ -439,20 +477,19 @@ def load_session(root, sample_rate: int = SAMPLE_RATE) -> Session:
         else:
             problems.add("bad_lines", f"events.jsonl t={obj['t']} (needs a string \"type\")")
     events.sort(key=lambda e: e["t"])
-    warnings = problems.warnings()
-    mic = root / "mic.wav"
+    mic, notes = root / "mic.wav", []
     if mic.is_file():
-        try:
-            audio, rate = read_wav(mic)     # tolerates a header never finalised (crash)
-        except ValueError as e:
-            raise SessionError(f"{mic} could not be read: {e}") from e
-        audio = resample(to_mono(audio), rate, sample_rate) if len(audio) else audio[:0]
+        audio = _read_mic(mic, sample_rate, notes)
+        end = len(audio) / sample_rate + TIME_SLACK
+        frames, events = _within(frames, end, "frames.jsonl", problems), \
+            _within(events, end, "events.jsonl", problems)
     elif frames:
         audio = np.zeros(0, np.float32)
-        warnings.append("no mic.wav: the session has frames but no audio")
+        notes.append("no mic.wav: the session has frames but no audio")
     else:
         raise SessionError(f"{root} has neither mic.wav nor any readable frame; "
                            f"{LAYOUT_HELP}")
+    warnings = problems.warnings() + notes
     audio = np.ascontiguousarray(audio.reshape(-1) if audio.size == 0 else audio, np.float32)
     assert audio.ndim == 1, audio.shape
     for w in warnings:

@@ -23,9 +23,16 @@ class AudioFileError(ValueError):
 
 
 # --- arrays ----------------------------------------------------------------------------------
+MAX_SINC_PHASES = 1000   # torchaudio's kernel has sr_out / gcd rows: past this, libsoxr
+
+
 def resample(x, sr_in: int, sr_out: int):
     """Resample `(T,)` or `(T, C)` audio from `sr_in` to `sr_out` Hz (torchaudio's
-    band-limited sinc). Returns the input's type (numpy float32 or Tensor)."""
+    band-limited sinc). Returns the input's type (numpy float32 or Tensor).
+    Rates that share only a small factor (e.g. 8003 -> 16000 Hz: a kernel of gigabytes)
+    go through libsoxr (speech.resample) instead, at the same small cost as any other."""
+    import math
+
     import torch
     import torchaudio.functional as AF
 
@@ -36,7 +43,14 @@ def resample(x, sr_in: int, sr_out: int):
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) if is_np else x
     if t.ndim not in (1, 2):
         raise ValueError(f"resample takes (T,) or (T, C) audio, got shape {tuple(t.shape)}")
-    if int(sr_in) != int(sr_out):
+    g = math.gcd(int(sr_in), int(sr_out))
+    if max(int(sr_in), int(sr_out)) // g > MAX_SINC_PHASES:
+        from speech.resample import resample_whole
+        a = t.detach().cpu().numpy()                       # (T,) or (T, C)
+        cols = [resample_whole(c, int(sr_in), int(sr_out)) for c in (a[:, None] if a.ndim == 1 else a).T]
+        y = cols[0] if a.ndim == 1 else np.stack(cols, 1)
+        t = torch.from_numpy(np.ascontiguousarray(y)).to(t.device)
+    elif int(sr_in) != int(sr_out):
         y = AF.resample(t.T if t.ndim == 2 else t, int(sr_in), int(sr_out))
         t = y.T.contiguous() if t.ndim == 2 else y
     return t.numpy().astype(np.float32, copy=False) if is_np else t
@@ -154,6 +168,26 @@ def _parse_wav(path: Path):
             pos = body + csize + (csize & 1)
     what = "no 'fmt ' chunk" if fmt is None else "no 'data' chunk"
     raise AudioFileError(f"{path}: WAV file is corrupt or truncated ({what})")
+
+
+def wav_rate(path) -> int:
+    """The sample rate a WAV header states, read without reading the samples."""
+    return int(_parse_wav(Path(path))[0]["rate"])
+
+
+def wav_cut_short(path) -> tuple[float, float] | None:
+    """(seconds the header says, seconds the file holds) for a WAV whose finalised header
+    promises more samples than the file has (a copy cut short); None otherwise. A header
+    never finalised (sizes 0 or 0xFFFFFFFF: a crash while recording) is not "cut short"."""
+    path = Path(path)
+    fmt, offset, nbytes, trusted = _parse_wav(path)
+    with open(path, "rb") as f:
+        f.seek(offset - 4)
+        claimed = struct.unpack("<I", f.read(4))[0]
+    frame = max(1, fmt["channels"] * fmt["bits"] // 8)
+    if trusted or claimed in (0, _UNKNOWN) or claimed <= nbytes or fmt["rate"] < 1:
+        return None
+    return claimed / frame / fmt["rate"], nbytes / frame / fmt["rate"]
 
 
 def read_wav(path) -> tuple[np.ndarray, int]:

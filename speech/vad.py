@@ -7,7 +7,9 @@ each StreamingVAD owns one model instance and `reset` clears it with `reset_stat
 """
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -58,6 +60,29 @@ class VADEvent:
     prob: float   # speech probability of the window that decided the event
 
 
+_POOL: list = []            # loaded silero models no stream is using (each holds its state)
+_POOL_LOCK = threading.Lock()
+POOL_MAX = 32               # models kept for reuse; more concurrent streams load their own
+
+
+def _take_model():
+    """A silero model for one stream: a pooled one (its state reset) or a fresh load. Loading
+    costs a TorchScript load (~0.3-0.5 s of CPU on the shared cores) and memory that is never
+    fully returned, so a server opening and closing sessions reuses them."""
+    with _POOL_LOCK:
+        model = _POOL.pop() if _POOL else None
+    if model is None:
+        return _load_silero()
+    model.reset_states()
+    return model
+
+
+def _give_back(model) -> None:
+    with _POOL_LOCK:
+        if len(_POOL) < POOL_MAX:
+            _POOL.append(model)
+
+
 def _load_silero():
     threads = torch.get_num_threads()  # importing silero_vad sets torch threads to 1
     try:
@@ -92,7 +117,8 @@ class StreamingVAD:
 
     def __init__(self, options: VADOptions = VADOptions()):
         self.options = options
-        self._model = _load_silero()
+        self._model, self._closed = _take_model(), False
+        self._release = weakref.finalize(self, _give_back, self._model)  # or at close()
         o = options
         self._min_speech = int(np.ceil(o.min_speech_ms * SAMPLE_RATE / 1000 / VAD_WINDOW))
         self._min_speech = max(self._min_speech, 1)                    # windows
@@ -100,6 +126,12 @@ class StreamingVAD:
         self._pad = int(round(o.speech_pad_ms * SAMPLE_RATE / 1000))           # samples
         self._buf = np.zeros(VAD_WINDOW, np.float32)  # remainder of the last feed
         self.reset()
+
+    def close(self) -> None:
+        """End the stream: its model goes back to the pool for the next stream at once
+        (without close, when this object is collected). Audio fed afterwards is ignored."""
+        self._closed = True
+        self._release()
 
     def reset(self) -> None:
         """Forget everything: a new stream starts at t = 0."""
@@ -130,6 +162,8 @@ class StreamingVAD:
         x = np.asarray(check_pcm(pcm, SAMPLE_RATE, SAMPLE_RATE, "VAD input")
                        if np.size(pcm) else np.zeros(0, np.float32), dtype=np.float32)
         events, probs = [], []
+        if self._closed:                         # a capture thread racing a stop
+            return events
         with _one_thread():
             self._consume(x, events, probs)
         if probs:

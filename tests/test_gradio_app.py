@@ -180,9 +180,9 @@ def test_browser_stream_handlers_reply(agent, media):
     assert (np.abs(out) > 30).sum() > 0.5 * agent.output_rate * snap.metrics[0].reply_seconds
     # only lost chunks become silence (filling in detail: the next test); the session clock
     # never runs ahead of the microphone's real time (it may trail what was received by the
-    # few milliseconds the streaming resampler holds back)
+    # block the streaming resampler holds back: under 40 ms from 48 kHz, speech/resample.py)
     assert s.filled_seconds <= 0.1 * lost + 0.2, (s.filled_seconds, lost)
-    assert s.received_seconds - 0.01 <= snap.clock <= k * 0.1 + 0.2
+    assert s.received_seconds - 0.04 <= snap.clock <= k * 0.1 + 0.2
     assert len(snap.metrics) == 1 and snap.metrics[0].response_latency is not None
     assert snap.preview is not None and snap.preview.shape == frames[0].shape
     assert set(ctl.attention_frame(snap)["modality"]) == {"audio", "video"}
@@ -202,7 +202,8 @@ def test_browser_dropped_audio_becomes_silence_with_a_notice(agent):
     assert s.received_seconds == pytest.approx(2.0)
     # gaps become silence (0.2 s each); the stall's only up to 0.3 s: it must not end a turn
     assert s.filled_seconds == pytest.approx(0.2 * 18 + 0.3, abs=0.01)
-    assert snap.clock == pytest.approx(2.0 + 0.2 * 18 + 0.3, abs=0.01)
+    held = 2.0 + 0.2 * 18 + 0.3 - snap.clock            # the resampler's block (48 kHz)
+    assert 0 <= held < 0.04
     assert "losing audio" in snap.notices[0]
 
 

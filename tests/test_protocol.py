@@ -1,4 +1,5 @@
-"""app.protocol: encode/decode round trips, every kind of bad input, the streaming resampler."""
+"""app.protocol: encode/decode round trips, every kind of bad input (the input resampler:
+tests/test_resample.py)."""
 from __future__ import annotations
 
 import json
@@ -113,19 +114,44 @@ def test_client_handshake():
                   "model": "demo"}
 
 
-@pytest.mark.parametrize("rate", [8000, 11025, 16000, 44100, 48000])
-def test_pcm_input_chunked_equals_offline(rate):
-    from speech.audio import float_to_pcm16, pcm16_to_float, resample
-    rng = np.random.default_rng(rate)
-    x = float_to_pcm16(rng.uniform(-0.5, 0.5, rate // 2 + 123).astype(np.float32))
-    ref = resample(pcm16_to_float(x.tobytes()), rate, 16000)
-    conv, outs, i = P.PCMInput(rate), [], 0
-    while i < len(x):
-        n = int(rng.integers(1, rate // 25))             # up to 40 ms per message
-        outs.append(conv.push(x[i:i + n].tobytes()))
-        i += n
-    early = np.concatenate(outs)
-    y = np.concatenate([early, conv.flush()])
-    assert len(y) == len(ref)
-    np.testing.assert_allclose(y, ref, atol=1 / 32767)              # within one PCM16 step
-    assert len(ref) - len(early) <= 0.045 * 16000        # holds back at most one block
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small real JPEG whose SOF header is rewritten to claim width x height."""
+    b = bytearray(real_jpeg())
+    i = 2
+    while b[i + 1] not in (0xC0, 0xC1, 0xC2):             # walk the segments to the SOF
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    b[i + 5:i + 7], b[i + 7:i + 9] = height.to_bytes(2, "big"), width.to_bytes(2, "big")
+    return bytes(b)
+
+
+def test_jpeg_dimensions_are_checked_from_the_header():
+    assert P.jpeg_size(real_jpeg()) == (32, 24)
+    assert decode(encode(Kind.VIDEO_IN, _jpeg_claiming(1920, 1080)), "client")[0] == Kind.VIDEO_IN
+    for w, h in ((20000, 20000), (30000, 30000), (8000, 100), (0, 24)):
+        big = _jpeg_claiming(w, h)
+        assert len(big) < 1000
+        with pytest.raises(ProtocolError) as e:
+            decode(encode(Kind.VIDEO_IN, big), "client")
+        assert e.value.code == P.BAD_VIDEO and f"{w}x{h}" in e.value.message
+    with pytest.raises(ProtocolError, match="no frame header"):  # markers, but no SOF
+        decode(encode(Kind.VIDEO_IN, JPEG), "client")
+    crafted = b"\xff\xd8" + b"\xff\xfe\x00\x02" * 400_000 + real_jpeg()[2:]   # 1.6 MB of comments
+    assert P.jpeg_size(crafted) is None                 # gives up after MAX_JPEG_MARKERS
+
+
+@pytest.mark.parametrize("body", [b"[" * 2000, b'{"a":' * 5000 + b"1" + b"}" * 5000,
+                                  b'{"type": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                  b'{"type": "x", "a": ' + b"[" * 40 + b"]" * 40 + b"}"],
+                         ids=["list_2000", "object_5000", "event_5000", "event_40"])
+def test_deeply_nested_json_is_a_protocol_error(body):
+    for kind in (Kind.HANDSHAKE, Kind.EVENT):
+        with pytest.raises(ProtocolError) as e:
+            decode(bytes((kind,)) + body, "client", {**P.DEFAULT_LIMITS, kind: 1 << 20})
+        assert e.value.code == P.BAD_JSON and "nested" in e.value.message
+
+
+def test_protocol_version_must_be_the_integer_1():
+    for version in (1.0, "1", [1]):
+        with pytest.raises(ProtocolError) as e:
+            P.parse_client_handshake({"protocol": version})
+        assert e.value.code == P.BAD_HANDSHAKE

@@ -363,3 +363,85 @@ def test_record_from_a_virtual_sound_card_until_sigterm(tmp_path, pulse_null_sin
     assert s.meta["duration"] >= 3.5 and s.meta["camera"] == str(video)   # finalised
     assert len(s.frames) >= 20
     assert np.abs(s.audio).max() > 0.01, "the speech played into the sink was recorded"
+
+
+# --- bad session content -------------------------------------------------------------------
+def _small_session(root) -> Path:
+    return _write_session(root, _mic(3.0, []), fps=5)
+
+
+def _replay_ok(root, out, agent):
+    report = replay(root, out, agent, options=OPTS, progress=False)
+    track, sr = _track(out)
+    assert len(track) <= (3.0 + 2.0) * sr, "agent.wav sized by the session's real length"
+    return report
+
+
+def test_undecodable_frame_is_skipped_with_a_warning(tmp_path, agent):
+    root = _small_session(tmp_path / "s")
+    (root / "frames/000003.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 30 + b"\xff\xd9")
+    report = _replay_ok(root, tmp_path / "out", agent)
+    assert any("frames/000003.jpg" in w and "not decodable" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("name,t", [("frames.jsonl", 1e9), ("events.jsonl", 3600.0),
+                                    ("events.jsonl", -5.0)])
+def test_times_beyond_the_session_are_dropped_with_a_warning(tmp_path, agent, name, t):
+    root = _small_session(tmp_path / "s")
+    line = {"t": t, "file": "frames/000001.jpg"} if name == "frames.jsonl" else \
+        {"t": t, "type": "question", "text": "late?"}
+    with open(root / name, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    s = load_session(root)
+    assert s.duration == pytest.approx(3.0, abs=0.01)
+    assert any(name in w and f"t={t:g}" in w and "outside the session" in w for w in s.warnings)
+    report = _replay_ok(root, tmp_path / "out", agent)
+    assert report.duration == pytest.approx(3.0, abs=0.01)
+
+
+def _set_wav_rate(path: Path, rate: int) -> None:
+    b = bytearray(path.read_bytes())
+    i = b.index(b"fmt ") + 8
+    b[i + 4:i + 8] = rate.to_bytes(4, "little")
+    b[i + 8:i + 12] = (rate * 2).to_bytes(4, "little")       # byte rate
+    path.write_bytes(bytes(b))
+
+
+def test_mic_wav_at_an_impossible_rate_is_one_clear_error(tmp_path):
+    from app.session import SessionError
+    root = _small_session(tmp_path / "s")
+    _set_wav_rate(root / "mic.wav", 1)
+    with pytest.raises(SessionError) as e:
+        load_session(root)
+    assert "mic.wav" in str(e.value) and "1 Hz" in str(e.value)
+    r = subprocess.run([sys.executable, "run.py", "replay", str(root), "--random",
+                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mic.wav" in lines[0] and "1 Hz" in lines[0], r.stderr
+
+
+def test_mic_wav_cut_short_replays_with_a_warning(tmp_path, agent):
+    root = _small_session(tmp_path / "s")
+    data = (root / "mic.wav").read_bytes()
+    (root / "mic.wav").write_bytes(data[:len(data) // 2])
+    s = load_session(root)
+    assert len(s.audio) == pytest.approx(1.5 * SR, abs=50)
+    w = [w for w in s.warnings if "mic.wav" in w and "cut short" in w]
+    assert w and "3.00 s" in w[0] and "1.50 s" in w[0], s.warnings
+    report = replay(root, tmp_path / "out", agent, options=OPTS, progress=False)
+    assert any("cut short" in w for w in report.warnings)
+
+
+def test_a_session_without_audio_is_refused_by_replay(tmp_path, agent):
+    from app.session import SessionError
+    root = _small_session(tmp_path / "s")
+    (root / "mic.wav").unlink()
+    with pytest.raises(SessionError, match="no audio"):
+        replay(root, tmp_path / "out", agent, options=OPTS, progress=False)
+    r = subprocess.run([sys.executable, "run.py", "replay", str(root), "--random",
+                        "--out", str(tmp_path / "out"), "--no-progress"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "no audio" in r.stderr

@@ -215,11 +215,12 @@ async def misbehave(url: str, limits: dict) -> dict:
     await bad.ws.send(P.encode(P.Kind.AUDIO_IN, bytes(640)))      # still a working session
     await bad.ws.send(P.encode(P.Kind.EVENT, {"type": "control", "action": "reset"}))
     await asyncio.sleep(0.3)
-    assert not bad.task.done() and len(bad.errors) == len(cases)
-    # over the websocket's max_size: closed by the library (1009), nothing else happens
+    assert not bad.task.done() and len(bad.errors) == len(cases), bad.errors
+    # over the websocket's max_size: a protocol error saying so, then closed (1009)
     await bad.ws.send(b"\x02" + bytes(4 * 1024 * 1024 + 10))
     await asyncio.wait_for(bad.task, 10)
-    codes["over_max_size"] = bad.ws.close_code
+    assert "--max-message-mb" in bad.errors[-1]["message"]
+    codes["over_max_size"] = (bad.errors[-1]["code"], bad.ws.close_code)
     # a raw TCP client: garbage instead of HTTP, then a truncated websocket frame
     for raw in (b"\x00\x01garbage\r\n\r\n", None):
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])), 5) as sock:
@@ -266,7 +267,7 @@ def test_misbehaving_client_does_not_disturb_others(server, question):
         "truncated_jpeg": P.BAD_VIDEO, "undecodable_jpeg": P.BAD_VIDEO, "bad_json": P.BAD_JSON,
         "not_utf8": P.BAD_JSON, "unknown_event": P.BAD_EVENT, "bad_action": P.BAD_EVENT,
         "second_handshake": P.BAD_HANDSHAKE, "oversized_audio": P.TOO_LARGE,
-        "over_max_size": 1009, "spam": P.TOO_MANY_ERRORS}
+        "over_max_size": (P.TOO_LARGE, 1009), "spam": P.TOO_MANY_ERRORS}
     # the well-behaved client had its conversation: events in order, non-silent reply audio
     types = [e["type"] for e in c.events if e["type"] != "reply_text"]
     assert types[:3] == ["speech_start", "speech_end", "turn_start"], types
@@ -338,3 +339,96 @@ def test_graceful_shutdown(agent, question, tmp_path):
     assert sess.meta["duration"] == pytest.approx(1.0, abs=0.01)   # finalised by close()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", s.server.port), 2).close()
+
+
+def test_an_input_rate_sharing_no_factor_with_16k(agent, question, tmp_path):
+    """8003 Hz: the session opens (its resampler is built off the event loop, at the cost of
+    any other: tests/test_resample.py) and its audio arrives resampled to 16 kHz."""
+    q = resample(question[:SAMPLE_RATE], SAMPLE_RATE, 8003)
+    with ServerThread(agent, ServerOptions(port=0, record_dir=str(tmp_path))) as s:
+        async def main():
+            c = await Client.open(s.ws_url, input_rate=8003)
+            await c.stream(q, rate=8003, speed=4.0, frames_every=10.0)
+            await c.close()
+            async with asyncio.timeout(10):
+                while json.loads(http_get(s.url + "health")[2])["sessions"]:
+                    await asyncio.sleep(0.05)
+            return c.hello
+        hello = asyncio.run(main())
+    assert hello["input_rate"] == 8003
+    sess = load_session(tmp_path / hello["session"])
+    assert abs(len(sess.audio) - SAMPLE_RATE) <= 2
+    assert np.corrcoef(sess.audio[400:-400], question[400:SAMPLE_RATE - 400])[0, 1] > 0.99
+
+
+def test_a_bind_beyond_this_machine_needs_a_token():
+    for host in ("0.0.0.0", "::", "192.168.1.20", "example.org"):
+        with pytest.raises(ValueError, match="--token"):
+            ServerOptions(host=host)
+        assert ServerOptions(host=host, token="s3cret").token == "s3cret"
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert ServerOptions(host=host).token is None
+
+
+def _upgrade(port: int, host: str, origin: str | None) -> bytes:
+    """A raw websocket upgrade request; returns the status line."""
+    with socket.create_connection(("127.0.0.1", port), 5) as sock:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      "Sec-WebSocket-Version: 13\r\n"
+                      + (f"Origin: {origin}\r\n" if origin else "") + "\r\n").encode())
+        sock.settimeout(5)
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_websocket_origin_must_be_the_servers_own(agent):
+    opts = ServerOptions(port=0, allow_origins=("https://app.example",))
+    with ServerThread(agent, opts) as s:
+        port, own = s.server.port, f"127.0.0.1:{s.server.port}"
+        assert b"101" in _upgrade(port, own, f"http://{own}")           # the page it serves
+        assert b"101" in _upgrade(port, f"localhost:{port}", f"http://localhost:{port}")
+        assert b"101" in _upgrade(port, own, None)                       # not a browser
+        assert b"101" in _upgrade(port, own, "https://app.example")      # --allow-origin
+        for host, origin in ((own, "http://evil.example"), (own, "null"),
+                             (own, f"http://127.0.0.1:{port + 1}"),
+                             (f"evil.example:{port}", f"http://evil.example:{port}")):  # rebinding
+            assert b"403" in _upgrade(port, host, origin), (host, origin)
+
+        async def main():
+            with pytest.raises(Exception) as e:
+                await connect(s.ws_url, origin="http://evil.example", open_timeout=10)
+            assert "403" in str(e.value)
+            await (await Client.open(s.ws_url)).close()                 # no Origin: fine
+        asyncio.run(main())
+    with pytest.raises(ValueError, match="origin"):
+        ServerOptions(allow_origins=("evil.example",))                  # needs a scheme
+
+
+def test_the_token_is_not_printed():
+    from app.server_cli import ready_message
+    opts = ServerOptions(host="0.0.0.0", port=8765, token="s3cret")
+    text = ready_message("random-demo", "http://127.0.0.1:8765/", opts)
+    assert "s3cret" not in text and "?token=" in text and "http://127.0.0.1:8765/" in text
+
+
+def test_input_backlog_is_bounded_in_bytes(agent, monkeypatch):
+    """A client sending large frames faster than its session decodes them is held back by
+    the byte budget (TCP backpressure), not buffered: 256 queued 2 MB frames were 512 MB."""
+    from app.server_session import ClientSession
+    slow = ClientSession._process
+    monkeypatch.setattr(ClientSession, "_process",
+                        lambda self, kind, payload: (time.sleep(0.02), slow(self, kind, payload)))
+    noise = np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)
+    big = P.encode(P.Kind.VIDEO_IN, cv2.imencode(".jpg", noise, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes())
+    budget = 512 * 1024
+    with ServerThread(agent, ServerOptions(port=0, input_queue_bytes=budget)) as s:
+        async def main():
+            c = await Client.open(s.ws_url)
+            for _ in range(30):
+                await c.ws.send(big)
+            session = next(iter(s.server.sessions.values()))
+            await c.close()
+            return session
+        session = asyncio.run(main())
+    assert len(big) > 200_000 and session.peak_queued_bytes >= budget
+    assert session.peak_queued_bytes <= budget + len(big)

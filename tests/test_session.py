@@ -144,7 +144,7 @@ def test_damaged_session_is_recovered_with_warnings(tmp_path, caplog):
     assert "frames/000006.jpg" not in [f.file for f in s.frames]
     assert [e["type"] for e in s.events] == ["turn_start", "reply"]
     assert s.recovered == {"truncated_lines": 2, "bad_lines": 0, "missing_frames": 1,
-                           "corrupt_frames": 1}
+                           "corrupt_frames": 1, "out_of_range": 0}
     text = "\n".join(s.warnings)
     assert "truncated" in text and "frames/000004.jpg" in text and "frames/000006.jpg" in text
     assert "JPEG missing" in caplog.text and "not decodable" in caplog.text

@@ -121,3 +121,16 @@ def test_options_and_input_are_validated(vad):
         vad.feed(np.zeros(1600, np.int16))
     assert vad.feed(np.zeros(0, np.float32)) == []
     assert VADEvent("start", 0.0, 0.9) == VADEvent("start", 0.0, 0.9)
+
+
+def test_a_closed_stream_hands_its_model_on():
+    import numpy as np
+    import speech.vad as vad
+    a = vad.StreamingVAD()
+    model = a._model
+    a.close()
+    assert model in vad._POOL                          # at once, not when a is collected
+    assert a.feed(np.zeros(4096, np.float32)) == []    # audio after close is ignored
+    b = vad.StreamingVAD()
+    assert b._model is model and model not in vad._POOL
+    b.close()
