@@ -71,8 +71,8 @@ def test_spoken_question_gets_a_reply_with_metrics(agent, question, threaded):
 
 
 def slow_generator(eng):
-    """Makes the reply's generator slow: after each audio chunk it waits (up to 30 s) until the
-    reply is cancelled, so a barge-in lands while the reply is playing and has more to say.
+    """Makes the reply's generator slow: after its first audio chunk it waits (up to 10 s) until
+    the reply is cancelled, so a barge-in lands while the reply is playing and has more to say.
     Returns counters: events the engine pulled after the cancel, audio chunks pulled."""
     gen, run = eng.reply.generator, eng.reply.generator.run
     seen = {"after_cancel": 0, "chunks": 0}
@@ -84,7 +84,8 @@ def slow_generator(eng):
             yield ev
             if isinstance(ev, PCMChunk):
                 seen["chunks"] += 1
-                cancel.wait(30)
+                if seen["chunks"] == 1:
+                    cancel.wait(10)
     gen.run = slow_run
     return seen
 
@@ -129,6 +130,21 @@ def test_barge_in_stops_reply_and_drops_audio(agent, question, how):
     sent = sum(len(o.pcm) for o in before if isinstance(o, AudioOut)) / agent.codec.sample_rate
     assert done[0].metrics.reply_seconds == pytest.approx(sent)  # what went out, no more
     assert seen["chunks"] == sum(isinstance(o, AudioOut) for o in before)
+    eng.close()
+
+
+def test_speech_shorter_than_a_turn_is_not_a_turn(agent, question):
+    """A 0.2 s burst (a cough, a click, half a word) is heard by the VAD but ends no turn."""
+    n = int(0.2 * SAMPLE_RATE)
+    energy = np.convolve(question ** 2, np.ones(n), "valid")
+    burst = question[int(np.argmax(energy)):][:n]             # the loudest 0.2 s of speech
+    eng, outs = make(agent, threaded=False)
+    feed(eng, silence(0.5))
+    feed(eng, burst)
+    feed(eng, silence(1.0))
+    kinds = [type(o).__name__ for o in outs]
+    assert "SpeechStart" in kinds and "SpeechEnd" in kinds, kinds
+    assert "TurnEnd" not in kinds and "TurnDone" not in kinds, kinds
     eng.close()
 
 
