@@ -20,6 +20,9 @@ def _not_built(name: str):
 
 
 def cmd_bench(args):
+    if args.barge_in:
+        from lab.bench_barge_in import run_cli
+        return run_cli(args)
     from lab.bench import format_report, run_bench
     import os
     model = args.model
@@ -63,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     b.add_argument("--quick", action="store_true", help="shorter runs (for smoke tests)")
     b.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
+    b.add_argument("--barge-in", action="store_true", help="only barge-in latency (speech onset to "
+                   "the agent's last sample out), on the engine and live on a virtual sound card")
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="render the demo world: sessions for val/test, shards for training")
