@@ -127,10 +127,6 @@ MUTANTS: tuple[Mutant, ...] = (
            "    model = module\n    if False:", (DDP,),
            "DDP ranks train apart (no gradient all-reduce)"),
     # --- the training stages (lab/train_fusion.py, lab/pretrain.py) ---------------------------
-    Mutant("pipeline-no-stage-resume", "lab/train_fusion.py",
-           "if o.resume and stage_file(s).exists():",
-           "if False and o.resume and stage_file(s).exists():", (STAGED,),
-           "a rerun retrains the finished stages"),
     Mutant("sampler-by-type-ignored", "lab/train_fusion.py",
            'by_type = type_groups([e.qtype for e in examples]) if o.sample == "by_type" else None',
            "by_type = None", (TF + "test_align_trains_on_type_balanced_batches",),
