@@ -81,8 +81,9 @@ def recognizer():
 
 def test_shipped_model_says_its_answers_aloud(replays, recognizer):
     """Whisper tiny.en, which shares nothing with Tandem, hears the reply's own words in its
-    audio. Measured: "the left." and "the blue circle" heard exactly; of the words of the
-    replies with two or more words, 5 of 7 (one-word colours are often misheard by tiny.en)."""
+    audio. Measured: "no.", "the left." and "the blue circle" heard exactly (3 of 6); of the
+    words of the replies with two or more words, 5 of 7 (tiny.en often mishears a lone
+    "green."). With the codebooks decoded in reverse order it hears none."""
     from speech.audio import resample
     from speech.recognizer import is_recognized, matched_words, normalize_text as words
     heard = []
