@@ -20,6 +20,9 @@ def _not_built(name: str):
 
 
 def cmd_bench(args):
+    if args.barge_in:
+        from lab.bench_barge_in import run_cli
+        return run_cli(args)
     import os
     if args.soak:
         from lab.soak import SoakOptions, run_soak
@@ -80,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "attack), then server memory over 600 session open/close cycles "
                         "(loopback only; lab/soak.py)")
     b.add_argument("--random", action="store_true", help="with --soak: an untrained demo-preset server")
+    b.add_argument("--barge-in", action="store_true", help="only barge-in latency (speech onset to "
+                   "the agent's last sample out), on the engine and live on a virtual sound card")
     b.set_defaults(func=cmd_bench)
 
     text = "render the demo world: sessions for val/test, shards for training"

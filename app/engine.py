@@ -146,8 +146,10 @@ class ReplyProcessor(Processor):
 
     def process(self, frame):
         if isinstance(frame, Interrupt):
-            self.cancel()               # before the Interrupt goes out: no audio after it
+            self.cancel(join=False)     # before the Interrupt goes out: no audio after it
         yield frame
+        if isinstance(frame, Interrupt):
+            self.cancel()               # then wait for the reply's thread (its TurnDone)
         if isinstance(frame, TurnEnd):
             self.cancel()
             q0 = max(0.0, frame.speech_start - self.opts.question_pad)
@@ -162,11 +164,14 @@ class ReplyProcessor(Processor):
             else:
                 self._generate(*args)
 
-    def cancel(self):
+    def cancel(self, join: bool = True):
+        """Stops the reply: once the event is set (under the lock `out` emits under) no more
+        of its output goes out; `join` also waits for its thread (the generator step in
+        flight) to end."""
         with self._lock:
             self._cancel.set()
             self.playback_end = -1.0
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if join and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
             self._thread = None
 

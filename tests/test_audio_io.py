@@ -54,7 +54,8 @@ def test_file_source_realtime_pacing_and_timeout(wav_file):
         got.append(c)
     elapsed = time.monotonic() - t0
     assert sum(c.shape[0] for c in got) == 8000
-    assert 0.45 <= elapsed < 0.9, elapsed
+    assert elapsed >= 0.45, elapsed                  # never ahead of real time (5 x 0.1 s)
+    assert elapsed < 5.0, elapsed                    # and not stuck (generous: busy cores)
     src.close()
     assert src.read() is None
 
@@ -82,11 +83,15 @@ def test_memory_sink_plays_on_a_clock_and_clear_drops_the_queue():
 
 
 def test_wav_sink_writes_a_readable_file(tmp_path):
+    a, b = tone(300, 0.2, sr=24_000), tone(500, 0.1, sr=24_000, amp=0.25)
     with WavSink(tmp_path / "out.wav", 24_000) as sink:
-        sink.write(tone(300, 0.2, sr=24_000))
+        sink.write(a)
+        sink.write(b)
         assert sink.queued_seconds() == 0.0
+        sink.clear()                                   # played instantly: nothing to drop
     x, sr = read_wav(tmp_path / "out.wav")
-    assert sr == 24_000 and x.shape == (4800,)
+    assert sr == 24_000 and x.shape == (7200,)
+    np.testing.assert_allclose(x, np.concatenate([a, b]), atol=1.5 / 32768)  # PCM16, in order
 
 
 def test_missing_portaudio_names_the_package(tmp_path):
@@ -178,9 +183,11 @@ def test_duplex_device_loopback_through_a_null_sink(pulse_null_sink, output_rate
         assert (np.abs(rec) > 0.1).sum() > 0.1 * SR             # ...is playing
         d.sink.clear()                                          # barge-in
         assert d.sink.queued_seconds() == 0.0
-        _record(d.source, 0.4)                                  # server-side latency drains
-        rec = _record(d.source, 1.0)
-        assert np.abs(rec).max() < 0.01, np.abs(rec).max()      # 4 s of tone never played
+        rec = _record(d.source, 2.5)
+        loud = np.abs(rec) > 0.01
+        # what was already in the sound server plays out (its latency), the 4 s left never do
+        assert loud.sum() < 1.0 * SR, loud.sum() / SR
+        assert not loud[-SR:].any(), np.abs(rec[-SR:]).max()
         assert d.stats["dropped_input_blocks"] == 0, d.stats
     assert d.source.read() is None
     with pytest.raises(AudioDeviceError):

@@ -44,3 +44,22 @@ def test_bench_command_reports_all_sections(tmp_path):
     old = {**report, "latency": {"first_pcm_ms_median": 12.0, "first_pcm_ms_min": 10.0,
                                  "question_encode_and_aggregate_ms": 3.0}}   # an older bench JSON
     assert "median 12 ms (min 10 ms" in format_report(old)
+
+
+def test_barge_in_latency_is_read_off_the_card_recording():
+    """The live barge-in bench's analysis: agent (left) and user (right) on one clock."""
+    import numpy as np
+    from lab.bench_barge_in import _card_latencies, speech_onset
+    sr = 48_000
+    x = np.zeros((3 * sr, 2), np.float32)
+    span = lambda a, b: slice(int(a * sr), int(b * sr))  # noqa: E731
+    noise = np.random.default_rng(0).standard_normal(3 * sr).astype(np.float32) * 0.2
+    x[span(0.05, 0.6), 1] = noise[span(0.05, 0.6)]        # the first question (not a barge-in)
+    x[span(0.9, 1.37), 0] = 0.3                            # the agent's reply...
+    x[span(1.2, 1.8), 1] = noise[span(1.2, 1.8)]           # ...talked over at 1.2 s
+    x[span(2.2, 2.5), 1] = noise[span(2.2, 2.5)]           # talking while the agent is silent
+    lat, extra = _card_latencies(x, sr)
+    assert extra == {"utterances": 3, "not_playing": 1}, extra
+    assert len(lat) == 1 and abs(lat[0] - 0.17) <= 0.005, lat
+    clip = np.concatenate([np.zeros(800, np.float32), noise[:1600]])
+    assert abs(speech_onset(clip, 16_000) - 800) <= 80

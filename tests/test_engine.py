@@ -1,10 +1,13 @@
 """Session engine: a spoken question through VAD -> turn -> reply, barge-in, half duplex,
 bounded memory. Real silero-vad and espeak-ng speech; an untrained tiny agent."""
+import time
+
 import numpy as np
 import pytest
 
 from app.agent import random_agent
 from app.engine import Engine, EngineOptions, with_generation
+from fusion.generator import PCMChunk
 from app.frames import AudioOut, Control, Interrupt, SpeechStart, TextOut, TurnDone, TurnEnd
 from speech.constants import SAMPLE_RATE
 from speech.tts import Voice, synthesize
@@ -67,24 +70,81 @@ def test_spoken_question_gets_a_reply_with_metrics(agent, question, threaded):
     eng.close()
 
 
-def test_barge_in_stops_reply_and_drops_audio(agent, question):
+def slow_generator(eng):
+    """Makes the reply's generator slow: after its first audio chunk it waits (up to 10 s) until
+    the reply is cancelled, so a barge-in lands while the reply is playing and has more to say.
+    Returns counters: events the engine pulled after the cancel, audio chunks pulled."""
+    gen, run = eng.reply.generator, eng.reply.generator.run
+    seen = {"after_cancel": 0, "chunks": 0}
+
+    def slow_run(prefix, **kw):
+        cancel = eng.reply._cancel                # this reply's cancel event
+        for ev in run(prefix, **kw):
+            seen["after_cancel"] += cancel.is_set()
+            yield ev
+            if isinstance(ev, PCMChunk):
+                seen["chunks"] += 1
+                if seen["chunks"] == 1:
+                    cancel.wait(10)
+    gen.run = slow_run
+    return seen
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("how", ["barge-in", "control"])
+def test_barge_in_stops_reply_and_drops_audio(agent, question, how):
+    """The user talks over a reply that is playing and has more to say: the reply stops at
+    once (the generator is not run on after the cancel), no audio of it follows the
+    Interrupt, and its metrics say interrupted."""
     outs = []
     opts = with_generation(EngineOptions(threaded=True), max_text_tokens=4, max_audio_seconds=30.0,
                            min_audio_seconds=30.0)
     eng = Engine(agent, outs.append, opts)
+    seen = slow_generator(eng)
     feed(eng, silence(0.5))
     feed(eng, question)
     feed(eng, silence(0.8))                 # turn ends; the reply starts
     assert any(isinstance(o, TurnEnd) for o in outs)
-    feed(eng, question)                     # the user talks over the reply
+    wait_for(lambda: any(isinstance(o, AudioOut) for o in list(outs)), 30, "the reply's first audio")
+    if how == "barge-in":
+        feed(eng, question)                 # the user talks over the reply
+    else:
+        eng.push(Control(eng.now, "interrupt"))
     interrupts = [i for i, o in enumerate(outs) if isinstance(o, Interrupt)]
-    assert interrupts and outs[interrupts[0]].reason == "barge-in"
+    assert interrupts and outs[interrupts[0]].reason == how
     eng.wait_idle(10)
-    after = outs[interrupts[0]:]
+    assert not eng.reply._thread or not eng.reply._thread.is_alive()
+    before, after = outs[:interrupts[0]], outs[interrupts[0]:]
+    assert any(isinstance(o, AudioOut) and o.turn == 1 for o in before)  # it was speaking
     assert not any(isinstance(o, AudioOut) and o.turn == 1 for o in after)
+    # a cancelled reply pulls at most the one event in flight from its generator
+    assert seen["after_cancel"] <= 1, seen
     done = [o for o in outs if isinstance(o, TurnDone) and o.metrics.turn == 1]
     assert done and done[0].metrics.interrupted
-    assert done[0].metrics.reply_seconds < 30.0
+    sent = sum(len(o.pcm) for o in before if isinstance(o, AudioOut)) / agent.codec.sample_rate
+    assert done[0].metrics.reply_seconds == pytest.approx(sent)  # what went out, no more
+    assert seen["chunks"] == sum(isinstance(o, AudioOut) for o in before)
+    eng.close()
+
+
+def test_speech_shorter_than_a_turn_is_not_a_turn(agent, question):
+    """A 0.2 s burst (a cough, a click, half a word) is heard by the VAD but ends no turn."""
+    n = int(0.2 * SAMPLE_RATE)
+    energy = np.convolve(question ** 2, np.ones(n), "valid")
+    burst = question[int(np.argmax(energy)):][:n]             # the loudest 0.2 s of speech
+    eng, outs = make(agent, threaded=False)
+    feed(eng, silence(0.5))
+    feed(eng, burst)
+    feed(eng, silence(1.0))
+    kinds = [type(o).__name__ for o in outs]
+    assert "SpeechStart" in kinds and "SpeechEnd" in kinds, kinds
+    assert "TurnEnd" not in kinds and "TurnDone" not in kinds, kinds
     eng.close()
 
 

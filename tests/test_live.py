@@ -3,6 +3,7 @@
 virtual speaker. Plus barge-in, missing devices, and the pieces (resampler, pull sink)."""
 import signal
 import subprocess
+import threading
 import time
 import wave
 
@@ -16,7 +17,7 @@ from app.live_inputs import PullSink, attention_series
 from speech.resample import StreamResampler, resample_whole
 from speech.audio import resample
 from speech.constants import SAMPLE_RATE
-from speech.io import AudioDeviceError, FileSource, MemorySink
+from speech.io import AudioDeviceError, AudioSource, FileSource, MemorySink
 from tests.fixtures_audio import _pactl, pulse_null_sink, speech_clips  # noqa: F401 (fixtures)
 from tests.media import make_test_video
 from vision.camera import CameraError
@@ -84,7 +85,9 @@ def test_spoken_question_through_virtual_sound_devices(agent, video, virtual_mic
                        check=True, timeout=30)                         # "speak" into the mic
         wait_for(lambda: live.snapshot().metrics, 30, "the end of the turn and its reply")
         wait_for(lambda: live.sink.queued_seconds() == 0, 10, "the reply to finish playing")
-        time.sleep(0.5)                                                # server-side latency
+        reply = live.snapshot().metrics[0].reply_seconds
+        wait_for(lambda: (np.abs(np.fromfile(spk, np.float32)) > 1e-3).sum()   # server-side
+                 > 0.5 * reply * SAMPLE_RATE, 20, "the reply on the speaker's monitor")  # latency
     finally:
         live.stop()
         rec.send_signal(signal.SIGINT)
@@ -105,20 +108,56 @@ def test_spoken_question_through_virtual_sound_devices(agent, video, virtual_mic
     assert snap.status == "stopped" and not live.running
 
 
-def test_barge_in_clears_the_speaker(agent, speech_clips, tmp_path):  # noqa: F811
-    """File-backed mic (same LocalDevices path): a second question during a long reply
-    interrupts it and the sink drops the queued audio."""
+class Mic(AudioSource):
+    """A microphone in real time: silence until `say(pcm)` queues speech (20 ms chunks)."""
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self):
+        self._queue, self._lock, self._t0, self._n = [], threading.Lock(), None, 0
+        self.closed = False
+
+    def say(self, pcm):
+        with self._lock:
+            self._queue.extend(np.array_split(pcm, max(1, len(pcm) // 320)))
+
+    def read(self, timeout=None):
+        if self.closed:
+            return None
+        now = time.monotonic()
+        self._t0 = now if self._t0 is None else self._t0
+        wait = self._t0 + (self._n + 320) / SAMPLE_RATE - now
+        if timeout is not None and wait > timeout:
+            time.sleep(timeout)
+            return np.zeros(0, np.float32)
+        time.sleep(max(0.0, wait))
+        with self._lock:
+            chunk = self._queue.pop(0) if self._queue else np.zeros(320, np.float32)
+        self._n += len(chunk)
+        return chunk.astype(np.float32)
+
+    def close(self):
+        self.closed = True
+
+
+def test_barge_in_clears_the_speaker(agent, speech_clips):  # noqa: F811
+    """A real-time mic (same LocalDevices path): a second question while the reply plays, with
+    more of it queued, interrupts it; the sink drops the queued audio and keeps none of it.
+    The speaker plays at quarter speed (its clock runs slow), so the reply is still queued
+    at the barge-in however fast or slow this CPU generates it."""
     q1, q2 = speech_clips
-    z = lambda s: np.zeros(int(s * SAMPLE_RATE), np.float32)  # noqa: E731
-    mic = write_wav(tmp_path / "mic.wav", np.concatenate([z(0.3), 0.6 * q1, z(0.7), 0.6 * q2]))
-    sink = MemorySink(agent.output_rate, clock=time.monotonic)
+    mic, sink = Mic(), MemorySink(agent.output_rate, clock=lambda: time.monotonic() / 4)
     opts = LiveOptions(camera=None, engine=with_generation(
         EngineOptions(), max_text_tokens=4, min_audio_seconds=4.0, max_audio_seconds=4.0))  # capped by the KV cache
-    live = LocalDevices(agent, opts, source=FileSource(mic, realtime=True), sink=sink).start()
+    live = LocalDevices(agent, opts, source=mic, sink=sink).start()
     try:
+        wait_for(lambda: live.snapshot().clock > 0.3, 15, "microphone audio")
+        mic.say(0.6 * q1)
+        wait_for(lambda: sink.queued_seconds() > 0.5, 30, "the reply playing with more queued")
+        mic.say(0.6 * q2)                                        # the user talks over it
         wait_for(lambda: any(t.role == "system" for t in live.snapshot().transcript), 30,
                  "the barge-in")
         dropped, written = sink.cleared_samples, live.snapshot().reply_audio_seconds
+        queued = sink.queued_seconds()       # q2 is still being spoken: no new reply yet
         wait_for(lambda: len(live.snapshot().metrics) >= 1, 30, "turn 1's metrics")
     finally:
         live.stop()
@@ -126,6 +165,7 @@ def test_barge_in_clears_the_speaker(agent, speech_clips, tmp_path):  # noqa: F8
     assert "barge-in" in [t for t in snap.transcript if t.role == "system"][0].text
     # the queued rest of the reply was dropped, never played (tiny's cache caps it at ~1.3 s)
     assert 0.1 * agent.output_rate < dropped < written * agent.output_rate, (dropped, written)
+    assert queued == 0.0, queued                             # nothing of it stayed queued
     assert "No camera selected" in snap.notices[0]
 
 

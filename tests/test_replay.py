@@ -229,9 +229,9 @@ def test_barge_in_cuts_the_reply_in_agent_wav(tmp_path, speech_clips, agent):
     cut, nxt = int(round(r1.interrupted_at * sr)), int(round(r2.first_audio * sr))
     assert not track[cut:nxt].any(), "silent from the interrupt until the next reply"
     assert np.abs(track[nxt:nxt + int(0.1 * sr)]).max() > 1e-3
-    if r1.first_audio < r1.interrupted_at:   # it had started playing: audible until the cut
-        i = int(round(r1.first_audio * sr))
-        assert np.abs(track[i:cut]).max() > 1e-3
+    assert r1.first_audio < r1.interrupted_at, r1   # it had started playing: audible until the cut
+    i = int(round(r1.first_audio * sr))
+    assert np.abs(track[i:cut]).max() > 1e-3
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "[interrupted]" in summary
 

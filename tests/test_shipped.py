@@ -1,5 +1,6 @@
 """End to end on the shipped default model (assets/): it loads offline, answers the rendered
-demo sessions in assets/sessions through the session engine, and speaks its answers.
+demo sessions in assets/sessions through the session engine (an accuracy floor), and speaks
+its answers (an independent recogniser hears them).
 
 These fail (never skip) when assets/ lacks the model: the shipped default is part of the
 product."""
@@ -40,7 +41,7 @@ def test_assets_hold_the_shipped_model_within_budget(agent):
 @pytest.fixture(scope="module")
 def replays(agent, tmp_path_factory):
     out = tmp_path_factory.mktemp("shipped")
-    return [(d, out / d.name, replay(d, out / d.name, agent, progress=False)) for d in SESSIONS[:2]]
+    return [(d, out / d.name, replay(d, out / d.name, agent, progress=False)) for d in SESSIONS]
 
 
 def answer_form(text: str) -> str:
@@ -54,13 +55,45 @@ def answer_form(text: str) -> str:
 
 def test_shipped_model_answers_the_demo_sessions_in_form(replays):
     """Every question gets an answer of the form its type asks for (a colour for "what color",
-    a slot for "where"...): the question was understood. Whether the answer is right is the
-    evaluation's business (`run.py eval`, assets/MODEL_CARD.md), not a test's."""
+    a slot for "where"...): the question was understood."""
     turns = [t for _, _, rep in replays for t in rep.turns if t.expected is not None]
     assert len(turns) >= 4, [t.text for _, _, rep in replays for t in rep.turns]
     forms = [(t.question, answer_form(t.expected), answer_form(t.text)) for t in turns]
     assert all(want == got for _, want, got in forms), forms
     assert all(t.correct == (normalize_text(t.text) == normalize_text(t.expected)) for t in turns)
+
+
+def test_shipped_model_answers_the_example_sessions_right(replays):
+    """An accuracy floor on the three example sessions (6 questions). Measured: 5 of 6 (demo-1
+    asks "Did the yellow triangle make a sound?" and it says "no."); the model card reports
+    about 70% on the 200-question test split, so 4 of 6 is the floor."""
+    turns = [t for _, _, rep in replays for t in rep.turns if t.expected is not None]
+    assert len(SESSIONS) == 3 and len(turns) == 6, [t.question for t in turns]
+    right = [t for t in turns if t.correct]
+    assert len(right) >= 4, [(t.question, t.expected, t.text) for t in turns]
+
+
+@pytest.fixture(scope="module")
+def recognizer():
+    from speech.recognizer import IndependentRecognizer
+    return IndependentRecognizer(cpu_threads=1)
+
+
+def test_shipped_model_says_its_answers_aloud(replays, recognizer):
+    """Whisper tiny.en, which shares nothing with Tandem, hears the reply's own words in its
+    audio. Measured: "no.", "the left." and "the blue circle" heard exactly (3 of 6); of the
+    words of the replies with two or more words, 5 of 7 (tiny.en often mishears a lone
+    "green."). With the codebooks decoded in reverse order it hears none."""
+    from speech.audio import resample
+    from speech.recognizer import is_recognized, matched_words, normalize_text as words
+    heard = []
+    for _, out, rep in replays:
+        for t in rep.turns:
+            x, sr = sf.read(str(out / t.audio_file), dtype="float32")
+            heard.append((t.text, recognizer.transcribe(resample(x, sr, 16_000))))
+    assert sum(is_recognized(text, h) for text, h in heard) >= 2, heard
+    scores = [matched_words(text, h) for text, h in heard if len(words(text)) >= 2]
+    assert sum(m for m, _ in scores) >= 0.6 * sum(n for _, n in scores), heard
 
 
 def test_shipped_model_speaks_its_answers(replays, agent):

@@ -73,19 +73,55 @@ def test_staged_pipeline_trains_and_resumes(world, tmp_path):
 
 
 def test_training_resumes_mid_stage(world, tmp_path):
+    """Killed after the checkpoint at step 2 of 4, the stage carries on from that checkpoint
+    (its history, weights and optimizer state) and ends where an unbroken run ends."""
     run = tmp_path / "run"
     train_fusion(opts(world, run, stages=("align",), align_steps=2))
     (run / "after_align.safetensors").unlink()  # as if killed after the checkpoint at step 2
+    state = torch.load(run / "align.state.pt", weights_only=False)
+    first = [{**h, "from": "checkpoint"} for h in state["history"]]   # marks what was resumed
+    torch.save({**state, "history": first}, run / "align.state.pt")
     train_fusion(opts(world, run, stages=("align",), align_steps=4))
     hist = json.loads((run / "align.history.json").read_text())
     assert [h["step"] for h in hist] == [1, 2, 3, 4]
+    assert hist[:2] == first and "from" not in hist[2], hist      # steps 1-2 were not redone
+    whole = tmp_path / "whole"                                     # the same 4 steps unbroken
+    train_fusion(opts(world, whole, stages=("align",), align_steps=4))
+    ref = json.loads((whole / "align.history.json").read_text())
+    for a, b in zip(hist, ref):      # same batches, same weights and optimizer moments
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (hist, ref)
+    codec = load_codec(world / "codec")
+    a = load_model(run / "after_align.safetensors", codec=codec).state_dict()
+    b = load_model(whole / "after_align.safetensors", codec=codec).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_align_trains_on_type_balanced_batches(world, tmp_path):
+def test_type_balanced_batches_weigh_every_type_the_same():
+    import numpy as np
+    from lab.train_fusion import batch_indices, type_groups
+    qtypes = ["where"] * 90 + ["color"] * 9 + ["count"]      # skewed, as in the data
+    groups = type_groups(qtypes)
+    assert groups == [list(range(90, 99)), [99], list(range(90))]   # types sorted
+    rng = np.random.default_rng(0)
+    drawn = [qtypes[i] for _ in range(500) for i in batch_indices(100, 6, rng, groups)]
+    shares = {t: drawn.count(t) / len(drawn) for t in set(qtypes)}
+    assert all(abs(s - 1 / 3) < 0.05 for s in shares.values()), shares
+    plain = [qtypes[i] for _ in range(500) for i in batch_indices(100, 6, rng)]
+    assert plain.count("where") / len(plain) > 0.8             # uniform over turns: skewed
+
+
+def test_align_trains_on_type_balanced_batches(world, tmp_path, monkeypatch):
+    import lab.train_fusion as tf
+    seen, real = [], tf.batch_indices
+    monkeypatch.setattr(tf, "batch_indices", lambda *a, **kw: seen.append(a) or real(*a, **kw))
     run = tmp_path / "run"
     train_fusion(opts(world, run, stages=("align",), align_steps=2, sample="by_type"))
     hist = json.loads((run / "align.history.json").read_text())
     assert [h["step"] for h in hist] == [1, 2] and all(h["text"] > 0 for h in hist)
+    # every align batch was drawn type by type, over groups that cover all turns once
+    assert len(seen) == 2 and all(a[3] is not None for a in seen), seen
+    groups = seen[0][3]
+    assert len(groups) > 1 and sorted(i for g in groups for i in g) == list(range(seen[0][0]))
 
 
 def test_amp_trains_in_bf16_autocast(world, tmp_path):
@@ -127,9 +163,59 @@ def test_factorised_slot_heads_learn_colour_and_shape_apart(world, tmp_path):
     assert fact._target0[gt] == fact._target0[same_colour] != fact._target0[0] == 0
     assert fact._target1[gt] != fact._target1[same_colour]
     assert joint._target0[gt] == gt
+    # trained on every colour-shape pair but one (green triangle), over column features that
+    # carry colour and shape apart, factorised heads name the unseen pair; a joint head cannot
+    acc = {h: _slot_head_accuracy(_tiny_config(world), h, held_out=gt)
+           for h in ("joint", "factorised")}
+    assert acc["factorised"]["held_out"] == 1.0 and acc["joint"]["held_out"] < 0.5, acc
+    assert acc["factorised"]["seen"] == acc["joint"]["seen"] == 1.0, acc
+    # a slot counts as right only when colour and shape both are
+    assert acc["factorised"]["colour_only"] == 0.0, acc
+    # and the training stage runs with them
     train_fusion(opts(world, tmp_path / "run", stages=("encoders",), slot_heads="factorised"))
     hist = json.loads((tmp_path / "run" / "encoders.history.json").read_text())
-    assert len(hist) == STEPS["encoder_steps"] and all(0 <= h["acc_obj"] <= 1 for h in hist)
+    assert len(hist) == STEPS["encoder_steps"] and all(h["obj"] == h["obj"] for h in hist)
+
+
+def _slot_head_accuracy(config, heads, held_out, steps=300):
+    """Trains an EncoderPretrainer's slot head alone (its vision encoder an identity over
+    column features: one-hot colour + one-hot shape + noise) on every class but `held_out`;
+    returns acc_obj on the held-out class, on seen classes, and with the shape label wrong."""
+    from demo import world as W
+    from fusion.model import FusionModel
+    from lab.pretrain import EncoderPretrainer
+    from lab.trainset import OBJECT_CLASSES
+    torch.manual_seed(0)
+    pre = EncoderPretrainer(FusionModel(config), heads, parts=("vision",))
+    pre.vision_encoder = torch.nn.Identity()
+    rows, D = pre.rows, pre.slot_head.in_features
+    nc = len(W.COLORS)
+
+    def feats(cls):                                       # (B, 3) classes -> (B, rows*3, D)
+        x = torch.zeros(*cls.shape, D)
+        for i, name in enumerate(OBJECT_CLASSES[1:], 1):
+            c, s = name.split()
+            x[cls == i, list(W.COLORS).index(c)] = 1.0
+            x[cls == i, nc + list(W.SHAPES).index(s)] = 1.0
+        x = x + 0.05 * torch.randn_like(x)
+        return x[:, None].expand(-1, rows, -1, -1).reshape(len(cls), rows * 3, D)
+
+    def run(cls, labels=None):
+        labels = cls if labels is None else labels
+        return pre(feats(cls), labels, torch.zeros_like(labels), *[None] * 6)
+
+    seen = torch.tensor([i for i in range(1, len(OBJECT_CLASSES)) if i != held_out])
+    opt = torch.optim.Adam(pre.slot_head.parameters(), lr=0.05)
+    for _ in range(steps):
+        out = run(seen[torch.randint(len(seen), (32, 3))])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        wrong_shape = torch.tensor([[OBJECT_CLASSES.index("green circle")] * 3])
+        return {"held_out": float(run(torch.full((1, 3), held_out))["acc_obj"]),
+                "seen": float(run(seen[:9].view(3, 3))["acc_obj"]),
+                "colour_only": float(run(torch.full((1, 3), held_out), wrong_shape)["acc_obj"])}
 
 
 def _tiny_config(world):
@@ -170,9 +256,14 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(world, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r0, r1 = (run / "weights.rank0.txt").read_text(), (run / "weights.rank1.txt").read_text()
     assert r0 == r1
-    # and the ranks really trained (the weights moved away from the initial ones)
+    # and the ranks really trained: the 2 DDP steps of SFT moved the weights align left
     hist = json.loads((run / "sft.history.json").read_text())
-    assert len(hist) == 2
+    assert [h["step"] for h in hist] == [1, 2]
+    codec = load_codec(world / "codec")
+    a = load_model(run / "after_align.safetensors", codec=codec).state_dict()
+    b = load_model(run / "after_sft.safetensors", codec=codec).state_dict()
+    moved = {k.split(".")[0] for k in a if not torch.equal(a[k], b[k])}
+    assert moved and not moved & {"audio_encoder", "vision_encoder", "mctp"}, moved
 
 
 def test_pretrained_preset_with_tiny_random_weights(world, tmp_path, monkeypatch):

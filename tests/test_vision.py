@@ -56,18 +56,21 @@ def test_realtime_file_is_paced_and_stops_cleanly(video):
     with Camera(video, realtime=True, clock=lambda: time.monotonic() - 50.0) as cam:
         first = cam.latest()
         assert first is not None and first.index == 0
-        time.sleep(0.5 - (time.monotonic() - t0))
-        f = cam.latest()
-        assert 3 <= f.index <= 7, f.index           # ~5 frames in 0.5 s at 10 fps
+        deadline = time.monotonic() + 10                # generous: two busy cores
+        while (f := cam.latest()).index < 3:
+            assert time.monotonic() < deadline, f"only frame {f.index} after 10 s"
+            time.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        assert f.index <= elapsed * 10 + 1, (f.index, elapsed)   # paced: never ahead, 10 fps
         assert f.t == pytest.approx(cam.started_at + f.index / 10)
         assert abs(cam.started_at - (t0 - 50.0)) < 0.5                 # on the given clock
         assert read_marker(f.image) == f.index
-        nxt = cam.wait_frame(f.index, timeout=1.0)
+        nxt = cam.wait_frame(f.index, timeout=5.0)
         assert nxt is not None and nxt.index > f.index and nxt.t > f.t
         thread = cam._thread
         assert not cam.ended
         t_stop = time.monotonic()
-    assert time.monotonic() - t_stop < 1.0
+    assert time.monotonic() - t_stop < 5.0     # stops without waiting out the file
     assert not thread.is_alive() and cam.ended
     assert cam.wait_frame(nxt.index, timeout=0.1) is None
 

@@ -131,6 +131,15 @@ def test_asr_loads_a_local_checkpoint_and_transcribes(fake_checkpoint):
     asr = WhisperASR(str(fake_checkpoint[0]), device="cpu")
     assert asr.language == "en"
     text = asr.transcribe(speechlike(1.0))
-    assert isinstance(text, str)        # random weights: the text itself is noise
+    # random weights: the text is noise, but the checkpoint's own noise: whisper's transcribe
+    # on the saved model (same greedy options) says the same, and a different model does not
+    ref = fake_checkpoint[1].transcribe(speechlike(1.0), fp16=False, temperature=0.0,
+                                        language="en", condition_on_previous_text=False,
+                                        verbose=None)["text"].strip()
+    assert text == ref and text, (text, ref)
+    torch.manual_seed(1)
+    other = Whisper(DIMS).transcribe(speechlike(1.0), fp16=False, temperature=0.0, language="en",
+                                     condition_on_previous_text=False, verbose=None)["text"].strip()
+    assert other != text, other
     with pytest.raises(ValueError, match="resample"):
         asr.transcribe(speechlike(1.0), sample_rate=24_000)
