@@ -27,6 +27,8 @@ import numpy as np
 
 from speech.constants import SAMPLE_RATE
 
+from .virtual_card import wait_for
+
 CHUNK = SAMPLE_RATE // 50            # 20 ms, like a microphone callback
 QUESTIONS = ("What color is the circle?", "Where did the sound come from?",
              "Which object made the sound?", "What shape is on the left?")
@@ -61,14 +63,6 @@ def _summary(lat: list[float], **extra) -> dict:
             **extra}
 
 
-def _wait(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"barge-in bench: no {what} within {timeout} s")
-        time.sleep(0.005)
-
-
 def bench_engine(agent, trials: int = 20, seed: int = 0, reply_seconds: float = 3.0) -> dict:
     """The engine path (module doc)."""
     from app.engine import Engine, EngineOptions, with_generation
@@ -94,7 +88,7 @@ def bench_engine(agent, trials: int = 20, seed: int = 0, reply_seconds: float = 
             for x in (lead, question, np.zeros(int(0.6 * SAMPLE_RATE), np.float32)):
                 for i in range(0, len(x), CHUNK):
                     eng.push_audio(x[i:i + CHUNK])
-            _wait(lambda: "audio" in seen, 60, "reply audio")
+            wait_for(lambda: "audio" in seen, 60, "reply audio", poll=0.005)
             gap = np.zeros(int(rng.uniform(0.1, 0.4) * SAMPLE_RATE), np.float32)
             mic = np.concatenate([gap, barge, np.zeros(SAMPLE_RATE // 2, np.float32)])
             onset = len(gap) + speech_onset(barge, SAMPLE_RATE)
@@ -164,16 +158,16 @@ def bench_live(agent, trials: int = 8, seed: int = 0, reply_seconds: float = 3.0
                                                   max_audio_seconds=reply_seconds))
         live = LocalDevices(agent, opts).start()
         live.sink = _ToneSink(live.sink)
-        _wait(lambda: live.snapshot().clock > 0.5, 30, "microphone audio")
+        wait_for(lambda: live.snapshot().clock > 0.5, 30, "microphone audio", poll=0.005)
         clips = _clips(trials + 1)
         card.say(clips[0][0])                            # the first question
         for k in range(trials):
             n = len(live.snapshot().metrics)
-            _wait(lambda: live.snapshot().status == "speaking", 60, "reply audio")
+            wait_for(lambda: live.snapshot().status == "speaking", 60, "reply audio", poll=0.005)
             time.sleep(rng.uniform(0.2, 0.6))            # into the reply
             card.say(clips[k + 1][1])                    # the user talks over it
-            _wait(lambda: len(live.snapshot().metrics) > n, 60, "the interrupted turn's metrics")
-        _wait(lambda: live.snapshot().status == "speaking", 60, "the last reply")
+            wait_for(lambda: len(live.snapshot().metrics) > n, 60, "the interrupted turn's metrics", poll=0.005)
+        wait_for(lambda: live.snapshot().status == "speaking", 60, "the last reply", poll=0.005)
         time.sleep(0.5)
     finally:
         if live is not None:

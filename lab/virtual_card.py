@@ -19,12 +19,12 @@ import numpy as np
 from speech.constants import SAMPLE_RATE
 
 
-def _wait(cond, timeout: float, what: str) -> None:
+def wait_for(cond, timeout: float, what: str, poll: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"virtual sound card: no {what} within {timeout} s")
-        time.sleep(0.01)
+            raise TimeoutError(f"no {what} within {timeout} s")
+        time.sleep(poll)
 
 
 class VirtualCard:
@@ -53,7 +53,7 @@ class VirtualCard:
             cmd += ["-L", m]
         self.procs = [subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)]
-        _wait(lambda: self._pactl("info") == 0, 20, "PulseAudio daemon")
+        wait_for(lambda: self._pactl("info") == 0, 20, "PulseAudio daemon")
         for args in (("set-default-sink", "spk"), ("set-default-source", "mic")):
             assert self._pactl(*args) == 0, args
         # a low-latency client keeps the null sink rendering in small blocks

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -156,13 +155,8 @@ class CodecSpec:
 def state_fingerprint(module: torch.nn.Module) -> str:
     """First 16 hex chars of sha256 over a module's state dict (names sorted; name, dtype,
     shape and raw bytes of every tensor)."""
-    h = hashlib.sha256()
-    state = module.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    from speech.fingerprint import weights_fingerprint
+    return weights_fingerprint(module.state_dict())
 
 
 class Codec:

