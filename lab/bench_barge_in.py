@@ -194,7 +194,7 @@ def _card_latencies(x: np.ndarray, sr: int, thr: float = 0.01):
     rms = np.sqrt((x[:n * hop].reshape(n, hop, 2) ** 2).mean(1))   # (n, 2)
     agent, user = rms[:, 0] > thr, rms[:, 1] > thr
     # user utterances: runs of speech frames joined over gaps < 300 ms
-    starts, ends, i = [], [], 0
+    starts, ends = [], []
     idx = np.nonzero(user)[0]
     for j, f in enumerate(idx):
         if j == 0 or f - idx[j - 1] > 60:

@@ -188,7 +188,7 @@ class StreamingDecoder:
     chunking equals `codec.decode` of the whole sequence. Causal codecs only.
     """
 
-    def __init__(self, codec: "Codec", batch: int = 1) -> None:
+    def __init__(self, codec, batch: int = 1) -> None:  # codec: a speech.codec.Codec
         model = codec.model
         if not is_causal(model.decoder):
             raise ValueError(f"codec {codec.name!r} is not causal: streaming decoding needs a "
