@@ -38,6 +38,8 @@ Server events ("t": seconds on the session clock = input audio received / input_
   interrupt {t, turn, reason}                     barge-in | control | reset: drop queued audio
   turn_end {t, turn, text, interrupted}           the reply's audio is complete
   metrics {t, TurnMetrics fields (app/frames.py), browser_response_latency}
+  transcript {turn, text}                         what the user said (after the reply is made;
+                                                  only where the recogniser is installed)
   shutdown {message}                              the server is stopping; it then closes
   scene {t, index, description, examples, next_at}  demo scene: a new scene is shown
   scene_beep {t, t0, dur, freq, level_dbfs}       demo scene: a beep at session time t0

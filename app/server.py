@@ -56,6 +56,8 @@ class ServerOptions:
     input_queue: int = 256               # messages buffered per session before backpressure
     input_queue_bytes: int = 16 * 1024 * 1024  # ...or payload bytes (then one more message)
     allow_origins: tuple[str, ...] = ()  # web origins allowed besides the server's own page
+    user_words: bool = True              # transcribe each question for the page, after its reply
+                                         # (when the dev-only recogniser is installed)
 
     def __post_init__(self):
         if self.token is None and not is_loopback(self.host):

@@ -29,6 +29,10 @@ def add_arguments(p) -> None:
                    help="largest websocket message accepted, in MiB (default: %(default)s)")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="record every session into DIR/<session id>/ (replay with run.py replay)")
+    p.add_argument("--no-user-words", dest="user_words", action="store_false",
+                   help="do not transcribe the user's questions for the page (by default each is "
+                        "transcribed after its reply, where the recogniser of requirements-dev.txt "
+                        "is installed)")
     add_agent_arguments(p)
 
 
@@ -49,7 +53,8 @@ def run(args) -> None:
             allow_origins=tuple(args.allow_origin),
             max_sessions=args.max_sessions,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-            record_dir=args.record_dir, engine=with_generation(EngineOptions(), mode=args.mode))
+            record_dir=args.record_dir, user_words=args.user_words,
+            engine=with_generation(EngineOptions(), mode=args.mode))
     except ValueError as e:
         sys.exit(f"error: {e}")
     from .host import return_freed_memory

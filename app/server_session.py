@@ -56,6 +56,8 @@ class ClientSession:
         self.errors = 0
         self.closed = False
         self.scene = None                        # app.server_scene.SceneFeed: a demo-scene session
+        self.words = None                        # app.live_words.UserWords: the user's words
+        self.samples16 = 0                       # microphone samples pushed (16 kHz)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def run(self) -> None:
@@ -91,6 +93,9 @@ class ClientSession:
                       "input_rate": self.hello.input_rate,
                       "user_agent": self.ws.request.headers.get("User-Agent", "")})
             self.recorder = Recorder(writer)
+        if o.user_words:
+            from .live_words import UserWords
+            self.words = UserWords(self._on_words)
         try:
             self.engine = Engine(self.server.agent, self._on_output, o.engine, recorder=self.recorder)
             if self.hello.demo_scene is not None:
@@ -206,6 +211,9 @@ class ClientSession:
         if kind == P.Kind.AUDIO_IN:
             pcm = self.pcm.feed(pcm16_to_float(payload))
             if len(pcm):
+                if self.words is not None:       # the user's own voice, before any scene sound
+                    self.words.keep(self.samples16, pcm)
+                self.samples16 += len(pcm)
                 eng.push_audio(pcm)
         elif kind == P.Kind.VIDEO_IN:
             import cv2
@@ -221,10 +229,19 @@ class ClientSession:
     def _on_output(self, frame) -> None:
         """From the worker or the reply thread (the engine has recorded it): hand it over
         to the event loop."""
+        if self.words is not None:
+            if isinstance(frame, TurnEnd):
+                self.words.heard(frame.turn, frame.speech_start, frame.speech_end)
+            elif isinstance(frame, TurnDone):    # off the reply's path: after it is made
+                self.words.transcribe(frame.metrics.turn)
         try:
             self.loop.call_soon_threadsafe(self.outbox.put_nowait, frame)
         except RuntimeError:                     # the loop is gone (server stopped)
             pass
+
+    def _on_words(self, turn: int, text: str) -> None:
+        """From the transcription thread: what the user said in `turn`."""
+        self._on_output(P.event("transcript", turn=turn, text=text))
 
     async def _send(self) -> None:
         from speech.audio import float_to_pcm16

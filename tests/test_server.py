@@ -432,3 +432,20 @@ def test_input_backlog_is_bounded_in_bytes(agent, monkeypatch):
         session = asyncio.run(main())
     assert len(big) > 200_000 and session.peak_queued_bytes >= budget
     assert session.peak_queued_bytes <= budget + len(big)
+
+
+def test_the_users_words_reach_the_page_after_the_reply(server, question):
+    """The question is transcribed (the dev-only recogniser) after its reply was made, and the
+    page gets it as a `transcript` event for that turn."""
+    async def main():
+        c = await Client.open(server.ws_url)
+        await c.stream(question, speed=4.0)
+        await c.wait(lambda: c.of("transcript"), 60, "the user's words")
+        await c.close()
+        return c
+
+    c = asyncio.run(main())
+    (t,) = c.of("transcript")
+    assert t["turn"] == 1
+    assert {"what", "the", "table"} <= set(t["text"].lower().replace("?", "").split()), t  # the question
+    assert c.log.index("metrics") < c.log.index("transcript")     # off the reply's path

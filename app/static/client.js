@@ -250,7 +250,7 @@ function onEvent(e) {
         `<td data-k="wait">…</td><td data-k="compute">…</td><td data-k="audio">…</td>`;
       turns.set(e.turn, { row, speechEnd: e.speech_end, capturedAt: capturedAt(e.speech_end) });
       const said = (e.speech_end - e.speech_start).toFixed(1);
-      bubble("user", `you spoke for ${said} s`, e.turn).classList.add("pending");
+      bubble("user", `speech, ${said} s`, e.turn).classList.add("pending");
       bubble("agent", "…", e.turn);
       break;
     }
