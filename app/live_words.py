@@ -75,6 +75,8 @@ class UserWords:
     def transcribe(self, turn: int) -> None:
         with self._lock:
             span = self._turns.pop(turn, None)
+            if self.on_words is None:            # closed
+                return
         if span is None:
             return
         x = self.audio(*span)
@@ -87,15 +89,29 @@ class UserWords:
                                                 daemon=True)
                 self._thread.start()
 
+    def close(self) -> None:
+        """The session ended: pending transcripts are dropped and the worker ends at once
+        (it holds `on_words`, and through it the session)."""
+        with self._lock:
+            self.on_words = None
+            self._chunks.clear()
+            if self._thread is not None:
+                self._jobs.put(None)
+
     def _work(self) -> None:
         while True:
             try:
-                turn, x = self._jobs.get(timeout=IDLE_EXIT)
+                job = self._jobs.get(timeout=IDLE_EXIT)
             except queue.Empty:
+                job = False
+            if not job:                          # idle or closed: no session keeps a thread
                 with self._lock:
-                    if self._jobs.empty():       # no session keeps an idle thread
+                    if job is None or self._jobs.empty():
                         self._thread = None
                         return
+                continue
+            turn, x = job
+            if self.on_words is None:            # closed while this waited: drop it
                 continue
             rec = recognizer()
             if rec is None:
@@ -105,4 +121,9 @@ class UserWords:
             except Exception:  # words are a nicety: never take the session down
                 log.exception("transcribing turn %d failed", turn)
                 continue
-            self.on_words(turn, text)
+            self._deliver(turn, text)            # (no local of this loop may hold the callback)
+
+    def _deliver(self, turn: int, text: str) -> None:
+        on_words = self.on_words
+        if on_words is not None:
+            on_words(turn, text)

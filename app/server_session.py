@@ -127,6 +127,8 @@ class ClientSession:
         log.info("session %s closed", self.id)
 
     def _close_sync(self) -> None:
+        if self.words is not None:
+            self.words.close()
         if self.engine is not None:
             tail = self.pcm.flush()
             if len(tail):                        # the resampler's last block

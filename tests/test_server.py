@@ -129,6 +129,16 @@ class Client:
         await asyncio.wait_for(self.task, 10)
 
 
+async def converse(url: str, pcm: np.ndarray, until: str, timeout: float,
+                   speed: float = 1.0) -> Client:
+    """Say `pcm` in a new session and wait for the first event of type `until`."""
+    c = await Client.open(url)
+    await c.stream(pcm, speed=speed)
+    await c.wait(lambda: c.of(until), timeout, until)
+    await c.close()
+    return c
+
+
 def rms(pcm16: bytes) -> float:
     return float(np.sqrt(np.mean((np.frombuffer(pcm16, "<i2") / 32767.0) ** 2)))
 
@@ -250,15 +260,9 @@ async def misbehave(url: str, limits: dict) -> dict:
 def test_misbehaving_client_does_not_disturb_others(server, question):
     limits = server.server.options.limits
 
-    async def good():
-        c = await Client.open(server.ws_url)
-        await c.stream(question, speed=1.0)
-        await c.wait(lambda: c.of("metrics"), 30, "metrics")
-        await c.close()
-        return c
-
     async def main():
-        return await asyncio.gather(good(), misbehave(server.ws_url, limits))
+        return await asyncio.gather(converse(server.ws_url, question, "metrics", 30),
+                                    misbehave(server.ws_url, limits))
 
     c, codes = asyncio.run(main())
     assert codes == {
@@ -437,14 +441,7 @@ def test_input_backlog_is_bounded_in_bytes(agent, monkeypatch):
 def test_the_users_words_reach_the_page_after_the_reply(server, question):
     """The question is transcribed (the dev-only recogniser) after its reply was made, and the
     page gets it as a `transcript` event for that turn."""
-    async def main():
-        c = await Client.open(server.ws_url)
-        await c.stream(question, speed=4.0)
-        await c.wait(lambda: c.of("transcript"), 60, "the user's words")
-        await c.close()
-        return c
-
-    c = asyncio.run(main())
+    c = asyncio.run(converse(server.ws_url, question, "transcript", 60, speed=4.0))
     (t,) = c.of("transcript")
     assert t["turn"] == 1
     assert {"what", "the", "table"} <= set(t["text"].lower().replace("?", "").split()), t  # the question

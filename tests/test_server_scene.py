@@ -83,20 +83,27 @@ class SceneClient:
         await asyncio.sleep(0)
 
 
+def _until_two_scenes(url: str, demo_scene: dict, script) -> SceneClient:
+    """Open a demo-scene session, run `script(client)`, wait for the second scene, close."""
+    async def main():
+        c = await SceneClient.open(url, demo_scene=demo_scene)
+        await script(c)
+        await c.until(lambda: len(c.of("scene")) == 2)
+        await c.ws.close()
+        return c
+    return asyncio.run(main())
+
+
 def test_demo_scene_session_sends_frames_scene_and_beeps(agent, tmp_path):
     rec = tmp_path / "rec"
     ref = DemoScene(DemoSceneOptions(seed=5, scene_seconds=0))
     with ServerThread(agent, ServerOptions(port=0, record_dir=str(rec))) as s:
-        async def main():
-            c = await SceneClient.open(s.ws_url, demo_scene={"seed": 5, "scene_seconds": 0})
+        async def script(c):
             await c.silence(4.0)
             await c.until(lambda: len(c.frames) >= 38 and c.of("scene"))
             await c.ws.send(P.event("control", action="new_scene"))
             await c.silence(0.5)
-            await c.until(lambda: len(c.of("scene")) == 2)
-            await c.ws.close()
-            return c
-        c = asyncio.run(main())
+        c = _until_two_scenes(s.ws_url, {"seed": 5, "scene_seconds": 0}, script)
     first, second = c.of("scene")
     shown = ref.shown(0.0)
     assert first["index"] == 0 and first["description"] == shown.description
@@ -139,13 +146,7 @@ def test_demo_scene_handshake_and_control_errors(agent):
 def test_demo_scene_timer_shows_a_new_scene(agent):
     ref = DemoScene(DemoSceneOptions(seed=2, scene_seconds=5))
     with ServerThread(agent, ServerOptions(port=0)) as s:
-        async def main():
-            c = await SceneClient.open(s.ws_url, demo_scene={"seed": 2, "scene_seconds": 5})
-            await c.silence(5.5)
-            await c.until(lambda: len(c.of("scene")) == 2)
-            await c.ws.close()
-            return c
-        c = asyncio.run(main())
+        c = _until_two_scenes(s.ws_url, {"seed": 2, "scene_seconds": 5}, lambda c: c.silence(5.5))
     first, second = c.of("scene")
     assert (first["index"], first["next_at"]) == (0, 5.0)
     assert (second["index"], second["next_at"]) == (1, 10.0) and 5.0 <= second["t"] < 5.1
