@@ -108,27 +108,27 @@ def load_turn_end(path):
     return _load_turn_end(str(p), p.stat().st_mtime if p.is_file() else 0.0)
 
 
-def turn_end_choice(choice: str | None) -> str | None:
+def turn_end_choice(choice: str | None, say: Callable[[str], None] | None = None) -> str | None:
     """`--turn-end` -> EngineOptions.turn_end_model: "model" (the default) is the shipped
     assets/turn_end.safetensors when present, else the fixed silence; "silence" the fixed
-    silence; anything else a model path. Says which in one log line."""
+    silence; anything else a model path. Says which in one line (`say`, default: the log)."""
     choice = "model" if choice in (None, "", "model") else choice
     if choice == "silence":
         path = None
     elif choice == "model":
         path = str(DEFAULT_TURN_END_MODEL) if DEFAULT_TURN_END_MODEL.is_file() else None
-        if path is None:
-            log.warning("turn taking: no end-of-turn model at %s; a fixed %.2f s silence ends "
-                        "each turn", DEFAULT_TURN_END_MODEL, END_OF_TURN_SILENCE)
-            return None
     else:
         if not Path(choice).exists():
             raise FileNotFoundError(f"no end-of-turn model at {choice} (--turn-end model|silence|PATH)")
         path = choice
-    if path is None:
-        log.info("turn taking: a fixed %.2f s silence ends each turn", END_OF_TURN_SILENCE)
+    if path is not None:
+        line = f"turn taking: end-of-turn predictor {path} (asked at a pause)"
+    elif choice == "model":
+        line = (f"turn taking: no end-of-turn model at {DEFAULT_TURN_END_MODEL}; a fixed "
+                f"{END_OF_TURN_SILENCE:.1f} s silence ends each turn")
     else:
-        log.info("turn taking: end-of-turn predictor %s", path)
+        line = f"turn taking: a fixed {END_OF_TURN_SILENCE:.1f} s silence ends each turn"
+    (say or log.info)(line)
     return path
 
 

@@ -52,6 +52,8 @@ class TurnResult:
     expected: str | None = None
     correct: bool | None = None
     end_of_turn_wait: float | None = None  # decision - speech_end (frames.LATENCY_WORDS)
+    turn_end: str | None = None       # what ended the turn: predictor | max_silence | silence
+    discarded_starts: int = 0         # preemptive replies dropped in the turn (user went on)
 
 
 @dataclass
@@ -236,7 +238,9 @@ def _timeline(col: _Collector, s: Session, sr: int, out: Path):
             interrupted=interrupted,
             interrupted_at=stop_at if interrupted else None,
             backbone_forwards=m.backbone_forwards if m else 0,
-            end_of_turn_wait=(m.decision - m.speech_end) if m else te.t - te.speech_end))
+            end_of_turn_wait=(m.decision - m.speech_end) if m else te.t - te.speech_end,
+            turn_end=te.reason if te else m.turn_end if m else None,
+            discarded_starts=te.discarded if te else m.discarded_starts if m else 0))
     return results, track
 
 

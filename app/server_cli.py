@@ -8,6 +8,7 @@ import os
 import sys
 
 from .agent import add_agent_arguments
+from .turn_end_args import add_turn_end_arguments, turn_end_kwargs
 
 
 def add_arguments(p) -> None:
@@ -27,6 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="record every session into DIR/<session id>/ (replay with run.py replay)")
     add_agent_arguments(p)
+    add_turn_end_arguments(p)
 
 
 def run(args) -> None:
@@ -40,16 +42,16 @@ def run(args) -> None:
                  "or try the plumbing with an untrained model: python run.py serve --random")
     from .engine import EngineOptions, with_generation
     from .server import ServerOptions, serve_until_signal
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         options = ServerOptions(
             host=args.host, port=args.port, token=args.token or None,
             max_sessions=args.max_sessions,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-            record_dir=args.record_dir, engine=with_generation(EngineOptions(), mode=args.mode))
-    except ValueError as e:
+            record_dir=args.record_dir, engine=with_generation(EngineOptions(**turn_end_kwargs(args)), mode=args.mode))
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
     logging.getLogger("websockets").setLevel(logging.WARNING)
     print("loading the model...", flush=True)
     from .agent import load_agent, random_agent
