@@ -65,12 +65,17 @@ class EngineOptions:
     turn_end_threshold: float = 0.5     # P(complete) that commits the turn at a pause
     max_end_of_turn_silence: float = 1.2  # s of silence that ends the turn anyway
     preemptive_generation: bool = True  # start the reply at the pause, output held
+    preemptive_pause: float | None = None  # s of silence at which the held reply starts
+                                        # (None: at turn_end_pause); shorter hides compute
 
     def __post_init__(self):
         if not 0.05 <= self.end_of_turn_silence <= 5.0:
             raise ValueError(f"end_of_turn_silence must be within [0.05, 5] s, got {self.end_of_turn_silence}")
         if self.turn_end_model is not None and not str(self.turn_end_model):
             raise ValueError("turn_end_model must be a model path or None (the fixed silence)")
+        if self.preemptive_pause is not None and not 0.05 <= self.preemptive_pause <= self.turn_end_pause:
+            raise ValueError(f"preemptive_pause must be None or within [0.05, turn_end_pause="
+                             f"{self.turn_end_pause}] s, got {self.preemptive_pause}")
         if not 0.05 <= self.turn_end_pause <= 2.0:
             raise ValueError(f"turn_end_pause must be within [0.05, 2] s, got {self.turn_end_pause}")
         if not 0 < self.turn_end_threshold <= 1:
@@ -86,7 +91,11 @@ class EngineOptions:
     @property
     def shortest_turn_silence(self) -> float:
         """The shortest silence that may end a turn (the VAD's stop hangover)."""
-        return self.turn_end_pause if self.turn_end_model else self.end_of_turn_silence
+        if not self.turn_end_model:
+            return self.end_of_turn_silence
+        if self.preemptive_generation and self.preemptive_pause is not None:
+            return self.preemptive_pause
+        return self.turn_end_pause
 
     @property
     def longest_turn_silence(self) -> float:
@@ -165,6 +174,7 @@ class TurnSegmenter(Processor):
         self.turn, self.start, self.now = 0, None, 0.0
         self.pending: TurnCandidate | None = None   # a pause waiting for its decision
         self.discarded = 0                           # preemptive starts dropped this turn
+        self._asked = False                          # the predictor has judged `pending`
         self._tail = np.zeros(0, np.float32)         # the mic's last window (predictor input)
         self._window = predictor.config.window_samples if predictor is not None else 0
 
@@ -174,9 +184,13 @@ class TurnSegmenter(Processor):
             self.now = frame.t + len(frame.pcm) / SAMPLE_RATE
             if self.predictor is not None:
                 self._tail = np.concatenate([self._tail, frame.pcm])[-self._window:]
-            if self.pending is not None and \
-                    self.now - self.pending.speech_end >= self.opts.max_end_of_turn_silence - 1e-9:
-                yield self._commit(self.pending, "max_silence")
+            if self.pending is not None:
+                te = self._ask()
+                if te is None and self.now - self.pending.speech_end >= \
+                        self.opts.max_end_of_turn_silence - 1e-9:
+                    te = self._commit(self.pending, "max_silence")
+                if te is not None:
+                    yield te
         elif isinstance(frame, SpeechStart):
             if self.pending is not None:     # the user goes on: the same turn, no barge-in
                 if self.opts.preemptive_generation:
@@ -195,19 +209,25 @@ class TurnSegmenter(Processor):
                 yield TurnEnd(self.now, self.turn, self.start, frame.t)
                 self.start = None
             else:
-                p = self._probability()
-                cand = TurnCandidate(self.now, self.turn + 1, self.start, frame.t, p)
-                if p >= self.opts.turn_end_threshold:
-                    yield self._commit(cand, "predictor")
-                else:
-                    self.pending = cand
-                    yield cand
+                self.pending, self._asked = TurnCandidate(self.now, self.turn + 1, self.start, frame.t), False
+                te = self._ask()        # complete at once: no held start
+                yield self.pending if te is None else te
         elif isinstance(frame, Control):
             if self.pending is not None or frame.kind == "reset":
                 self.start, self.pending, self.discarded = None, None, 0
             if frame.kind == "reset":
                 self._tail = np.zeros(0, np.float32)
             yield Interrupt(frame.t, self.turn, "control" if frame.kind == "interrupt" else "reset")
+
+    def _ask(self) -> TurnEnd | None:
+        """Asks the predictor once the pending pause is turn_end_pause long; commits when
+        it says complete."""
+        c = self.pending
+        if self._asked or self.now - c.speech_end < self.opts.turn_end_pause - 1e-9:
+            return None
+        self._asked = True
+        c.probability = self._probability()
+        return self._commit(c, "predictor") if c.probability >= self.opts.turn_end_threshold else None
 
     def _probability(self) -> float:
         x = self._tail
@@ -261,6 +281,7 @@ class _Reply:
         self.discarded = False
         self.finished: tuple | None = None       # (text, done, first_audio, samples)
         self.thread: threading.Thread | None = None
+        self.deferred = None                     # inline (threaded=False): feats, run at commit
 
 
 class ReplyProcessor(Processor):
@@ -308,6 +329,12 @@ class ReplyProcessor(Processor):
         r = self._reply = _Reply(frame, held)
         if not held:
             self.active_turn = frame.turn
+        elif not self.opts.threaded:
+            # On the virtual clock nothing happens while a reply is generated inline, so a
+            # held reply is generated at its commit, stamped from its candidate's time (as a
+            # worker thread started then would have made it); a dropped one costs nothing.
+            r.deferred = feats
+            return
         args = (r, feats, time.perf_counter())
         if self.opts.threaded:
             r.thread = threading.Thread(target=self._generate, args=args, daemon=True,
@@ -319,6 +346,14 @@ class ReplyProcessor(Processor):
     def _commit(self, r: _Reply, te: TurnEnd):
         """The held reply becomes the turn's reply: its output so far goes out now."""
         done = None
+        if r.deferred is not None:      # inline: generate it now, from the candidate's time
+            with self._lock:
+                r.held, r.commit = False, te
+                self.playback_end = -1.0
+                self.active_turn = te.turn
+            feats, r.deferred = r.deferred, None
+            self._generate(r, feats, time.perf_counter())
+            return
         with self._lock:
             r.held, r.commit = False, te
             self.playback_end = -1.0    # an older reply still playing is cut by this turn

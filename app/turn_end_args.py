@@ -19,6 +19,10 @@ def add_turn_end_arguments(p) -> None:
     g.add_argument("--max-silence", type=float, default=1.2, metavar="S",
                    help="silence that ends the turn when the predictor never says complete "
                         "(default: %(default)s s)")
+    g.add_argument("--preemptive-pause", type=float, default=None, metavar="S",
+                   help="silence at which the reply starts, its output held until the turn "
+                        "ends (default: at the predictor's 0.2 s pause; shorter hides compute "
+                        "latency, a reply dropped when the user goes on costs compute)")
 
 
 def turn_end_kwargs(args) -> dict:
@@ -30,4 +34,5 @@ def turn_end_kwargs(args) -> dict:
     say = None if logging.getLogger().handlers else (lambda s: print(s, file=sys.stderr))
     return {"turn_end_model": turn_end_choice(args.turn_end, say),
             "turn_end_threshold": args.turn_end_threshold,
-            "max_end_of_turn_silence": args.max_silence}
+            "max_end_of_turn_silence": args.max_silence,
+            "preemptive_pause": args.preemptive_pause}

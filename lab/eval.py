@@ -50,6 +50,7 @@ class EvalOptions:
     turn_end: str = "model"              # model (shipped predictor, else silence) | silence | PATH
     turn_end_threshold: float = 0.5
     max_end_of_turn_silence: float = 1.2
+    preemptive_pause: float | None = None  # None: the held reply starts at the predictor's pause
     ablations: bool = False              # also the ablation table (trains missing ablations)
     ablation_names: tuple[str, ...] = ABLATION_NAMES
     ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control
@@ -248,7 +249,8 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
     from app.session import load_session
     opts = with_generation(EngineOptions(threaded=False, turn_end_model=turn_end_model,
                                          turn_end_threshold=o.turn_end_threshold,
-                                         max_end_of_turn_silence=o.max_end_of_turn_silence),
+                                         max_end_of_turn_silence=o.max_end_of_turn_silence,
+                                         preemptive_pause=o.preemptive_pause),
                            mode=mode, max_text_tokens=o.max_text_tokens,
                            max_audio_seconds=o.max_audio_seconds)
     records, turns, wall = [], [], 0.0

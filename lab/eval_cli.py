@@ -66,7 +66,7 @@ def options_from_args(args):
         recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
         turn_end=args.turn_end, turn_end_threshold=args.turn_end_threshold,
-        max_end_of_turn_silence=args.max_silence,
+        max_end_of_turn_silence=args.max_silence, preemptive_pause=args.preemptive_pause,
         ablation_names=split(args.ablation_names), ablation_steps=args.ablation_steps,
         train_run=args.train_run, ablation_data=args.ablation_data,
         ablation_root=args.ablation_root, ablation_workers=args.ablation_workers, progress=not args.quiet)

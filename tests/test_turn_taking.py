@@ -214,3 +214,36 @@ def test_turn_end_options_are_validated():
     assert o.turn_end_model is None and o.shortest_turn_silence == o.end_of_turn_silence
     o = EngineOptions(turn_end_model="x.safetensors")
     assert (o.shortest_turn_silence, o.longest_turn_silence) == (0.2, 1.2)
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_earlier_preemptive_start_still_asks_at_the_turn_end_pause(agent, parts, models, threaded):
+    """preemptive_pause 0.1 s: the held reply starts at 0.1 s of silence, the predictor is
+    asked at 0.2 s; a pause inside the question still gives one turn."""
+    head, tail = parts
+    eng, outs = make(agent, models["never"], threaded=threaded, preemptive_pause=0.1)
+    feed(eng, silence(0.5))
+    feed(eng, head)
+    started = asked = None                  # silence heard when the reply starts / P is asked
+    for i in range(30):
+        feed(eng, silence(0.02))
+        c = eng.segmenter.pending
+        if c is not None and started is None:
+            started = eng.now - c.speech_end
+        if c is not None and c.probability is not None and asked is None:
+            asked = eng.now - c.speech_end
+    assert started is not None and asked is not None
+    assert 0.1 - 1e-6 <= started < asked and asked == pytest.approx(0.2, abs=0.021)
+    eng.segmenter.predictor = fixed_predictor(True)
+    feed(eng, tail)
+    feed(eng, silence(0.5))
+    eng.wait_idle(30)
+    feed(eng, silence(0.1))
+    (te,) = of(outs, TurnEnd)
+    assert te.reason == "predictor" and te.discarded == 1 and abs(te.speech_start - 0.5) < 0.2
+    assert te.t - te.speech_end >= 0.2 - 1e-6
+    (done,) = of(outs, TurnDone)
+    audio = of(outs, AudioOut)
+    assert audio and all(a.t >= te.t for a in audio) and done.metrics.first_audio == audio[0].t
+    assert min(i for i, o in enumerate(outs) if isinstance(o, (TextOut, AudioOut))) > outs.index(te)
+    eng.close()
