@@ -175,6 +175,7 @@ class TurnSegmenter(Processor):
         self.pending: TurnCandidate | None = None   # a pause waiting for its decision
         self.discarded = 0                           # preemptive starts dropped this turn
         self._asked = False                          # the predictor has judged `pending`
+        self.pauses: list[tuple[float, float]] = []  # silences inside the open turn
         self._tail = np.zeros(0, np.float32)         # the mic's last window (predictor input)
         self._window = predictor.config.window_samples if predictor is not None else 0
 
@@ -196,6 +197,7 @@ class TurnSegmenter(Processor):
                 if self.opts.preemptive_generation:
                     self.discarded += 1
                 yield TurnResumed(frame.t, self.pending.turn)
+                self.pauses.append((self.pending.speech_end, frame.t))
                 self.pending = None
                 return
             self.start = frame.t
@@ -203,18 +205,19 @@ class TurnSegmenter(Processor):
                 yield Interrupt(frame.t, self.turn, "barge-in")
         elif isinstance(frame, SpeechEnd) and self.start is not None:
             if frame.t - self.start < self.opts.min_turn_seconds:
-                self.start, self.discarded = None, 0
+                self.start, self.discarded, self.pauses = None, 0, []
             elif self.predictor is None:
                 self.turn += 1
                 yield TurnEnd(self.now, self.turn, self.start, frame.t)
                 self.start = None
             else:
-                self.pending, self._asked = TurnCandidate(self.now, self.turn + 1, self.start, frame.t), False
+                self.pending, self._asked = TurnCandidate(self.now, self.turn + 1, self.start, frame.t,
+                                                          pauses=tuple(self.pauses)), False
                 te = self._ask()        # complete at once: no held start
                 yield self.pending if te is None else te
         elif isinstance(frame, Control):
             if self.pending is not None or frame.kind == "reset":
-                self.start, self.pending, self.discarded = None, None, 0
+                self.start, self.pending, self.discarded, self.pauses = None, None, 0, []
             if frame.kind == "reset":
                 self._tail = np.zeros(0, np.float32)
             yield Interrupt(frame.t, self.turn, "control" if frame.kind == "interrupt" else "reset")
@@ -238,8 +241,8 @@ class TurnSegmenter(Processor):
     def _commit(self, cand: TurnCandidate, reason: str) -> TurnEnd:
         self.turn = cand.turn
         te = TurnEnd(self.now, cand.turn, cand.speech_start, cand.speech_end, reason,
-                     cand.probability, self.discarded)
-        self.start, self.pending, self.discarded = None, None, 0
+                     cand.probability, self.discarded, cand.pauses)
+        self.start, self.pending, self.discarded, self.pauses = None, None, 0, []
         return te
 
 
@@ -325,7 +328,8 @@ class ReplyProcessor(Processor):
         if old is not None and old.thread is not None and old.thread is not threading.current_thread():
             old.thread.join()           # its generation is over (active_turn == 0): finishing
         q0 = max(0.0, frame.speech_start - self.opts.question_pad)
-        feats = self.scene.features(q0, min(frame.speech_end, self.scene.now))
+        # a hesitation's silence is no part of the question the model hears
+        feats = self.scene.features(q0, min(frame.speech_end, self.scene.now), gaps=frame.pauses)
         r = self._reply = _Reply(frame, held)
         if not held:
             self.active_turn = frame.turn

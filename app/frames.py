@@ -55,6 +55,7 @@ class TurnEnd(Frame):
     reason: str = "silence"
     probability: float | None = None       # the predictor's P(complete) at the last pause
     discarded: int = 0
+    pauses: tuple = ()                     # (t0, t1) silences inside the turn (it went on)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TurnCandidate(Frame):
     speech_start: float
     speech_end: float
     probability: float | None = None
+    pauses: tuple = ()
 
 
 @dataclass
