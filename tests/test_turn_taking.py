@@ -276,3 +276,17 @@ def test_the_pause_is_left_out_of_the_question(agent, parts, models):
     assert cut.question.shape == whole.question.shape
     assert np.allclose(cut.question.numpy(), whole.question.numpy(), atol=1e-4)
     eng.close()
+
+
+def test_the_pause_is_left_out_of_chunked_questions(agent, parts):
+    from fusion.config import preset
+    from fusion.inputs import SceneEncoder
+    from fusion.model import FusionModel
+    head, tail = parts
+    torch.manual_seed(0)
+    enc = SceneEncoder(FusionModel(preset("tiny", agent.codec.spec, question_chunks=True)).eval())
+    enc.push_audio(np.concatenate([silence(1.0), head, silence(0.7), tail, silence(0.3)]))
+    a0 = 1.0 + len(head) / SAMPLE_RATE
+    q1 = a0 + 0.7 + len(tail) / SAMPLE_RATE
+    full, cut = enc.features(0.9, q1), enc.features(0.9, q1, gaps=[(a0, a0 + 0.7)])
+    assert full.question.shape[1] - cut.question.shape[1] == pytest.approx(0.7 * 50, abs=2)
