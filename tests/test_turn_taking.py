@@ -290,3 +290,18 @@ def test_the_pause_is_left_out_of_chunked_questions(agent, parts):
     q1 = a0 + 0.7 + len(tail) / SAMPLE_RATE
     full, cut = enc.features(0.9, q1), enc.features(0.9, q1, gaps=[(a0, a0 + 0.7)])
     assert full.question.shape[1] - cut.question.shape[1] == pytest.approx(0.7 * 50, abs=2)
+
+
+def test_turn_end_flags(tmp_path, capsys):
+    import argparse
+    from app.engine import DEFAULT_TURN_END_MODEL
+    from app.turn_end_args import add_turn_end_arguments, turn_end_kwargs
+    p = argparse.ArgumentParser()
+    add_turn_end_arguments(p)
+    kw = turn_end_kwargs(p.parse_args(["--turn-end", "silence", "--max-silence", "1.0"]))
+    assert kw["turn_end_model"] is None and kw["max_end_of_turn_silence"] == 1.0
+    kw = turn_end_kwargs(p.parse_args([]))
+    assert kw["turn_end_model"] == (str(DEFAULT_TURN_END_MODEL) if DEFAULT_TURN_END_MODEL.is_file() else None)
+    assert EngineOptions(**kw).turn_end_threshold == 0.5
+    with pytest.raises(FileNotFoundError, match="no end-of-turn model"):
+        turn_end_kwargs(p.parse_args(["--turn-end", str(tmp_path / "missing.safetensors")]))
