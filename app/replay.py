@@ -2,8 +2,9 @@
 
 Default: as fast as possible on a virtual clock (`threaded=False`: each reply is generated
 inline at its end-of-turn decision and its audio stamped decision + compute time, so the
-latencies are compute latencies). `realtime=True`: the threaded engine, input paced at the
-recorded speed on the wall clock.
+latencies are compute latencies; a reply started preemptively at a pause is generated
+when its turn is committed, stamped from the pause, and never sounds before the commit).
+`realtime=True`: the threaded engine, input paced at the recorded speed on the wall clock.
 
 Writes OUT/report.json, OUT/summary.txt, OUT/agent.wav (the agent's voice on the session
 timeline), OUT/turns/turn_NNN.wav (each reply as generated) and OUT/timeline.png.
