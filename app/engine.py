@@ -65,7 +65,7 @@ class EngineOptions:
     turn_end_threshold: float = 0.5     # P(complete) that commits the turn at a pause
     max_end_of_turn_silence: float = 1.2  # s of silence that ends the turn anyway
     preemptive_generation: bool = True  # start the reply at the pause, output held
-    preemptive_pause: float | None = None  # s of silence at which the held reply starts
+    preemptive_pause: float | None = 0.1  # s of silence at which the held reply starts
                                         # (None: at turn_end_pause); shorter hides compute
 
     def __post_init__(self):

@@ -19,10 +19,11 @@ def add_turn_end_arguments(p) -> None:
     g.add_argument("--max-silence", type=float, default=1.2, metavar="S",
                    help="silence that ends the turn when the predictor never says complete "
                         "(default: %(default)s s)")
-    g.add_argument("--preemptive-pause", type=float, default=None, metavar="S",
+    g.add_argument("--preemptive-pause", type=float, default=0.1, metavar="S",
                    help="silence at which the reply starts, its output held until the turn "
-                        "ends (default: at the predictor's 0.2 s pause; shorter hides compute "
-                        "latency, a reply dropped when the user goes on costs compute)")
+                        "ends (default: %(default)s s; 0.2, the predictor's pause, starts it "
+                        "there; shorter hides more compute latency, and a reply dropped when "
+                        "the user goes on costs compute)")
 
 
 def turn_end_kwargs(args) -> dict:

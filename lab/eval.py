@@ -50,7 +50,7 @@ class EvalOptions:
     turn_end: str = "model"              # model (shipped predictor, else silence) | silence | PATH
     turn_end_threshold: float = 0.5
     max_end_of_turn_silence: float = 1.2
-    preemptive_pause: float | None = None  # None: the held reply starts at the predictor's pause
+    preemptive_pause: float | None = 0.1  # None: the held reply starts at the predictor's pause
     ablations: bool = False              # also the ablation table (trains missing ablations)
     ablation_names: tuple[str, ...] = ABLATION_NAMES
     ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control

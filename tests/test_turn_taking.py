@@ -68,10 +68,10 @@ def of(outs, kind):
     return [o for o in outs if isinstance(o, kind)]
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-def test_question_resumed_after_a_pause_is_one_turn(agent, parts, models, threaded):
+@pytest.mark.parametrize("threaded,preempt", [(False, 0.1), (True, 0.1), (False, None)])
+def test_question_resumed_after_a_pause_is_one_turn(agent, parts, models, threaded, preempt):
     head, tail = parts
-    eng, outs = make(agent, models["never"], threaded=threaded)
+    eng, outs = make(agent, models["never"], threaded=threaded, preemptive_pause=preempt)
     feed(eng, silence(0.5))
     feed(eng, head)
     feed(eng, silence(0.7))                 # the pause: a candidate at 0.2 s, P ~ 0
@@ -94,10 +94,10 @@ def test_question_resumed_after_a_pause_is_one_turn(agent, parts, models, thread
     eng.close()
 
 
-@pytest.mark.parametrize("threaded", [False, True])
-def test_discarded_preemptive_reply_emits_nothing(agent, parts, models, threaded):
+@pytest.mark.parametrize("threaded,preempt", [(False, 0.1), (True, 0.1), (True, None)])
+def test_discarded_preemptive_reply_emits_nothing(agent, parts, models, threaded, preempt):
     head, tail = parts
-    eng, outs = make(agent, models["never"], threaded=threaded)
+    eng, outs = make(agent, models["never"], threaded=threaded, preemptive_pause=preempt)
     feed(eng, silence(0.5))
     feed(eng, head)
     feed(eng, silence(0.7))                 # a held reply starts at the pause ...
@@ -213,7 +213,11 @@ def test_turn_end_options_are_validated():
     o = EngineOptions()
     assert o.turn_end_model is None and o.shortest_turn_silence == o.end_of_turn_silence
     o = EngineOptions(turn_end_model="x.safetensors")
+    assert (o.shortest_turn_silence, o.longest_turn_silence) == (0.1, 1.2)
+    o = EngineOptions(turn_end_model="x.safetensors", preemptive_pause=None)
     assert (o.shortest_turn_silence, o.longest_turn_silence) == (0.2, 1.2)
+    with pytest.raises(ValueError, match="preemptive_pause"):
+        EngineOptions(preemptive_pause=0.3)
 
 
 @pytest.mark.parametrize("threaded", [False, True])
