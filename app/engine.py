@@ -2,6 +2,15 @@
 
     AudioIn/VideoIn/Control -> [Recorder] -> VAD -> TurnSegmenter -> Scene -> Reply -> outputs
 
+Turn taking: with a turn-end model (`EngineOptions.turn_end_model`) the VAD reports a pause
+after `turn_end_pause` s of silence; the segmenter asks the end-of-turn predictor
+(speech/turn_end.py) on the microphone's last seconds. P >= `turn_end_threshold` commits the
+turn (TurnEnd, reason "predictor"); otherwise a TurnCandidate lets the reply processor start
+the reply preemptively with its output held, committed when the silence reaches
+`max_end_of_turn_silence` (reason "max_silence") or dropped without a sound when the user
+speaks again (TurnResumed: no Interrupt, not a barge-in; the turn keeps its first speech
+start). Without a model a fixed `end_of_turn_silence` ends each turn (reason "silence").
+
 Live, browser and replay sessions all run this; they differ only in where input frames come
 from and where output frames go (`on_output`). Input is pushed from the caller's thread
 (VAD and scene encoding happen there, as inputs arrive); replies are generated on a worker
@@ -10,10 +19,12 @@ for as-fast-as-possible replay (`threaded=False`).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -22,15 +33,19 @@ import torch
 from fusion.generator import GenerationOptions, Generator, PCMChunk, TextToken, GenerationDone
 from fusion.inputs import SceneEncoder
 from speech.audio import check_pcm
-from speech.constants import END_OF_TURN_SILENCE, QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS
+from speech.constants import (END_OF_TURN_SILENCE, QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS,
+                              TURN_END_PAUSE)
 from speech.vad import StreamingVAD, VADOptions
 from vision.camera import Frame as CamFrame, FrameSampler
 
 from .agent import Agent
 from .frames import (AudioIn, AudioOut, Control, Frame, Interrupt, SpeechEnd, SpeechStart,
-                     TextOut, TurnDone, TurnEnd, TurnMetrics, VideoIn)
+                     TextOut, TurnCandidate, TurnDone, TurnEnd, TurnMetrics, TurnResumed, VideoIn)
 
 log = logging.getLogger("tandem.engine")
+
+DEFAULT_TURN_END_MODEL = Path(__file__).resolve().parent.parent / "assets" / "turn_end.safetensors"
+INTERNAL_FRAMES = (TurnCandidate, TurnResumed)   # never sent to on_output
 
 
 @dataclass(frozen=True)
@@ -44,14 +59,86 @@ class EngineOptions:
     sampler_fps: float = SAMPLER_FPS
     threaded: bool = True
     generation: GenerationOptions = field(default_factory=GenerationOptions)
+    # turn taking with the end-of-turn predictor (None: the fixed end_of_turn_silence)
+    turn_end_model: str | None = None   # speech/turn_end.py model file (.safetensors)
+    turn_end_pause: float = TURN_END_PAUSE  # s of silence at which the predictor is asked
+    turn_end_threshold: float = 0.5     # P(complete) that commits the turn at a pause
+    max_end_of_turn_silence: float = 1.2  # s of silence that ends the turn anyway
+    preemptive_generation: bool = True  # start the reply at the pause, output held
+    preemptive_pause: float | None = 0.1  # s of silence at which the held reply starts
+                                        # (None: at turn_end_pause); shorter hides compute
 
     def __post_init__(self):
         if not 0.05 <= self.end_of_turn_silence <= 5.0:
             raise ValueError(f"end_of_turn_silence must be within [0.05, 5] s, got {self.end_of_turn_silence}")
+        if self.turn_end_model is not None and not str(self.turn_end_model):
+            raise ValueError("turn_end_model must be a model path or None (the fixed silence)")
+        if self.preemptive_pause is not None and not 0.05 <= self.preemptive_pause <= self.turn_end_pause:
+            raise ValueError(f"preemptive_pause must be None or within [0.05, turn_end_pause="
+                             f"{self.turn_end_pause}] s, got {self.preemptive_pause}")
+        if not 0.05 <= self.turn_end_pause <= 2.0:
+            raise ValueError(f"turn_end_pause must be within [0.05, 2] s, got {self.turn_end_pause}")
+        if not 0 < self.turn_end_threshold <= 1:
+            raise ValueError(f"turn_end_threshold must be within (0, 1], got {self.turn_end_threshold}")
+        if not self.turn_end_pause < self.max_end_of_turn_silence <= 5.0:
+            raise ValueError(f"max_end_of_turn_silence must be > turn_end_pause "
+                             f"({self.turn_end_pause} s) and <= 5 s, got {self.max_end_of_turn_silence}")
         if not 0 < self.vad_threshold < 1:
             raise ValueError(f"vad_threshold must be within (0, 1), got {self.vad_threshold}")
         if self.sampler_fps <= 0:
             raise ValueError(f"sampler_fps must be > 0, got {self.sampler_fps}")
+
+    @property
+    def shortest_turn_silence(self) -> float:
+        """The shortest silence that may end a turn (the VAD's stop hangover)."""
+        if not self.turn_end_model:
+            return self.end_of_turn_silence
+        if self.preemptive_generation and self.preemptive_pause is not None:
+            return self.preemptive_pause
+        return self.turn_end_pause
+
+    @property
+    def longest_turn_silence(self) -> float:
+        """The silence after which a turn has surely ended."""
+        return self.max_end_of_turn_silence if self.turn_end_model else self.end_of_turn_silence
+
+
+@functools.lru_cache(maxsize=4)
+def _load_turn_end(path: str, mtime: float):
+    from speech.turn_end import TurnEndPredictor
+    return TurnEndPredictor.load(path)
+
+
+def load_turn_end(path):
+    """The TurnEndPredictor in `path` (loaded once per file version)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "turn_end.safetensors"
+    return _load_turn_end(str(p), p.stat().st_mtime if p.is_file() else 0.0)
+
+
+def turn_end_choice(choice: str | None, say: Callable[[str], None] | None = None) -> str | None:
+    """`--turn-end` -> EngineOptions.turn_end_model: "model" (the default) is the shipped
+    assets/turn_end.safetensors when present, else the fixed silence; "silence" the fixed
+    silence; anything else a model path. Says which in one line (`say`, default: the log)."""
+    choice = "model" if choice in (None, "", "model") else choice
+    if choice == "silence":
+        path = None
+    elif choice == "model":
+        path = str(DEFAULT_TURN_END_MODEL) if DEFAULT_TURN_END_MODEL.is_file() else None
+    else:
+        if not Path(choice).exists():
+            raise FileNotFoundError(f"no end-of-turn model at {choice} (--turn-end model|silence|PATH)")
+        path = choice
+    if path is not None:
+        line = f"turn taking: end-of-turn predictor {path} (asked at a pause)"
+    elif choice == "model":
+        line = (f"turn taking: no end-of-turn model at {DEFAULT_TURN_END_MODEL}; a fixed "
+                f"{END_OF_TURN_SILENCE:.1f} s silence ends each turn")
+    else:
+        line = f"turn taking: a fixed {END_OF_TURN_SILENCE:.1f} s silence ends each turn"
+    (say or log.info)(line)
+    return path
 
 
 class Processor:
@@ -62,7 +149,7 @@ class Processor:
 class VADProcessor(Processor):
     def __init__(self, opts: EngineOptions, speaking: Callable[[float], bool]):
         self.vad = StreamingVAD(VADOptions(threshold=opts.vad_threshold,
-                                           min_silence_ms=int(opts.end_of_turn_silence * 1000)))
+                                           min_silence_ms=int(round(opts.shortest_turn_silence * 1000))))
         self.half_duplex, self.speaking = opts.half_duplex, speaking
 
     def process(self, frame):
@@ -81,25 +168,85 @@ class VADProcessor(Processor):
 
 
 class TurnSegmenter(Processor):
-    def __init__(self, opts: EngineOptions, replying: Callable[[float], bool]):
-        self.opts, self.replying = opts, replying
+    """SpeechStart/SpeechEnd -> TurnEnd. With a predictor, a SpeechEnd (a turn_end_pause of
+    silence) is a candidate: complete (P >= threshold) commits it, otherwise a TurnCandidate
+    waits for max_end_of_turn_silence (commit) or for more speech (TurnResumed)."""
+
+    def __init__(self, opts: EngineOptions, replying: Callable[[float], bool], predictor=None):
+        self.opts, self.replying, self.predictor = opts, replying, predictor
         self.turn, self.start, self.now = 0, None, 0.0
+        self.pending: TurnCandidate | None = None   # a pause waiting for its decision
+        self.discarded = 0                           # preemptive starts dropped this turn
+        self._asked = False                          # the predictor has judged `pending`
+        self.pauses: list[tuple[float, float]] = []  # silences inside the open turn
+        self._tail = np.zeros(0, np.float32)         # the mic's last window (predictor input)
+        self._window = predictor.config.window_samples if predictor is not None else 0
 
     def process(self, frame):
         yield frame
         if isinstance(frame, AudioIn):
             self.now = frame.t + len(frame.pcm) / SAMPLE_RATE
+            if self.predictor is not None:
+                self._tail = np.concatenate([self._tail, frame.pcm])[-self._window:]
+            if self.pending is not None:
+                te = self._ask()
+                if te is None and self.now - self.pending.speech_end >= \
+                        self.opts.max_end_of_turn_silence - 1e-9:
+                    te = self._commit(self.pending, "max_silence")
+                if te is not None:
+                    yield te
         elif isinstance(frame, SpeechStart):
+            if self.pending is not None:     # the user goes on: the same turn, no barge-in
+                if self.opts.preemptive_generation:
+                    self.discarded += 1
+                yield TurnResumed(frame.t, self.pending.turn)
+                self.pauses.append((self.pending.speech_end, frame.t))
+                self.pending = None
+                return
             self.start = frame.t
             if self.opts.barge_in and self.replying(frame.t):
                 yield Interrupt(frame.t, self.turn, "barge-in")
         elif isinstance(frame, SpeechEnd) and self.start is not None:
-            if frame.t - self.start >= self.opts.min_turn_seconds:
+            if frame.t - self.start < self.opts.min_turn_seconds:
+                self.start, self.discarded, self.pauses = None, 0, []
+            elif self.predictor is None:
                 self.turn += 1
                 yield TurnEnd(self.now, self.turn, self.start, frame.t)
-            self.start = None
+                self.start = None
+            else:
+                self.pending, self._asked = TurnCandidate(self.now, self.turn + 1, self.start, frame.t,
+                                                          pauses=tuple(self.pauses)), False
+                te = self._ask()        # complete at once: no held start
+                yield self.pending if te is None else te
         elif isinstance(frame, Control):
+            if self.pending is not None or frame.kind == "reset":
+                self.start, self.pending, self.discarded, self.pauses = None, None, 0, []
+            if frame.kind == "reset":
+                self._tail = np.zeros(0, np.float32)
             yield Interrupt(frame.t, self.turn, "control" if frame.kind == "interrupt" else "reset")
+
+    def _ask(self) -> TurnEnd | None:
+        """Asks the predictor once the pending pause is turn_end_pause long; commits when
+        it says complete."""
+        c = self.pending
+        if self._asked or self.now - c.speech_end < self.opts.turn_end_pause - 1e-9:
+            return None
+        self._asked = True
+        c.probability = self._probability()
+        return self._commit(c, "predictor") if c.probability >= self.opts.turn_end_threshold else None
+
+    def _probability(self) -> float:
+        x = self._tail
+        if len(x) < self._window:
+            x = np.concatenate([np.zeros(self._window - len(x), np.float32), x])
+        return self.predictor.probability(x)
+
+    def _commit(self, cand: TurnCandidate, reason: str) -> TurnEnd:
+        self.turn = cand.turn
+        te = TurnEnd(self.now, cand.turn, cand.speech_start, cand.speech_end, reason,
+                     cand.probability, self.discarded, cand.pauses)
+        self.start, self.pending, self.discarded, self.pauses = None, None, 0, []
+        return te
 
 
 class SceneProcessor(Processor):
@@ -127,17 +274,33 @@ class ContextAttention:
     kinds: np.ndarray         # (S,) 1 = scene audio, 2 = video
 
 
+class _Reply:
+    """One reply being made. `held`: started preemptively at a TurnCandidate, its output kept
+    in `buffer` until the TurnEnd commits it (`commit`) or a TurnResumed drops it."""
+
+    def __init__(self, turn, held: bool):
+        self.turn = turn                         # TurnCandidate (held) or TurnEnd
+        self.held = held
+        self.commit: TurnEnd | None = None if held else turn
+        self.cancel = threading.Event()
+        self.buffer: list[Frame] = []
+        self.discarded = False
+        self.finished: tuple | None = None       # (text, done, first_audio, samples)
+        self.thread: threading.Thread | None = None
+        self.deferred = None                     # inline (threaded=False): feats, run at commit
+
+
 class ReplyProcessor(Processor):
-    """Starts a reply at each TurnEnd; stops it on Interrupt. Emits TextOut/AudioOut/TurnDone
-    through `emit` (from the worker thread when threaded)."""
+    """Starts a reply at each TurnEnd (or, held, at a TurnCandidate); stops it on Interrupt;
+    drops a held one at TurnResumed. Emits TextOut/AudioOut/TurnDone through `emit` (from the
+    worker thread when threaded)."""
 
     def __init__(self, agent: Agent, scene: SceneEncoder, opts: EngineOptions, emit: Callable[[Frame], None]):
         self.agent, self.scene, self.opts, self.emit = agent, scene, opts, emit
         self.generator = Generator(agent.model, agent.codec, opts.generation)
         self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.active_turn = 0            # turn whose reply is being generated (0: none)
+        self._reply: _Reply | None = None
+        self.active_turn = 0            # turn whose committed reply is being generated (0: none)
         self.playback_end = -1.0        # session s when the current reply's audio ends
         self.last_attention: ContextAttention | None = None  # of the latest reply's prefix
 
@@ -150,45 +313,121 @@ class ReplyProcessor(Processor):
         yield frame
         if isinstance(frame, Interrupt):
             self.cancel()               # then wait for the reply's thread (its TurnDone)
-        if isinstance(frame, TurnEnd):
-            self.cancel()
-            q0 = max(0.0, frame.speech_start - self.opts.question_pad)
-            feats = self.scene.features(q0, min(frame.speech_end, self.scene.now))
-            self._cancel = threading.Event()
-            self.active_turn = frame.turn
-            args = (frame, feats, self._cancel, time.perf_counter())
-            if self.opts.threaded:
-                self._thread = threading.Thread(target=self._generate, args=args, daemon=True,
-                                                name=f"reply-{frame.turn}")
-                self._thread.start()
+        elif isinstance(frame, TurnCandidate):
+            if self.opts.preemptive_generation and self.active_turn == 0:
+                self._start(frame, held=True)
+        elif isinstance(frame, TurnResumed):
+            self._discard(frame.turn)
+        elif isinstance(frame, TurnEnd):
+            r = self._reply
+            if r is not None and r.held and not r.cancel.is_set() and r.turn.turn == frame.turn:
+                self._commit(r, frame)
             else:
-                self._generate(*args)
+                self.cancel()
+                self._start(frame, held=False)
+
+    def _start(self, frame, held: bool):
+        old = self._reply
+        if old is not None and old.held:
+            self._discard(old.turn.turn)
+        if old is not None and old.thread is not None and old.thread is not threading.current_thread():
+            old.thread.join()           # its generation is over (active_turn == 0): finishing
+        q0 = max(0.0, frame.speech_start - self.opts.question_pad)
+        # a hesitation's silence is no part of the question the model hears
+        feats = self.scene.features(q0, min(frame.speech_end, self.scene.now), gaps=frame.pauses)
+        r = self._reply = _Reply(frame, held)
+        if not held:
+            self.active_turn = frame.turn
+        elif not self.opts.threaded:
+            # On the virtual clock nothing happens while a reply is generated inline, so a
+            # held reply is generated at its commit, stamped from its candidate's time (as a
+            # worker thread started then would have made it); a dropped one costs nothing.
+            r.deferred = feats
+            return
+        args = (r, feats, time.perf_counter())
+        if self.opts.threaded:
+            r.thread = threading.Thread(target=self._generate, args=args, daemon=True,
+                                        name=f"reply-{frame.turn}")
+            r.thread.start()
+        else:
+            self._generate(*args)
+
+    def _commit(self, r: _Reply, te: TurnEnd):
+        """The held reply becomes the turn's reply: its output so far goes out now."""
+        done = None
+        if r.deferred is not None:      # inline: generate it now, from the candidate's time
+            with self._lock:
+                r.held, r.commit = False, te
+                self.playback_end = -1.0
+                self.active_turn = te.turn
+            feats, r.deferred = r.deferred, None
+            self._generate(r, feats, time.perf_counter())
+            return
+        with self._lock:
+            r.held, r.commit = False, te
+            self.playback_end = -1.0    # an older reply still playing is cut by this turn
+            if r.finished is None:
+                self.active_turn = te.turn
+            for f in r.buffer:
+                self._send(f, r)
+            r.buffer = []
+            if r.finished is not None:
+                done = TurnDone(te.t, self._metrics(r))
+        if done is not None:
+            self.emit(done)
+
+    def _discard(self, turn: int):
+        """Drops the held reply of `turn` without a sound (the user went on speaking)."""
+        with self._lock:
+            r = self._reply
+            if r is None or not r.held or r.turn.turn != turn:
+                return
+            r.cancel.set()
+            r.discarded, r.buffer = True, []
+        if r.thread is not None and r.thread is not threading.current_thread():
+            r.thread.join()
+
+    def _send(self, f: Frame, r: _Reply):
+        """Under the lock: one output frame of a committed reply (never before its decision)."""
+        f.t = max(f.t, r.commit.t)
+        if isinstance(f, AudioOut):
+            self.playback_end = max(self.playback_end, f.t) + len(f.pcm) / f.sample_rate
+        self.emit(f)
 
     def cancel(self, join: bool = True):
         """Stops the reply: once the event is set (under the lock `out` emits under) no more
         of its output goes out; `join` also waits for its thread (the generator step in
         flight) to end."""
         with self._lock:
-            self._cancel.set()
+            r = self._reply
+            if r is not None:
+                r.cancel.set()
+                if r.held:
+                    r.discarded, r.buffer = True, []
             self.playback_end = -1.0
-        if join and self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-            self._thread = None
+        if join and r is not None and r.thread is not None and r.thread is not threading.current_thread():
+            r.thread.join()
+            r.thread = None
 
     def wait(self, timeout: float | None = None):
-        if self._thread is not None:
-            self._thread.join(timeout)
+        r = self._reply
+        if r is not None and r.thread is not None:
+            r.thread.join(timeout)
 
-    def _generate(self, turn: TurnEnd, feats, cancel: threading.Event, wall0: float):
+    def _generate(self, r: _Reply, feats, wall0: float):
         sr = self.agent.codec.sample_rate
-        text, first_ready, first_audio, samples, done = "", None, None, 0, None
+        turn, cancel = r.turn, r.cancel
+        text, first_audio, samples, done = "", None, 0, None
         clock = lambda: turn.t + (time.perf_counter() - wall0)  # noqa: E731  session time
 
         def out(frame) -> bool:
             with self._lock:
                 if cancel.is_set():
                     return False
-                self.emit(frame)
+                if r.held:
+                    r.buffer.append(frame)
+                else:
+                    self._send(frame, r)
                 return True
         try:
             with torch.inference_mode():
@@ -205,31 +444,39 @@ class ReplyProcessor(Processor):
                 elif isinstance(ev, PCMChunk):
                     t = clock()
                     if first_audio is None:
-                        first_ready, first_audio = time.perf_counter() - wall0, t
-                        with self._lock:
-                            self.playback_end = t
+                        first_audio = t
                     if out(AudioOut(t, turn.turn, ev.pcm, sr, samples)):
                         samples += len(ev.pcm)
-                        with self._lock:
-                            self.playback_end = max(self.playback_end, t) + len(ev.pcm) / sr
                 elif isinstance(ev, GenerationDone):
                     done = ev
         except Exception:  # a failed reply must not take the session down
             log.exception("reply generation failed for turn %d", turn.turn)
-        stats = done.stats if done else None
-        m = TurnMetrics(
-            turn=turn.turn, speech_start=turn.speech_start, speech_end=turn.speech_end,
-            decision=turn.t, first_audio=first_audio,
-            response_latency=None if first_audio is None else first_audio - turn.speech_end,
-            compute_latency=first_ready, reply_seconds=samples / sr,
-            generation_rtf=stats.real_time_factor if stats else None,
-            text=done.text if done else text, interrupted=cancel.is_set(),
-            backbone_forwards=stats.backbone_forwards if stats else 0,
-            mode=self.opts.generation.mode)
         with self._lock:
-            if self.active_turn == turn.turn:
+            r.finished = (text, done, first_audio, samples)
+            if r.held or r.discarded:   # TurnDone at the commit; a dropped reply says nothing
+                return
+            if self.active_turn == r.commit.turn and self._reply is r:
                 self.active_turn = 0
-        self.emit(TurnDone(clock(), m))
+            m = self._metrics(r)
+        self.emit(TurnDone(max(clock(), r.commit.t), m))
+
+    def _metrics(self, r: _Reply) -> TurnMetrics:
+        te = r.commit
+        text, done, first_audio, samples = r.finished
+        sr = self.agent.codec.sample_rate
+        if first_audio is not None:
+            first_audio = max(first_audio, te.t)   # a held reply sounds from its commit on
+        stats = done.stats if done else None
+        return TurnMetrics(
+            turn=te.turn, speech_start=te.speech_start, speech_end=te.speech_end,
+            decision=te.t, first_audio=first_audio,
+            response_latency=None if first_audio is None else first_audio - te.speech_end,
+            compute_latency=None if first_audio is None else first_audio - te.t,
+            reply_seconds=samples / sr,
+            generation_rtf=stats.real_time_factor if stats else None,
+            text=done.text if done else text, interrupted=r.cancel.is_set(),
+            backbone_forwards=stats.backbone_forwards if stats else 0,
+            mode=self.opts.generation.mode, turn_end=te.reason, discarded_starts=te.discarded)
 
 
 class Engine:
@@ -244,7 +491,10 @@ class Engine:
         self.processors: list[Processor] = []
         if recorder is not None:
             self.processors.append(recorder)
-        self.segmenter = TurnSegmenter(options, self.reply.replying)
+        predictor = None
+        if options.turn_end_model:
+            predictor = load_turn_end(options.turn_end_model)
+        self.segmenter = TurnSegmenter(options, self.reply.replying, predictor)
         self.processors += [VADProcessor(options, self.reply.replying), self.segmenter,
                             SceneProcessor(self.scene, options.sampler_fps),
                             self.reply]
@@ -258,7 +508,7 @@ class Engine:
         # Depth first: each derived frame is emitted as soon as it leaves the last processor,
         # so SpeechEnd/TurnEnd go out before the reply they start (no reply_text first).
         for f in self._run(frame, 0):
-            if not isinstance(f, (AudioIn, VideoIn, Control)):
+            if not isinstance(f, (AudioIn, VideoIn, Control, *INTERNAL_FRAMES)):
                 self._emit(f)
 
     def _run(self, frame: Frame, i: int):

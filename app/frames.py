@@ -39,12 +39,41 @@ class SpeechEnd(Frame):
     pass
 
 
+TURN_END_REASONS = ("predictor", "max_silence", "silence")
+
+
 @dataclass
 class TurnEnd(Frame):
-    """The end-of-turn decision (at `t`) for user speech over [speech_start, speech_end]."""
+    """The end-of-turn decision (at `t`) for user speech over [speech_start, speech_end].
+    reason: what ended the turn: "predictor" (the end-of-turn predictor said complete at a
+    short pause), "max_silence" (it never did: the longest silence ran out) or "silence"
+    (the fixed END_OF_TURN_SILENCE rule, no predictor). discarded: preemptive replies started
+    and thrown away in this turn (the user went on speaking after a pause)."""
     turn: int
     speech_start: float
     speech_end: float
+    reason: str = "silence"
+    probability: float | None = None       # the predictor's P(complete) at the last pause
+    discarded: int = 0
+    pauses: tuple = ()                     # (t0, t1) silences inside the turn (it went on)
+
+
+@dataclass
+class TurnCandidate(Frame):
+    """Engine-internal (never sent to on_output): a short pause may end the turn; the reply
+    processor starts a reply preemptively and holds its output until the TurnEnd."""
+    turn: int
+    speech_start: float
+    speech_end: float
+    probability: float | None = None
+    pauses: tuple = ()
+
+
+@dataclass
+class TurnResumed(Frame):
+    """Engine-internal: the user spoke again before the candidate was committed; the held
+    reply is dropped silently (no output, no Interrupt) and the turn goes on."""
+    turn: int
 
 
 @dataclass
@@ -103,6 +132,8 @@ class TurnMetrics:
     backbone_forwards: int
     mode: str
     end_of_turn_wait: float | None = None  # decision - speech_end
+    turn_end: str = "silence"              # what ended the turn (TurnEnd.reason)
+    discarded_starts: int = 0              # preemptive replies discarded in this turn
 
     def __post_init__(self):
         if self.end_of_turn_wait is None:

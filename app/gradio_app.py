@@ -233,12 +233,13 @@ def build_app(ctl: LiveController) -> gr.Blocks:
 def metrics_frame(snap):
     """Per-turn metrics table (newest first)."""
     import pandas as pd
-    cols = ["turn", "response ms", "compute ms", "reply s", "gen RTF", "forwards", "mode", "reply"]
+    cols = ["turn", "response ms", "compute ms", "ended by", "discarded", "reply s", "gen RTF",
+            "forwards", "mode", "reply"]
     rows = []
     for m in reversed(snap.metrics if snap else ()):
         ms = lambda v: None if v is None else round(1000 * v)  # noqa: E731
         rows.append([m.turn, ms(m.response_latency), ms(m.compute_latency),
-                     round(m.reply_seconds, 2), None if m.generation_rtf is None
+                     m.turn_end.replace("_", " "), m.discarded_starts, round(m.reply_seconds, 2), None if m.generation_rtf is None
                      else round(m.generation_rtf, 1), m.backbone_forwards, m.mode,
                      m.text + (" (interrupted)" if m.interrupted else "")])
     return pd.DataFrame(rows, columns=cols)

@@ -311,7 +311,7 @@ class LocalDevices(LiveSession):
         eng, src, cam = self.engine, self._source, self._camera
         last_index, ended, finished = -1, None, False
         silence = np.zeros(int(round(self.options.silence_chunk * SAMPLE_RATE)), np.float32)
-        settle = eng.options.end_of_turn_silence + FINISH_AFTER
+        settle = eng.options.longest_turn_silence + FINISH_AFTER
         try:
             while not self._stop.is_set():
                 chunk = None if ended is not None else src.read(timeout=0.1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 from .agent import add_agent_arguments
+from .turn_end_args import add_turn_end_arguments
 
 
 def _camera(value: str):
@@ -31,6 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--half-duplex", action="store_true",
                    help="mute the microphone while the agent speaks (loudspeakers without "
                         "echo cancellation would otherwise interrupt the agent)")
+    add_turn_end_arguments(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
@@ -59,9 +61,12 @@ def run(args) -> None:
     elif model != RANDOM and not Path(model).exists():
         sys.exit(f"error: no fusion model at {model}; pass --model PATH or --random")
     try:
+        from .engine import EngineOptions
+        from .turn_end_args import turn_end_kwargs
         options = LiveOptions(mode=args.mode, camera=camera, input_device=args.input_device,
-                              output_device=args.output_device, half_duplex=args.half_duplex)
-    except ValueError as e:
+                              output_device=args.output_device, half_duplex=args.half_duplex,
+                              engine=EngineOptions(**turn_end_kwargs(args)))
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print("checking the camera and the sound card ...", flush=True)
     notices = probe_devices(options)

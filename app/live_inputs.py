@@ -118,7 +118,7 @@ class BrowserDevices(LiveSession):
         self._open_engine(PullSink(agent.output_rate))
         self._closed = False
         self.gap_fill_after = gap_fill_after
-        self._max_fill = 0.75 * self.engine.options.end_of_turn_silence
+        self._max_fill = 0.75 * self.engine.options.shortest_turn_silence
         self._t0: float | None = None          # wall time the first chunk started
         self.received_seconds = self.filled_seconds = self._forgiven = 0.0
         self._last_frame: float | None = None  # wall time of the last webcam frame

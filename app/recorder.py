@@ -96,7 +96,8 @@ def _event(frame: Frame) -> dict | None:
         return {"type": "speech_end"}
     if isinstance(frame, TurnEnd):
         return {"type": "turn_end", "turn": frame.turn, "speech_start": frame.speech_start,
-                "speech_end": frame.speech_end}
+                "speech_end": frame.speech_end, "reason": frame.reason,
+                "discarded": frame.discarded}
     if isinstance(frame, TextOut):
         return {"type": "reply_text", "turn": frame.turn, "token": frame.token}
     if isinstance(frame, Interrupt):

@@ -2,8 +2,9 @@
 
 Default: as fast as possible on a virtual clock (`threaded=False`: each reply is generated
 inline at its end-of-turn decision and its audio stamped decision + compute time, so the
-latencies are compute latencies). `realtime=True`: the threaded engine, input paced at the
-recorded speed on the wall clock.
+latencies are compute latencies; a reply started preemptively at a pause is generated
+when its turn is committed, stamped from the pause, and never sounds before the commit).
+`realtime=True`: the threaded engine, input paced at the recorded speed on the wall clock.
 
 Writes OUT/report.json, OUT/summary.txt, OUT/agent.wav (the agent's voice on the session
 timeline), OUT/turns/turn_NNN.wav (each reply as generated) and OUT/timeline.png.
@@ -52,6 +53,8 @@ class TurnResult:
     expected: str | None = None
     correct: bool | None = None
     end_of_turn_wait: float | None = None  # decision - speech_end (frames.LATENCY_WORDS)
+    turn_end: str | None = None       # what ended the turn: predictor | max_silence | silence
+    discarded_starts: int = 0         # preemptive replies dropped in the turn (user went on)
 
 
 @dataclass
@@ -250,7 +253,9 @@ def _timeline(col: _Collector, s: Session, sr: int, out: Path):
             interrupted=interrupted,
             interrupted_at=stop_at if interrupted else None,
             backbone_forwards=m.backbone_forwards if m else 0,
-            end_of_turn_wait=(m.decision - m.speech_end) if m else te.t - te.speech_end))
+            end_of_turn_wait=(m.decision - m.speech_end) if m else te.t - te.speech_end,
+            turn_end=te.reason if te else m.turn_end if m else None,
+            discarded_starts=te.discarded if te else m.discarded_starts if m else 0))
     return results, track
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .agent import add_agent_arguments
+from .turn_end_args import add_turn_end_arguments
 
 
 def add_arguments(p) -> None:
@@ -19,6 +20,7 @@ def add_arguments(p) -> None:
                    help="replay at the recorded pace on the threaded engine (default: as fast "
                         "as possible on a virtual clock; latencies are then compute latencies)")
     add_agent_arguments(p)
+    add_turn_end_arguments(p)
     p.add_argument("--record", default=None, metavar="DIR",
                    help="also record the replayed session into DIR (a new session directory)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
@@ -50,7 +52,8 @@ def run(args) -> None:
             load_agent(args.model, device=args.device)
         if args.record and Path(args.record).exists() and any(Path(args.record).iterdir()):
             raise FileExistsError(f"--record {args.record} is not empty; choose a new directory")
-        options = with_generation(EngineOptions(), mode=args.mode)
+        from .turn_end_args import turn_end_kwargs
+        options = with_generation(EngineOptions(**turn_end_kwargs(args)), mode=args.mode)
     except (SessionError, FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
     report = replay(session, out, agent, realtime=args.realtime, options=options,

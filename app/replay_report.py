@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .frames import LATENCY_WORDS, latency_legend
+from .frames import LATENCY_WORDS, TURN_END_REASONS, latency_legend
 
 
 def normalize_text(text: str) -> str:
@@ -53,6 +53,9 @@ def summarize(turns: list, s) -> dict:
         "response_latency": _stats(r.response_latency for r in turns),
         "end_of_turn_wait": _stats(r.end_of_turn_wait for r in turns),
         "compute_latency": _stats(r.compute_latency for r in turns),
+        "turn_end": {k: sum(getattr(r, "turn_end", None) == k for r in turns)
+                     for k in TURN_END_REASONS},
+        "discarded_starts": sum(getattr(r, "discarded_starts", 0) for r in turns),
         "generation_rtf": _stats(r.generation_rtf for r in turns),
         "reply_seconds": sum(r.reply_seconds for r in turns),
         "played_seconds": sum(r.played_seconds for r in turns),
@@ -81,7 +84,7 @@ def format_summary(r) -> str:
     lines = [f"replay of {r.session}", f"model {r.model} ({r.mode}, {clock}) on {r.hardware}",
              f"session {r.duration:.1f} s replayed in {r.wall_seconds:.1f} s wall", "",
              f"{'turn':>4} {'speech_end':>10} {'first_audio':>11} {'response':>8} {'wait':>5} "
-             f"{'compute':>7} {'rtf':>5} {'reply_s':>7}  text"]
+             f"{'compute':>7} {'rtf':>5} {'reply_s':>7} {'ended_by':>11} {'disc':>4}  text"]
     for t in r.turns:
         note = " [interrupted]" if t.interrupted else ""
         if t.expected is not None:
@@ -90,7 +93,9 @@ def format_summary(r) -> str:
         lines.append(f"{t.turn:>4} {t.speech_end:>10.2f} {_f(t.first_audio):>11} "
                      f"{_f(t.response_latency):>8} {_f(t.end_of_turn_wait):>5} "
                      f"{_f(t.compute_latency):>7} "
-                     f"{_f(t.generation_rtf, '.1f'):>5} {t.reply_seconds:>7.2f}  {text!r}{note}")
+                     f"{_f(t.generation_rtf, '.1f'):>5} {t.reply_seconds:>7.2f} "
+                     f"{getattr(t, 'turn_end', None) or '-':>11} {getattr(t, 'discarded_starts', 0):>4}"
+                     f"  {text!r}{note}")
     if not r.turns:
         lines.append("   (no turns: no user speech was detected)")
     s = r.summary
@@ -99,6 +104,9 @@ def format_summary(r) -> str:
         st = s.get(key)                     # reports written before end_of_turn_wait lack it
         lines.append(f"{label:<17} " + ("-" if st is None else
                      f"mean {st['mean']:.3f} s  median {st['median']:.3f} s  p90 {st['p90']:.3f} s"))
+    if s.get("turn_end"):               # reports written before turn taking lack it
+        lines.append("turns ended by " + ", ".join(f"{k} {v}" for k, v in s["turn_end"].items())
+                     + f"; preemptive replies discarded {s.get('discarded_starts', 0)}")
     lines.append(f"turns {s['turns']}, interrupted {s['interrupted']}, reply audio "
                  f"{s['reply_seconds']:.1f} s (played {s['played_seconds']:.1f} s)")
     if s["questions"]:

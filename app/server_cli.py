@@ -8,6 +8,7 @@ import os
 import sys
 
 from .agent import add_agent_arguments
+from .turn_end_args import add_turn_end_arguments, turn_end_kwargs
 
 
 def add_arguments(p) -> None:
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
                         "transcribed after its reply, where the recogniser of requirements-dev.txt "
                         "is installed)")
     add_agent_arguments(p)
+    add_turn_end_arguments(p)
 
 
 def run(args) -> None:
@@ -47,6 +49,8 @@ def run(args) -> None:
                  "or try the plumbing with an untrained model: python run.py serve --random")
     from .engine import EngineOptions, with_generation
     from .server import ServerOptions, serve_until_signal
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         options = ServerOptions(
             host=args.host, port=args.port, token=args.token or None,
@@ -54,8 +58,8 @@ def run(args) -> None:
             max_sessions=args.max_sessions,
             max_message_bytes=int(args.max_message_mb * 1024 * 1024),
             record_dir=args.record_dir, user_words=args.user_words,
-            engine=with_generation(EngineOptions(), mode=args.mode))
-    except ValueError as e:
+            engine=with_generation(EngineOptions(**turn_end_kwargs(args)), mode=args.mode))
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     from .host import return_freed_memory
     return_freed_memory()                    # sessions' memory goes back when they end

@@ -97,15 +97,17 @@ class SceneEncoder:
 
     # --- one turn -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def features(self, q_t0: float, q_t1: float) -> SceneFeatures:
+    def features(self, q_t0: float, q_t1: float, gaps=()) -> SceneFeatures:
         """Inputs for a question spoken over [q_t0, q_t1] (session seconds); the context is the
         `context_seconds` before q_t1. Audio of a chunk still incomplete is encoded here; so is
-        the question, in one call, unless `question_chunks` takes it from the chunks."""
+        the question, in one call, unless `question_chunks` takes it from the chunks. `gaps`:
+        (t0, t1) pauses inside the question (the user hesitated) left out of the question."""
         c = self.model.config
         if not 0 <= q_t0 < q_t1 <= self.now + 1e-6:
             raise ValueError(f"question span [{q_t0:.3f}, {q_t1:.3f}] s must lie within the audio "
                              f"pushed so far [0, {self.now:.3f}] s")
         q_t0 = max(q_t0, q_t1 - c.max_question_seconds)
+        gaps = sorted((max(a, q_t0), min(b, q_t1)) for a, b in gaps if min(b, q_t1) > max(a, q_t0))
         s0, s1 = int(round(q_t0 * SAMPLE_RATE)), int(round(q_t1 * SAMPLE_RATE))
         t_lo = q_t1 - c.context_seconds
         a, at = self.audio_ring.window(t_lo, q_t1)
@@ -121,9 +123,18 @@ class SceneEncoder:
             question, qt = self.audio_ring.window(q_t0, q_t1)                       # (Tq, Da)
             if tail is not None:
                 question = torch.cat([question, tail[tt >= q_t0]])
+                qt = torch.cat([qt, tt[tt >= q_t0]])
+            for a_, b_ in gaps:
+                keep = (qt < a_) | (qt >= b_)
+                question, qt = question[keep], qt[keep]
             question = question if len(question) else None   # shorter than one frame
         if question is None:  # the whole question in one call, at the turn end
-            question = self._encode_audio(self._audio(s0, s1))                      # (Tq, Da)
+            if gaps:
+                cuts = [s0] + [int(round(t * SAMPLE_RATE)) for g in gaps for t in g] + [s1]
+                question = self._encode_audio(np.concatenate(
+                    [self._audio(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]))
+            else:
+                question = self._encode_audio(self._audio(s0, s1))                  # (Tq, Da)
         v, vt = self.frame_ring.window(t_lo, q_t1)
         dev = self.device
         return SceneFeatures(

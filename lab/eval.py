@@ -47,6 +47,10 @@ class EvalOptions:
     threads: int | None = None
     max_text_tokens: int = 24
     max_audio_seconds: float = 4.0
+    turn_end: str = "model"              # model (shipped predictor, else silence) | silence | PATH
+    turn_end_threshold: float = 0.5
+    max_end_of_turn_silence: float = 1.2
+    preemptive_pause: float | None = 0.1  # None: the held reply starts at the predictor's pause
     ablations: bool = False              # also the ablation table (trains missing ablations)
     ablation_names: tuple[str, ...] = ABLATION_NAMES
     ablation_steps: int = ABLATION_STEPS  # align steps for each ablation and the full-model control
@@ -68,6 +72,10 @@ class EvalOptions:
             errors.append(f"threads must be None or an int >= 1, got {self.threads!r}")
         if self.max_text_tokens < 1 or not self.max_audio_seconds > 0:
             errors.append("max_text_tokens must be >= 1 and max_audio_seconds > 0")
+        if not 0 < self.turn_end_threshold <= 1:
+            errors.append(f"turn_end_threshold must be within (0, 1], got {self.turn_end_threshold}")
+        if not 0.2 < self.max_end_of_turn_silence <= 5:
+            errors.append(f"max_end_of_turn_silence must be within (0.2, 5] s, got {self.max_end_of_turn_silence}")
         if not self.random and not self.model:
             errors.append("give a model path (--model) or random=True (--random)")
         if not isinstance(self.ablation_steps, int) or self.ablation_steps < 1:
@@ -231,14 +239,19 @@ def question_events(session) -> list[dict]:
     return [e for e in session.events if e["type"] == "question" and isinstance(e.get("t_end"), (int, float))]
 
 
-def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Path) -> tuple[list, list, float]:
+def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Path,
+                turn_end_model: str | None = None) -> tuple[list, list, float]:
     """Replays every session in one mode -> per-question records, all turns, wall seconds."""
     from tqdm import tqdm
     from app.agent import Agent
     from app.engine import EngineOptions, with_generation
     from app.replay import replay
     from app.session import load_session
-    opts = with_generation(EngineOptions(threaded=False), mode=mode, max_text_tokens=o.max_text_tokens,
+    opts = with_generation(EngineOptions(threaded=False, turn_end_model=turn_end_model,
+                                         turn_end_threshold=o.turn_end_threshold,
+                                         max_end_of_turn_silence=o.max_end_of_turn_silence,
+                                         preemptive_pause=o.preemptive_pause),
+                           mode=mode, max_text_tokens=o.max_text_tokens,
                            max_audio_seconds=o.max_audio_seconds)
     records, turns, wall = [], [], 0.0
     for sdir in tqdm(sessions, desc=f"replay ({mode})", unit="session", disable=not o.progress):
@@ -253,19 +266,50 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
         qs, held = question_events(session), heldout_triple_turns(session.meta)
         for q, r in zip(qs, match_turns(rep.turns, qs)):
             turn = q.get("turn")
+            pause = q.get("pause")
             rec = {"session": sdir.name, "turn": turn, "qtype": q.get("qtype"),
+                   "pause": pause, "cut_off": cut_off(rep.turns, q) if pause else None,
                    "group": q.get("group"), "question": q.get("text"), "expected": q.get("answer"),
                    "heldout_triple": held[turn] if held and isinstance(turn, int) and turn < len(held) else None,
                    "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
             if r is not None:
                 rec.update(engine_turn=r.turn, text=r.text, correct=answers_match(r.text, q.get("answer", "")),
                            response_latency=r.response_latency, end_of_turn_wait=r.end_of_turn_wait,
-                           compute_latency=r.compute_latency,
+                           compute_latency=r.compute_latency, turn_end=r.turn_end,
+                           discarded_starts=r.discarded_starts,
                            reply_seconds=r.reply_seconds, backbone_forwards=r.backbone_forwards,
                            audio=str(rdir / r.audio_file) if r.audio_file else None,
                            codes=by_turn[r.turn])
             records.append(rec)
     return records, turns, wall
+
+
+def cut_off(turns: list, q: dict, tolerance: float = 0.15) -> bool:
+    """Did the agent take the turn inside the question's hesitation (`pause` [t0, t1])? Some
+    committed turn started before the pause and its speech ended at the pause (within
+    `tolerance` of its start, for the VAD's window grid), so it answered the question's head."""
+    t0, t1 = q["pause"]
+    return any(r.speech_start < t0 and t0 - tolerance <= r.speech_end <= t1 for r in turns)
+
+
+def turn_taking_summary(records: list, turns: list) -> dict:
+    """Cut-off rate on hesitant questions, accuracy with and without hesitations, what ended
+    the turns and the share of preemptive starts that were discarded."""
+    hes = [r for r in records if r.get("pause")]
+    fluent = [r for r in records if not r.get("pause")]
+    acc = lambda rs: (sum(bool(r["correct"]) for r in rs) / len(rs)) if rs else None  # noqa: E731
+    reasons = {k: sum(getattr(t, "turn_end", None) == k for t in turns)
+               for k in ("predictor", "max_silence", "silence")}
+    discarded = sum(getattr(t, "discarded_starts", 0) or 0 for t in turns)
+    starts = reasons["predictor"] + reasons["max_silence"] + discarded
+    return {"hesitant_questions": len(hes), "fluent_questions": len(fluent),
+            "cut_off": sum(bool(r["cut_off"]) for r in hes),
+            "cut_off_rate": (sum(bool(r["cut_off"]) for r in hes) / len(hes)) if hes else None,
+            "accuracy_hesitant": acc(hes), "accuracy_fluent": acc(fluent),
+            "turn_end": reasons, "preemptive_starts": starts, "discarded_starts": discarded,
+            "discarded_share": discarded / starts if starts else None,
+            "response_latency_questions": _stats(r.get("response_latency") for r in records),
+            "response_latency_hesitant": _stats(r.get("response_latency") for r in hes)}
 
 
 def _stack(chunks: list, n_q: int) -> np.ndarray:
@@ -282,6 +326,7 @@ def _mode_summary(records: list, turns: list, wall: float) -> dict:
             "response_latency": _stats(t.response_latency for t in turns),
             "end_of_turn_wait": _stats(t.end_of_turn_wait for t in turns),
             "compute_latency": _stats(t.compute_latency for t in turns),
+            "turn_taking": turn_taking_summary(records, turns),
             "reply_seconds": audio_s, "backbone_forwards": forwards,
             "backbone_forwards_per_audio_second": forwards / audio_s if audio_s else None,
             "generation_wall_per_audio_second": gen_wall / audio_s if audio_s else None}
@@ -404,9 +449,11 @@ def evaluate(options: EvalOptions) -> EvalReport:
         recognizer = load_recognizer() if o.recognizer else None
         refs = References(o.data, agent.codec, recognizer)
         timings, recs, modes = {}, {}, {}
+        from app.engine import turn_end_choice
+        turn_end_model = turn_end_choice(o.turn_end, print if o.progress else None)
         for mode in o.modes:
             t0 = time.perf_counter()
-            recs[mode], turns, wall = _replay_all(agent, sessions, mode, o, out)
+            recs[mode], turns, wall = _replay_all(agent, sessions, mode, o, out, turn_end_model)
             modes[mode] = _mode_summary(recs[mode], turns, wall)
             timings[f"replay_{mode}"] = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -418,7 +465,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
             "format": "tandem-eval", "version": 1, "options": asdict(o), "model": agent.name,
             "hardware": hardware(next(agent.model.parameters()).device),
             "data": _manifest_counts(o.data), "split": o.split, "sessions": len(sessions),
-            "questions": len(qs), "modes": modes,
+            "questions": len(qs), "modes": modes, "turn_end_model": turn_end_model,
             "mctp_vs_vanilla": None, "spoken_reference": {
                 "n": sum(c is not None for c in ceiling),
                 "recognised": _mean(float(c["recognised"]) for c in ceiling if c and "recognised" in c)},

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the independent recogniser (Whisper tiny.en) on the spoken answers")
     p.add_argument("--out", default="runs/eval", metavar="DIR",
                    help="eval.json, eval.md, accuracy.png and the replays (default: %(default)s)")
+    from app.turn_end_args import add_turn_end_arguments
+    add_turn_end_arguments(p)
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: CUDA when present)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-audio-seconds", type=float, default=4.0,
@@ -63,6 +65,8 @@ def options_from_args(args):
         random=args.random, modes=split(args.modes), max_sessions=args.max_sessions,
         recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
+        turn_end=args.turn_end, turn_end_threshold=args.turn_end_threshold,
+        max_end_of_turn_silence=args.max_silence, preemptive_pause=args.preemptive_pause,
         ablation_names=split(args.ablation_names), ablation_steps=args.ablation_steps,
         train_run=args.train_run, ablation_data=args.ablation_data,
         ablation_root=args.ablation_root, ablation_workers=args.ablation_workers, progress=not args.quiet)

@@ -125,6 +125,21 @@ def eval_markdown(results: dict) -> str:
             f"audio ready): {latency_legend()}. Hardware: {r['hardware']}.", "",
             _table(["mode", "response median", "response p90", "end-of-turn wait median", "compute median",
                     "compute p90"], rows)]
+    tt = {m: s["turn_taking"] for m, s in modes.items() if s.get("turn_taking")}
+    if tt:                                  # older evals lack it
+        rule = r.get("turn_end_model") or "a fixed silence (END_OF_TURN_SILENCE)"
+        rows = [[m, f"{t['cut_off']}/{t['hesitant_questions']} ({_pct(t['cut_off_rate'])})",
+                 _pct(t["accuracy_hesitant"]), _pct(t["accuracy_fluent"]),
+                 ", ".join(f"{k} {v}" for k, v in t["turn_end"].items() if v) or "-",
+                 f"{t['discarded_starts']}/{t['preemptive_starts']} ({_pct(t['discarded_share'])})"]
+                for m, t in tt.items()]
+        out += ["", "## Turn taking", "",
+                f"What ends the user's turn: {rule}. Cut off: a hesitant question (one with a "
+                f"`pause` in its events) whose pause the agent took as the end of the turn; "
+                f"discarded: preemptive replies started at a pause and dropped because the user "
+                f"went on.", "",
+                _table(["mode", "cut off (hesitant questions)", "accuracy with hesitation",
+                        "accuracy without", "turns ended by", "discarded preemptive starts"], rows)]
     return "\n".join(out)
 
 

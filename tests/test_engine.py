@@ -78,7 +78,7 @@ def slow_generator(eng):
     seen = {"after_cancel": 0, "chunks": 0}
 
     def slow_run(prefix, **kw):
-        cancel = eng.reply._cancel                # this reply's cancel event
+        cancel = eng.reply._reply.cancel          # this reply's cancel event
         for ev in run(prefix, **kw):
             seen["after_cancel"] += cancel.is_set()
             yield ev
@@ -119,7 +119,8 @@ def test_barge_in_stops_reply_and_drops_audio(agent, question, how):
     interrupts = [i for i, o in enumerate(outs) if isinstance(o, Interrupt)]
     assert interrupts and outs[interrupts[0]].reason == how
     eng.wait_idle(10)
-    assert not eng.reply._thread or not eng.reply._thread.is_alive()
+    r = eng.reply._reply
+    assert r is None or r.thread is None or not r.thread.is_alive()
     before, after = outs[:interrupts[0]], outs[interrupts[0]:]
     assert any(isinstance(o, AudioOut) and o.turn == 1 for o in before)  # it was speaking
     assert not any(isinstance(o, AudioOut) and o.turn == 1 for o in after)

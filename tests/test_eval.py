@@ -161,6 +161,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     out = tmp_path / "eval"
     rep = evaluate(EvalOptions(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"),
                                out=str(out), device="cpu", max_text_tokens=4, max_audio_seconds=0.4,
+                               turn_end="silence",   # the fixed rule: compute latency is never hidden
                                ablations=True, ablation_names=("mean",), ablation_steps=2,
                                train_run=str(world / "run"),
                                ablation_root=str(tmp_path), progress=False))
@@ -173,6 +174,9 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
         assert sorted(m["accuracy"]["by_type"]) == qtypes and m["missed"] == 0
         assert m["response_latency"]["median"] > 0 and m["compute_latency"]["p90"] > 0
         assert 0 < m["end_of_turn_wait"]["median"] < m["response_latency"]["median"]
+        tt = m["turn_taking"]
+        assert tt["turn_end"]["silence"] == m["engine_turns"] and tt["preemptive_starts"] == 0
+        assert tt["hesitant_questions"] + tt["fluent_questions"] == 2 and tt["accuracy_fluent"] is not None
         assert m["spoken"]["n"] == 2 and m["spoken"]["mel_dtw"] > 0 and m["spoken"]["recognised"] is not None
         per_turn = [t["modes"][mode]["codes_vs_reference"] for t in r["turns"]]
         assert None not in per_turn and len(per_turn) == 2      # code_agreement: its own test

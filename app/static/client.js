@@ -247,7 +247,8 @@ function onEvent(e) {
       currentTurn = e.turn;
       const row = $("turns").insertRow(0);
       row.innerHTML = `<td>${e.turn}</td><td class="text">…</td><td data-k="response">…</td>` +
-        `<td data-k="wait">…</td><td data-k="compute">…</td><td data-k="audio">…</td>`;
+        `<td data-k="wait">…</td><td data-k="compute">…</td><td data-k="audio">…</td>` +
+        `<td data-k="ended">…</td>`;
       turns.set(e.turn, { row, speechEnd: e.speech_end, capturedAt: capturedAt(e.speech_end) });
       const said = (e.speech_end - e.speech_start).toFixed(1);
       bubble("user", `speech, ${said} s`, e.turn).classList.add("pending");
@@ -282,6 +283,9 @@ function onEvent(e) {
             `${Math.round(e.browser_response_latency * 1000)} ms after your speech ended`;
         t.row.querySelector('[data-k="audio"]').textContent =
           `${e.reply_seconds.toFixed(1)} s${e.interrupted ? " ✂" : ""}`;
+        if (e.turn_end)       // servers before turn taking send no turn_end
+          t.row.querySelector('[data-k="ended"]').textContent = e.turn_end.replace("_", " ") +
+            (e.discarded_starts ? ` +${e.discarded_starts}` : "");
         if (t.heardAt === undefined) cell(t, "response", null);
         if (e.text) t.row.querySelector(".text").textContent = e.text.trim();
       }
