@@ -15,7 +15,6 @@ import re
 
 from .world import COLORS, QTYPES, SHAPES, SLOTS
 
-VERSIONS = (1, 2)
 COUNT_QTYPES = frozenset({"count_objects", "count_beeps"})
 NUMBERS = ("none", "one", "two", "three")
 SLOT_VALUES = {

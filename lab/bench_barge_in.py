@@ -152,7 +152,7 @@ def bench_live(agent, trials: int = 8, seed: int = 0, reply_seconds: float = 3.0
     live = None
     try:
         list_devices(refresh=True)
-        rec = card.record(rec_path)
+        card.record(rec_path)                # the card keeps and ends the recorder
         opts = LiveOptions(camera=None, input_device="pulse", output_device="pulse",
                            engine=with_generation(EngineOptions(), min_audio_seconds=reply_seconds,
                                                   max_audio_seconds=reply_seconds))
