@@ -149,6 +149,40 @@ def test_browser_conversation(media, tmp_path):
     assert {"speech_start", "speech_end", "turn_end", "turn_done"} <= types, types
 
 
+def test_browser_turn_taking_with_the_predictor(media, tmp_path):
+    """The browser path with the end-of-turn predictor (what `run.py serve` uses by default):
+    the predictor ends the turn at its short pause, so the page reports an end-of-turn wait
+    below the fixed silence the old rule always waited (and says what ended the turn)."""
+    from playwright.sync_api import sync_playwright
+    from app.engine import DEFAULT_TURN_END_MODEL, EngineOptions
+    from speech.constants import END_OF_TURN_SILENCE, TURN_END_PAUSE
+    wav, y4m = media
+    opts = EngineOptions(turn_end_model=str(DEFAULT_TURN_END_MODEL))
+    with ServerThread(random_agent("tiny"), ServerOptions(port=0, engine=opts)) as server, \
+            sync_playwright() as pw:
+        browser = launch(pw, tmp_path / "profile", wav, y4m)
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            page.click("#start")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                stats = page.evaluate("window.tandemStats")
+                if stats["turns"] >= 1 and stats["lastResponseLatency"] is not None:
+                    break
+                assert not stats["errors"], stats["errors"]
+                time.sleep(0.25)
+            else:
+                pytest.fail(f"no turn within 60 s: {page.evaluate('window.tandemStats')}")
+            page.wait_for_timeout(500)
+            ended = page.locator("#turns tr").first.locator('[data-k="ended"]').text_content()
+        finally:
+            browser.close()
+    assert ended.startswith("predictor"), ended
+    assert TURN_END_PAUSE - 0.05 <= stats["lastWait"] < END_OF_TURN_SILENCE, stats
+    assert stats["lastResponseLatency"] > stats["lastWait"]
+
+
 def test_browser_token_flow(media, tmp_path):
     """A server started with a token: the page shows the server's error and a token field;
     with the token it goes live."""
