@@ -34,7 +34,7 @@ from fusion.generator import GenerationOptions, Generator, PCMChunk, TextToken, 
 from fusion.inputs import SceneEncoder
 from speech.audio import check_pcm
 from speech.constants import (END_OF_TURN_SILENCE, QUESTION_PAD, SAMPLE_RATE, SAMPLER_FPS,
-                              TURN_END_PAUSE)
+                              TURN_END_PAUSE, TURN_END_THRESHOLD)
 from speech.vad import StreamingVAD, VADOptions
 from vision.camera import Frame as CamFrame, FrameSampler
 
@@ -62,7 +62,7 @@ class EngineOptions:
     # turn taking with the end-of-turn predictor (None: the fixed end_of_turn_silence)
     turn_end_model: str | None = None   # speech/turn_end.py model file (.safetensors)
     turn_end_pause: float = TURN_END_PAUSE  # s of silence at which the predictor is asked
-    turn_end_threshold: float = 0.5     # P(complete) that commits the turn at a pause
+    turn_end_threshold: float = TURN_END_THRESHOLD  # P(complete) that commits the turn at a pause
     max_end_of_turn_silence: float = 1.2  # s of silence that ends the turn anyway
     preemptive_generation: bool = True  # start the reply at the pause, output held
     preemptive_pause: float | None = 0.1  # s of silence at which the held reply starts
@@ -333,8 +333,11 @@ class ReplyProcessor(Processor):
         if old is not None and old.thread is not None and old.thread is not threading.current_thread():
             old.thread.join()           # its generation is over (active_turn == 0): finishing
         q0 = max(0.0, frame.speech_start - self.opts.question_pad)
-        # a hesitation's silence is no part of the question the model hears
-        feats = self.scene.features(q0, min(frame.speech_end, self.scene.now), gaps=frame.pauses)
+        # a hesitation's silence is no part of the question the model hears; as at the
+        # question's start, question_pad s before the VAD's (late) restart stay in
+        pad = self.opts.question_pad
+        gaps = [(a, b - pad) for a, b in frame.pauses if b - pad > a]
+        feats = self.scene.features(q0, min(frame.speech_end, self.scene.now), gaps=gaps)
         r = self._reply = _Reply(frame, held)
         if not held:
             self.active_turn = frame.turn

@@ -5,6 +5,8 @@ Cheap imports only at module level (run.py imports this to build its parsers).
 """
 from __future__ import annotations
 
+from speech.constants import TURN_END_THRESHOLD
+
 TURN_END_HELP = ("what ends the user's turn: 'model' (default) the shipped end-of-turn predictor "
                  "assets/turn_end.safetensors, asked at a 0.2 s pause (the fixed silence when the "
                  "file is missing); 'silence' a fixed 0.4 s silence (the old rule); or a PATH to "
@@ -14,7 +16,7 @@ TURN_END_HELP = ("what ends the user's turn: 'model' (default) the shipped end-o
 def add_turn_end_arguments(p) -> None:
     g = p.add_argument_group("turn taking")
     g.add_argument("--turn-end", default="model", metavar="model|silence|PATH", help=TURN_END_HELP)
-    g.add_argument("--turn-end-threshold", type=float, default=0.5, metavar="P",
+    g.add_argument("--turn-end-threshold", type=float, default=TURN_END_THRESHOLD, metavar="P",
                    help="P(question complete) at a pause that ends the turn (default: %(default)s)")
     g.add_argument("--max-silence", type=float, default=1.2, metavar="S",
                    help="silence that ends the turn when the predictor never says complete "

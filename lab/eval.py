@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech.constants import SAMPLE_RATE
+from speech.constants import SAMPLE_RATE, TURN_END_THRESHOLD
 from speech.recognizer import normalize_text as _words
 
 MODES = ("vanilla", "mctp")              # fusion.generator.MODES
@@ -48,7 +48,7 @@ class EvalOptions:
     max_text_tokens: int = 24
     max_audio_seconds: float = 4.0
     turn_end: str = "model"              # model (shipped predictor, else silence) | silence | PATH
-    turn_end_threshold: float = 0.5
+    turn_end_threshold: float = TURN_END_THRESHOLD
     max_end_of_turn_silence: float = 1.2
     preemptive_pause: float | None = 0.1  # None: the held reply starts at the predictor's pause
     ablations: bool = False              # also the ablation table (trains missing ablations)

@@ -11,7 +11,7 @@ from app.agent import random_agent
 from app.engine import Engine, EngineOptions, with_generation
 from app.frames import (AudioOut, Control, Interrupt, TextOut, TurnCandidate, TurnDone, TurnEnd,
                         TurnResumed)
-from speech.constants import SAMPLE_RATE
+from speech.constants import SAMPLE_RATE, TURN_END_THRESHOLD
 from speech.tts import Voice, synthesize
 from speech.turn_end import TurnEndConfig, TurnEndPredictor
 
@@ -282,6 +282,25 @@ def test_the_pause_is_left_out_of_the_question(agent, parts, models):
     eng.close()
 
 
+def test_the_resumed_speech_keeps_its_onset(agent, parts, models):
+    """The VAD confirms the resumed speech late (silero: +0.08 s mean); as at the question's
+    start, the question the model hears keeps question_pad s before that restart."""
+    head, tail = parts
+    eng, outs = make(agent, models["never"])
+    asked = []
+    features = eng.scene.features
+    eng.scene.features = lambda q0, q1, gaps=(): asked.append(list(gaps)) or features(q0, q1, gaps)
+    feed(eng, silence(0.5))
+    feed(eng, head)
+    feed(eng, silence(0.7))
+    feed(eng, tail)
+    feed(eng, silence(1.5))
+    (te,) = of(outs, TurnEnd)
+    (p0, p1), = te.pauses
+    assert asked and asked[-1] == [(p0, pytest.approx(p1 - eng.options.question_pad))]
+    eng.close()
+
+
 def test_the_pause_is_left_out_of_chunked_questions(agent, parts):
     from fusion.config import preset
     from fusion.inputs import SceneEncoder
@@ -306,6 +325,6 @@ def test_turn_end_flags(tmp_path, capsys):
     assert kw["turn_end_model"] is None and kw["max_end_of_turn_silence"] == 1.0
     kw = turn_end_kwargs(p.parse_args([]))
     assert kw["turn_end_model"] == (str(DEFAULT_TURN_END_MODEL) if DEFAULT_TURN_END_MODEL.is_file() else None)
-    assert EngineOptions(**kw).turn_end_threshold == 0.5
+    assert EngineOptions(**kw).turn_end_threshold == TURN_END_THRESHOLD == 0.9
     with pytest.raises(FileNotFoundError, match="no end-of-turn model"):
         turn_end_kwargs(p.parse_args(["--turn-end", str(tmp_path / "missing.safetensors")]))
