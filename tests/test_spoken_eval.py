@@ -107,3 +107,53 @@ def test_dnsmos_scores_as_speechmos_does(dnsmos, speech, monkeypatch):
         want = reference.run(clip, 16_000)
         got = dnsmos.score(clip)
         assert got == pytest.approx({k: float(want[f"{k}_mos"]) for k in got}, abs=1e-6), (got, want)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from lab.data import main
+    d = tmp_path_factory.mktemp("spoken") / "data"
+    main(d, n_train_sessions=0, n_val_sessions=0, n_test_sessions=1, turns_per_session=2,
+         n_codec_sentences=0, n_codec_eval=0, workers=1, progress=False)
+    return d
+
+
+def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tmp_path, monkeypatch):
+    """A random tiny agent through `evaluate`: eval.json, eval.md and the model card carry the
+    slot-rule, WER and DNSMOS columns per mode and type, and the natural-voice table (here the
+    same data, so the same accuracies: the same scoring path)."""
+    import json
+    from app.agent import random_agent
+    from demo.replies import slot_match
+    from lab import eval as ev
+    from lab.model_card import write_model_card
+    monkeypatch.setattr(ev, "load_eval_agent", lambda o: random_agent("tiny", device="cpu"))
+    out = tmp_path / "eval"
+    ev.evaluate(ev.EvalOptions(data=str(tiny_data), natural_data=str(tiny_data), out=str(out), device="cpu",
+                               threads=1, max_text_tokens=4, max_audio_seconds=0.4, turn_end="silence",
+                               progress=False))
+    r = json.loads((out / "eval.json").read_text())
+    qtypes = sorted({t["qtype"] for t in r["turns"]})
+    for mode in ("vanilla", "mctp"):
+        sp = r["modes"][mode]["spoken"]
+        rows = [t["modes"][mode] for t in r["turns"]]
+        heard = [slot_match(x["transcript"], t["expected"], t["qtype"]) for x, t in zip(rows, r["turns"])]
+        assert [x["heard_slots"] for x in rows] == heard
+        assert sp["overall"]["heard_slots"] == pytest.approx(sum(heard) / 2)
+        errs = [word_errors(x["text"], x["transcript"]) for x in rows if x["text"].strip()]
+        assert sp["overall"]["wer"] == pytest.approx(pooled_rate(errs)) and sp["overall"]["wer_replies"] == len(errs)
+        assert all(1 <= x["dnsmos"]["ovrl"] <= 5 for x in rows)
+        assert sp["overall"]["dnsmos"]["ovrl"] == pytest.approx(sum(x["dnsmos"]["ovrl"] for x in rows) / 2)
+        assert sorted(sp["by_type"]) == qtypes and sum(c["n"] for c in sp["by_type"].values()) == 2
+        nat = r["natural"]["modes"][mode]
+        assert nat["questions"] == 2 and nat["accuracy"] == r["modes"][mode]["accuracy"]
+    ref = r["spoken_reference"]
+    assert ref["heard_slots"] is not None and ref["wer"] is not None and 1 <= ref["dnsmos"]["ovrl"] <= 5
+    assert (out / "natural" / "replays" / "mctp").is_dir()
+    md = (out / "eval.md").read_text()
+    for s in ("## Natural voices", "vanilla: natural voices", "heard right (slot rule)", "word error rate",
+              "DNSMOS OVRL (SIG / BAK)", "vanilla heard right", "mctp DNSMOS", *qtypes):
+        assert s in md, s
+    card = write_model_card(out / "eval.json", tmp_path / "no-run", tmp_path / "no-report.json",
+                            tmp_path / "CARD.md").read_text()
+    assert "### Natural voices" in card and "mctp: natural voices" in card and "mctp WER" in card
