@@ -120,16 +120,25 @@ def tiny_data(tmp_path_factory):
 
 def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tmp_path, monkeypatch):
     """A random tiny agent through `evaluate`: eval.json, eval.md and the model card carry the
-    slot-rule, WER and DNSMOS columns per mode and type, and the natural-voice table (here the
-    same data, so the same accuracies: the same scoring path)."""
+    slot-rule, WER and DNSMOS columns per mode and type, and the natural-voice table (here a
+    copy of the data with its second question dropped: the same scoring path, on its own split)."""
     import json
+    import shutil
     from app.agent import random_agent
     from demo.replies import slot_match
     from lab import eval as ev
     from lab.model_card import write_model_card
+    natural = tmp_path / "natural"
+    shutil.copytree(tiny_data, natural)
+    events = natural / "test" / "00000" / "events.jsonl"
+    lines = events.read_text().splitlines()
+    last_q = max(i for i, line in enumerate(lines) if json.loads(line)["type"] == "question")
+    events.write_text("\n".join(line for i, line in enumerate(lines) if i != last_q) + "\n")
+    with pytest.raises(FileNotFoundError, match="--question-voice piper"):   # before any replay
+        ev.evaluate(ev.EvalOptions(data=str(tiny_data), natural_data=str(tmp_path / "none"), progress=False))
     monkeypatch.setattr(ev, "load_eval_agent", lambda o: random_agent("tiny", device="cpu"))
     out = tmp_path / "eval"
-    ev.evaluate(ev.EvalOptions(data=str(tiny_data), natural_data=str(tiny_data), out=str(out), device="cpu",
+    ev.evaluate(ev.EvalOptions(data=str(tiny_data), natural_data=str(natural), out=str(out), device="cpu",
                                threads=1, max_text_tokens=4, max_audio_seconds=0.4, turn_end="silence",
                                progress=False))
     r = json.loads((out / "eval.json").read_text())
@@ -146,11 +155,12 @@ def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tm
         assert sp["overall"]["dnsmos"]["ovrl"] == pytest.approx(sum(x["dnsmos"]["ovrl"] for x in rows) / 2)
         assert sorted(sp["by_type"]) == qtypes and sum(c["n"] for c in sp["by_type"].values()) == 2
         nat = r["natural"]["modes"][mode]
-        assert nat["questions"] == 2 and nat["accuracy"] == r["modes"][mode]["accuracy"]
+        assert nat["questions"] == nat["accuracy"]["n"] == 1 and nat["missed"] == 0
     ref = r["spoken_reference"]
     assert ref["heard_slots"] is not None and ref["wer"] is not None and 1 <= ref["dnsmos"]["ovrl"] <= 5
     assert (out / "natural" / "replays" / "mctp").is_dir()
     md = (out / "eval.md").read_text()
+    assert "| **overall** | 2 | 1 |" in md                       # n test, n natural
     for s in ("## Natural voices", "vanilla: natural voices", "heard right (slot rule)", "word error rate",
               "DNSMOS OVRL (SIG / BAK)", "vanilla heard right", "mctp DNSMOS", *qtypes):
         assert s in md, s
