@@ -118,7 +118,7 @@ def tiny_data(tmp_path_factory):
     return d
 
 
-def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tmp_path, monkeypatch):
+def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, dnsmos, tmp_path, monkeypatch):
     """A random tiny agent through `evaluate`: eval.json, eval.md and the model card carry the
     slot-rule, WER and DNSMOS columns per mode and type, and the natural-voice table (here a
     copy of the data with its second question dropped: the same scoring path, on its own split)."""
@@ -128,6 +128,7 @@ def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tm
     from demo.replies import slot_match
     from lab import eval as ev
     from lab.model_card import write_model_card
+    from speech.audio import load_audio
     natural = tmp_path / "natural"
     shutil.copytree(tiny_data, natural)
     events = natural / "test" / "00000" / "events.jsonl"
@@ -152,6 +153,9 @@ def test_eval_reports_spoken_scores_per_type_and_the_natural_split(tiny_data, tm
         errs = [word_errors(x["text"], x["transcript"]) for x in rows if x["text"].strip()]
         assert sp["overall"]["wer"] == pytest.approx(pooled_rate(errs)) and sp["overall"]["wer_replies"] == len(errs)
         assert all(1 <= x["dnsmos"]["ovrl"] <= 5 for x in rows)
+        for x in rows:                                  # the reply's own audio, as replay wrote it
+            wav = out / "replays" / mode / r["turns"][0]["session"] / "turns" / f"turn_{x['engine_turn']:03d}.wav"
+            assert x["dnsmos"] == pytest.approx(dnsmos.score(load_audio(wav))), wav
         assert sp["overall"]["dnsmos"]["ovrl"] == pytest.approx(sum(x["dnsmos"]["ovrl"] for x in rows) / 2)
         assert sorted(sp["by_type"]) == qtypes and sum(c["n"] for c in sp["by_type"].values()) == 2
         nat = r["natural"]["modes"][mode]
