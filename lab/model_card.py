@@ -86,7 +86,10 @@ def _dnsmos(d) -> str:
 def spoken_by_type_markdown(modes: dict) -> str | None:
     """Per question type and mode: heard right by the slot rule, word error rate against the
     reply text, DNSMOS overall; None for evals made before these scores."""
-    have = {m: s["spoken"] for m, s in modes.items() if s["spoken"].get("by_type")}
+    scored = lambda c: any(v is not None for v in (c.get("heard_slots"), c.get("wer"),  # noqa: E731
+                                                   (c.get("dnsmos") or {}).get("ovrl")))
+    have = {m: s["spoken"] for m, s in modes.items()
+            if s["spoken"].get("by_type") and scored(s["spoken"]["overall"])}
     if not have:
         return None
     types = _qtype_order({m: sp for m, sp in have.items()})
@@ -311,8 +314,9 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
           "other scene or question gets a confident answer from that vocabulary.",
           "- English only; questions must follow the demo world's templates (the question "
           "audio is encoded, not transcribed: paraphrases are untested).",
-          "- Test voices are held out from training, but all speech is espeak-ng: real human "
-          "voices, accents and rooms are untested.",
+          "- Test voices are held out from training, but all speech is synthetic"
+          + (" (the natural-voice split: one neural voice)" if ev.get("natural") else "")
+          + ": real human voices, accents and rooms are untested.",
           "- One fixed synthetic agent voice; replies longer than a short phrase are out of scope.",
           "- Questions only about the 6 s before they end; no memory across turns.",
           "- Latencies above were measured on the named hardware under replay (virtual clock); "
