@@ -477,11 +477,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
             timings[f"spoken_{mode}"] = time.perf_counter() - t0
         if natural:
             t0 = time.perf_counter()
-            natural_out = {"data": o.natural_data, "split": "test", "sessions": len(natural), "modes": {}}
-            for mode in o.modes:       # the same replay and scoring, into OUT/natural/replays/
-                nrecs, _, _ = _replay_all(agent, natural, mode, o, out / "natural", turn_end_model)
-                natural_out["modes"][mode] = {"accuracy": accuracy_table(nrecs), "questions": len(nrecs),
-                                              "missed": sum(r["engine_turn"] is None for r in nrecs)}
+            natural = score_natural(agent, natural, o, out / "natural", turn_end_model)
             timings["natural"] = time.perf_counter() - t0
         qs = recs[o.modes[0]]
         ceiling = [refs.get(r["expected"]) for r in qs]
@@ -497,7 +493,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
                 "heard_slots": _mean(heard_right(t, r["expected"], r["qtype"]) for r, t in heard),
                 "wer": pooled_rate(word_errors(r["expected"], t) for r, t in heard),
                 "dnsmos": {k: _mean((c.get("dnsmos") or {}).get(k) for c in ceiling if c) for k in DNSMOS_KEYS}},
-            "natural": natural_out if natural else None,
+            "natural": natural,
             "ablations": None, "timings_s": timings, "turns": _turn_rows(recs)}
         if set(MODES) <= set(o.modes):
             results["mctp_vs_vanilla"] = _compare_modes(recs)
@@ -518,6 +514,17 @@ def evaluate(options: EvalOptions) -> EvalReport:
         return EvalReport(out, results, md)
     finally:
         torch.set_num_threads(threads)
+
+
+def score_natural(agent, sessions: list[Path], o: EvalOptions, out: Path, turn_end_model) -> dict:
+    """The natural-voice split replayed and scored as the test split is (answer accuracy per
+    type, per mode; replays in OUT/replays/): its questions differ in voice, its replies not."""
+    res = {"data": o.natural_data, "split": "test", "sessions": len(sessions), "modes": {}}
+    for mode in o.modes:
+        recs, _, _ = _replay_all(agent, sessions, mode, o, out, turn_end_model)
+        res["modes"][mode] = {"accuracy": accuracy_table(recs), "questions": len(recs),
+                              "missed": sum(r["engine_turn"] is None for r in recs)}
+    return res
 
 
 def natural_sessions(o: EvalOptions) -> list[Path]:

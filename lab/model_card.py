@@ -126,9 +126,10 @@ def eval_markdown(results: dict) -> str:
     if r.get("natural"):
         nat = r["natural"]
         out += ["## Natural voices", "",
-                f"The same scoring on the test split of {nat['data']} ({nat['sessions']} sessions), whose "
-                f"questions are spoken in a natural voice that no training question uses (`python run.py "
-                f"data --question-voice piper`: Piper en_US-joe-medium), beside the test split above.", "",
+                f"Answer accuracy, scored as above, on the test split of {nat['data']} ({nat['sessions']} "
+                f"sessions), whose questions are spoken in a natural voice that no training question uses "
+                f"(`python run.py data --question-voice piper`: Piper en_US-joe-medium), beside the test "
+                f"split.", "",
                 natural_markdown(r), ""]
     if r.get("ablations"):
         ab = r["ablations"]
