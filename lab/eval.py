@@ -9,10 +9,14 @@
 2. Spoken answers: each reply's audio vs the reference answer in the agent's voice
    (DATA/answers/): codec-code agreement with the reference's codes, a DTW-aligned log-mel
    distance, and whether an independent recogniser (Whisper tiny.en) hears the expected
-   answer in it; the recogniser on the references themselves is the ceiling.
+   answer in it (exact words, and by the slot rule) and its word error rate against the
+   reply's own text; DNSMOS of the reply audio (`lab.spoken_eval`); per question type. The
+   references themselves are the ceiling.
 3. Ablations: text-only answers (a fast path, no engine) of the main model and of models
    trained with the same budget without the aggregator ("mean") or with one modality.
-4. OUT/eval.json, OUT/eval.md (the tables, also printed) and OUT/accuracy.png.
+4. A natural-voice split (`natural_data`: a data directory whose test split's questions are
+   spoken by a voice unlike training's) scored as the test split is, beside it per type.
+5. OUT/eval.json, OUT/eval.md (the tables, also printed) and OUT/accuracy.png.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ class EvalOptions:
     modes: tuple[str, ...] = MODES
     max_sessions: int | None = None
     recognizer: bool = True              # spoken answers through Whisper tiny.en
+    dnsmos: bool = True                  # DNSMOS (speechmos) of the spoken answers
+    natural_data: str | None = None      # also DIR/test (questions in a natural voice), per type
     out: str = "runs/eval"
     device: str | None = None
     threads: int | None = None
@@ -83,6 +89,8 @@ class EvalOptions:
         if self.ablation_workers is not None and (not isinstance(self.ablation_workers, int)
                                                   or self.ablation_workers < 1):
             errors.append(f"ablation_workers must be None or an int >= 1, got {self.ablation_workers!r}")
+        if self.natural_data is not None and (not isinstance(self.natural_data, str) or not self.natural_data):
+            errors.append(f"natural_data must be None or a data directory, got {self.natural_data!r}")
         if set(self.ablation_names) - set(ABLATION_NAMES):
             errors.append(f"ablation_names must come from {ABLATION_NAMES}, got {self.ablation_names!r}")
         if errors:
@@ -363,13 +371,13 @@ def recognise(recognizer, audio16k: np.ndarray, expected: str) -> tuple[str, boo
 class References:
     """The agent's spoken answers (DATA/answers/): 16 kHz audio, codec codes, transcripts."""
 
-    def __init__(self, data, codec, recognizer=None):
+    def __init__(self, data, codec, recognizer=None, dnsmos=None):
         self.dir = Path(data) / "answers"
         index = self.dir / "answers.json"
         if not index.is_file():
             raise FileNotFoundError(f"{index} is missing: regenerate the data with `python run.py data`")
         self.files = json.loads(index.read_text())
-        self.codec, self.recognizer, self._cache = codec, recognizer, {}
+        self.codec, self.recognizer, self.dnsmos, self._cache = codec, recognizer, dnsmos, {}
 
     def get(self, answer: str) -> dict | None:
         if answer not in self._cache:
@@ -386,13 +394,17 @@ class References:
         ref = {"audio16k": load_audio(path, SAMPLE_RATE), "codes": codes.cpu().numpy()}
         if self.recognizer is not None:
             ref["transcript"], ref["recognised"] = recognise(self.recognizer, ref["audio16k"], answer)
+        if self.dnsmos is not None:
+            ref["dnsmos"] = self.dnsmos.score(ref["audio16k"], SAMPLE_RATE)
         return ref
 
 
 def score_spoken(records: list, refs: References) -> dict:
-    """Adds spoken-answer scores to each record; returns their means."""
+    """Adds spoken-answer scores to each record; returns their means, and the recogniser's
+    (slot rule, word error rate) and DNSMOS scores overall and per type (`spoken_summary`)."""
     from speech.audio import load_audio
     from speech.recognizer import is_recognized
+    from .spoken_eval import judge_reply, spoken_summary
     for r in records:
         ref = refs.get(r["expected"])
         if ref is None:
@@ -405,11 +417,13 @@ def score_spoken(records: list, refs: References) -> dict:
             r["transcript"], r["recognised"] = recognise(refs.recognizer, audio, r["expected"])
             # the voice's intelligibility apart from the answer's correctness
             r["heard_as_reply"] = bool(r["text"].strip()) and is_recognized(r["text"], r["transcript"])
+        judge_reply(r, r.get("transcript"), audio, refs.dnsmos)   # audio: 16 kHz, resampled by load_audio
     scored = [r for r in records if refs.get(r["expected"]) is not None]
     return {"n": len(scored), "codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored),
             "mel_dtw": _mean(r.get("mel_dtw") for r in scored),
             "recognised": _mean(float(r["recognised"]) for r in scored if "recognised" in r),
-            "heard_as_reply": _mean(float(r["heard_as_reply"]) for r in scored if "heard_as_reply" in r)}
+            "heard_as_reply": _mean(float(r["heard_as_reply"]) for r in scored if "heard_as_reply" in r),
+            **spoken_summary(scored)}
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -439,6 +453,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
         torch.set_num_threads(o.threads)
     try:
         sessions = session_dirs(o.data, o.split, o.max_sessions)
+        natural = natural_sessions(o) if o.natural_data else None
         if o.ablations and o.ablation_data:   # fail before the long part, not after it
             check_train_split(o.ablation_data)
         elif o.ablations:
@@ -447,7 +462,8 @@ def evaluate(options: EvalOptions) -> EvalReport:
         out = Path(o.out)
         out.mkdir(parents=True, exist_ok=True)
         recognizer = load_recognizer() if o.recognizer else None
-        refs = References(o.data, agent.codec, recognizer)
+        from .spoken_eval import DNSMOS_KEYS, heard_right, load_dnsmos, pooled_rate, word_errors
+        refs = References(o.data, agent.codec, recognizer, load_dnsmos() if o.dnsmos else None)
         timings, recs, modes = {}, {}, {}
         from app.engine import turn_end_choice
         turn_end_model = turn_end_choice(o.turn_end, print if o.progress else None)
@@ -459,8 +475,13 @@ def evaluate(options: EvalOptions) -> EvalReport:
             t0 = time.perf_counter()
             modes[mode]["spoken"] = score_spoken(recs[mode], refs)
             timings[f"spoken_{mode}"] = time.perf_counter() - t0
+        if natural:
+            t0 = time.perf_counter()
+            natural = score_natural(agent, natural, o, out / "natural", turn_end_model)
+            timings["natural"] = time.perf_counter() - t0
         qs = recs[o.modes[0]]
         ceiling = [refs.get(r["expected"]) for r in qs]
+        heard = [(r, c["transcript"]) for r, c in zip(qs, ceiling) if c and "transcript" in c]
         results = {
             "format": "tandem-eval", "version": 1, "options": asdict(o), "model": agent.name,
             "hardware": hardware(next(agent.model.parameters()).device),
@@ -468,7 +489,11 @@ def evaluate(options: EvalOptions) -> EvalReport:
             "questions": len(qs), "modes": modes, "turn_end_model": turn_end_model,
             "mctp_vs_vanilla": None, "spoken_reference": {
                 "n": sum(c is not None for c in ceiling),
-                "recognised": _mean(float(c["recognised"]) for c in ceiling if c and "recognised" in c)},
+                "recognised": _mean(float(c["recognised"]) for c in ceiling if c and "recognised" in c),
+                "heard_slots": _mean(heard_right(t, r["expected"], r["qtype"]) for r, t in heard),
+                "wer": pooled_rate(word_errors(r["expected"], t) for r, t in heard),
+                "dnsmos": {k: _mean((c.get("dnsmos") or {}).get(k) for c in ceiling if c) for k in DNSMOS_KEYS}},
+            "natural": natural,
             "ablations": None, "timings_s": timings, "turns": _turn_rows(recs)}
         if set(MODES) <= set(o.modes):
             results["mctp_vs_vanilla"] = _compare_modes(recs)
@@ -489,6 +514,26 @@ def evaluate(options: EvalOptions) -> EvalReport:
         return EvalReport(out, results, md)
     finally:
         torch.set_num_threads(threads)
+
+
+def score_natural(agent, sessions: list[Path], o: EvalOptions, out: Path, turn_end_model) -> dict:
+    """The natural-voice split replayed and scored as the test split is (answer accuracy per
+    type, per mode; replays in OUT/replays/): its questions differ in voice, its replies not."""
+    res = {"data": o.natural_data, "split": "test", "sessions": len(sessions), "modes": {}}
+    for mode in o.modes:
+        recs, _, _ = _replay_all(agent, sessions, mode, o, out, turn_end_model)
+        res["modes"][mode] = {"accuracy": accuracy_table(recs), "questions": len(recs),
+                              "missed": sum(r["engine_turn"] is None for r in recs)}
+    return res
+
+
+def natural_sessions(o: EvalOptions) -> list[Path]:
+    """The natural-voice split's sessions (NATURAL_DATA/test), checked before the long part."""
+    try:
+        return session_dirs(o.natural_data, "test", o.max_sessions)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--natural-data {o.natural_data}: no test sessions there; render them with "
+                                f"`python run.py data --out {o.natural_data} --question-voice piper`") from None
 
 
 def _turn_rows(recs: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`python run.py eval`: evaluate a fusion model on the demo world's test split (fusion/eval.py).
+"""`python run.py eval`: evaluate a fusion model on the demo world's test split (lab/eval.py).
 
 Cheap to import: torch and the evaluation code load only when the command runs.
 """
@@ -25,8 +25,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="vanilla,mctp", help="generation modes (default: %(default)s)")
     p.add_argument("--max-sessions", type=int, default=None, metavar="N",
                    help="only the first N sessions of the split")
+    p.add_argument("--natural-data", default=None, metavar="DIR",
+                   help="also score DIR's test split, whose questions are spoken in a natural voice "
+                        "(made by `python run.py data --out DIR --question-voice piper`), reported per "
+                        "question type beside the regular split")
     p.add_argument("--no-recognizer", action="store_true",
-                   help="skip the independent recogniser (Whisper tiny.en) on the spoken answers")
+                   help="skip the independent recogniser (Whisper tiny.en) on the spoken answers: no "
+                        "heard-right rates, no word error rate")
+    p.add_argument("--no-dnsmos", action="store_true",
+                   help="skip DNSMOS (speechmos's speech-quality model) on the spoken answers")
     p.add_argument("--out", default="runs/eval", metavar="DIR",
                    help="eval.json, eval.md, accuracy.png and the replays (default: %(default)s)")
     from app.turn_end_args import add_turn_end_arguments
@@ -63,7 +70,8 @@ def options_from_args(args):
     return EvalOptions(
         data=args.data, split=args.split, model=None if args.random else args.model, codec=args.codec,
         random=args.random, modes=split(args.modes), max_sessions=args.max_sessions,
-        recognizer=not args.no_recognizer, out=args.out, device=args.device, threads=args.threads,
+        recognizer=not args.no_recognizer, dnsmos=not args.no_dnsmos, natural_data=args.natural_data,
+        out=args.out, device=args.device, threads=args.threads,
         max_audio_seconds=args.max_audio_seconds, ablations=args.ablations,
         turn_end=args.turn_end, turn_end_threshold=args.turn_end_threshold,
         max_end_of_turn_silence=args.max_silence, preemptive_pause=args.preemptive_pause,

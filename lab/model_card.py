@@ -59,6 +59,50 @@ def accuracy_markdown(results: dict) -> str:
     return _table(["question type", "n", *cols], rows)
 
 
+def natural_markdown(results: dict) -> str:
+    """Accuracy per question type on the test split and, beside it, on the natural-voice split."""
+    nat = results["natural"]["modes"]
+    cols = {}
+    for m, s in results["modes"].items():
+        cols[f"{m}: test"] = s["accuracy"]
+        if m in nat:
+            cols[f"{m}: natural voices"] = nat[m]["accuracy"]
+    test, natural = results["modes"], next(iter(nat.values()))["accuracy"]
+    first = next(iter(test.values()))["accuracy"]
+    n = lambda c, q: str(c["by_type"].get(q, {}).get("n", 0))  # noqa: E731
+    rows = [[q, n(first, q), n(natural, q)] + [_pct(c["by_type"].get(q, {}).get("accuracy")) for c in cols.values()]
+            for q in _qtype_order(cols)]
+    rows.append(["**overall**", str(first["n"]), str(natural["n"])] + [_pct(c["overall"]) for c in cols.values()])
+    return _table(["question type", "n test", "n natural", *cols], rows)
+
+
+def _dnsmos(d) -> str:
+    """"OVRL (SIG / BAK)" of a DNSMOS mean."""
+    if not d or d.get("ovrl") is None:
+        return "-"
+    return f"{d['ovrl']:.2f} ({_num(d.get('sig'), '.2f')} / {_num(d.get('bak'), '.2f')})"
+
+
+def spoken_by_type_markdown(modes: dict) -> str | None:
+    """Per question type and mode: heard right by the slot rule, word error rate against the
+    reply text, DNSMOS overall; None for evals made before these scores."""
+    scored = lambda c: any(v is not None for v in (c.get("heard_slots"), c.get("wer"),  # noqa: E731
+                                                   (c.get("dnsmos") or {}).get("ovrl")))
+    have = {m: s["spoken"] for m, s in modes.items()
+            if s["spoken"].get("by_type") and scored(s["spoken"]["overall"])}
+    if not have:
+        return None
+    types = _qtype_order({m: sp for m, sp in have.items()})
+    first = next(iter(have.values()))
+    cell = lambda c: [_pct(c.get("heard_slots")), _pct(c.get("wer")),  # noqa: E731
+                      _num((c.get("dnsmos") or {}).get("ovrl"), ".2f")]
+    rows = [[q, str(first["by_type"].get(q, {}).get("n", 0))]
+            + [x for sp in have.values() for x in cell(sp["by_type"].get(q, {}))] for q in types]
+    rows.append(["**overall**", str(first["overall"]["n"])] + [x for sp in have.values() for x in cell(sp["overall"])])
+    return _table(["question type", "n"] + [f"{m} {k}" for m in have for k in ("heard right", "WER", "DNSMOS")],
+                  rows)
+
+
 def eval_markdown(results: dict) -> str:
     """eval.md: accuracy, MCTP vs vanilla, spoken answers, latency, hardware."""
     r, modes = results, results["modes"]
@@ -79,6 +123,14 @@ def eval_markdown(results: dict) -> str:
     missed = {m: s["missed"] for m, s in modes.items() if s["missed"]}
     if missed:
         out += [f"Questions the engine never took a turn for (counted wrong): {missed}.", ""]
+    if r.get("natural"):
+        nat = r["natural"]
+        out += ["## Natural voices", "",
+                f"Answer accuracy, scored as above, on the test split of {nat['data']} ({nat['sessions']} "
+                f"sessions), whose questions are spoken in a natural voice that no training question uses "
+                f"(`python run.py data --question-voice piper`: Piper en_US-joe-medium), beside the test "
+                f"split.", "",
+                natural_markdown(r), ""]
     if r.get("ablations"):
         ab = r["ablations"]
         st = ab.get("steps") or {}
@@ -105,18 +157,29 @@ def eval_markdown(results: dict) -> str:
                 f"{_pct(c['text_agreement'])}.", ""]
     rows = [[m, str(s["spoken"]["n"]), _pct(s["spoken"]["codes_vs_reference"]),
              _num(s["spoken"]["mel_dtw"]), _pct(s["spoken"]["recognised"]),
-             _pct(s["spoken"].get("heard_as_reply"))] for m, s in modes.items()]
+             _pct(s["spoken"].get("heard_as_reply")), _pct(s["spoken"].get("overall", {}).get("heard_slots")),
+             _pct(s["spoken"].get("overall", {}).get("wer")), _dnsmos(s["spoken"].get("overall", {}).get("dnsmos"))]
+            for m, s in modes.items()]
     ref = r["spoken_reference"]
     rows.append(["reference (agent voice)", str(ref["n"]), "100.0%", "0.000", _pct(ref["recognised"]),
-                 _pct(ref["recognised"])])
+                 _pct(ref["recognised"]), _pct(ref.get("heard_slots")), _pct(ref.get("wer")),
+                 _dnsmos(ref.get("dnsmos"))])
     out += ["## Spoken answers", "",
             "Reply audio vs the reference answer in the agent's voice: codec codes equal to the "
             "reference's (over the shorter), log-mel distance after DTW alignment, and whether "
-            "Whisper tiny.en (independent of Tandem) hears the expected answer (recognised) or the "
-            "reply's own text, right or wrong (heard as the reply: the voice's intelligibility); "
-            "the reference row is the recogniser's ceiling.", "",
+            "Whisper tiny.en (independent of Tandem) hears the expected answer (recognised: the same "
+            "words; heard right: its slot values, the slot rule) or the reply's own text, right or "
+            "wrong (heard as the reply, and the word error rate of the transcript against the reply "
+            "text, pooled over replies: the voice's intelligibility); DNSMOS P.835 overall quality "
+            "(speech / background), 1-5. The reference row is the ceiling (its WER: against the "
+            "expected answer).", "",
             _table(["replies", "n", "codes = reference", "mel distance (DTW)", "recognised",
-                    "heard as the reply"], rows), ""]
+                    "heard as the reply", "heard right (slot rule)", "word error rate",
+                    "DNSMOS OVRL (SIG / BAK)"], rows), ""]
+    by_type = spoken_by_type_markdown(modes)
+    if by_type:
+        out += ["Per question type (heard right: slot rule; WER: against the reply text; DNSMOS: "
+                "overall):", "", by_type, ""]
     wait = lambda s, k: _num(s["end_of_turn_wait"][k]) if s.get("end_of_turn_wait") else "-"  # noqa: E731 (older evals)
     rows = [[m, _num(s["response_latency"]["median"]), _num(s["response_latency"]["p90"]), wait(s, "median"),
              _num(s["compute_latency"]["median"]), _num(s["compute_latency"]["p90"])] for m, s in modes.items()]
@@ -252,8 +315,9 @@ def write_model_card(eval_json, train_run_dir, codec_report_json, out="assets/MO
           "other scene or question gets a confident answer from that vocabulary.",
           "- English only; questions must follow the demo world's templates (the question "
           "audio is encoded, not transcribed: paraphrases are untested).",
-          "- Test voices are held out from training, but all speech is espeak-ng: real human "
-          "voices, accents and rooms are untested.",
+          "- Test voices are held out from training, but all speech is synthetic"
+          + (" (the natural-voice split: one neural voice)" if ev.get("natural") else "")
+          + ": real human voices, accents and rooms are untested.",
           "- One fixed synthetic agent voice; replies longer than a short phrase are out of scope.",
           "- Questions only about the 6 s before they end; no memory across turns.",
           "- Latencies above were measured on the named hardware under replay (virtual clock); "

@@ -157,6 +157,20 @@ MUTANTS: tuple[Mutant, ...] = (
            '"codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored[:1])',
            ("tests/test_eval.py::test_evaluate_end_to_end_writes_every_section",),
            "the spoken-answer summary is not the mean over the answers"),
+    Mutant("eval-dnsmos-of-the-reference", "lab/eval.py",
+           'judge_reply(r, r.get("transcript"), audio, refs.dnsmos)',
+           'judge_reply(r, r.get("transcript"), ref["audio16k"], refs.dnsmos)',
+           ("tests/test_spoken_eval.py::test_eval_reports_spoken_scores_per_type_and_the_natural_split",),
+           "DNSMOS scores the reference answer, not the reply"),
+    Mutant("eval-wer-reversed", "lab/spoken_eval.py",
+           'e = word_errors(rec["text"], transcript)', 'e = word_errors(transcript, rec["text"])',
+           ("tests/test_spoken_eval.py::test_reply_judged_by_slot_rule_and_wer_per_type",),
+           "the word error rate is counted against the transcript, not the reply text"),
+    Mutant("eval-dnsmos-not-resampled", "lab/spoken_eval.py",
+           "x = np.clip(resample_whole(x, sample_rate, DNSMOS_RATE), -1.0, 1.0)",
+           "x = np.clip(x, -1.0, 1.0)",
+           ("tests/test_spoken_eval.py::test_dnsmos_resamples_other_rates",),
+           "audio at another rate (the codec's) is scored as if it were 16 kHz"),
 )
 
 

@@ -225,8 +225,8 @@ def run_pipeline(o: PipelineOptions) -> dict:
     step("fusion", fusion)
     step("eval", lambda: evaluate(EvalOptions(
         data=str(o.path("data")), model=str(o.path("model_out")), codec=str(codec_dir),
-        out=str(o.path("eval_out")), recognizer=o.recognizer, device=o.device, threads=o.threads,
-        ablations=o.ablations, train_run=str(run_dir), ablation_root=str(o.path("ablation_root")),
+        out=str(o.path("eval_out")), recognizer=o.recognizer, dnsmos=o.recognizer,  # the eval-only speech checks
+        device=o.device, threads=o.threads, ablations=o.ablations, train_run=str(run_dir), ablation_root=str(o.path("ablation_root")),
         progress=o.progress, **b["eval"])) and None)
     step("model card", lambda: write_model_card(o.path("eval_out") / "eval.json", run_dir,
                                                 codec_dir / "report.json", o.path("card_out")) and None)
@@ -294,7 +294,7 @@ def add_pipeline_arguments(p) -> None:
     p.add_argument("--ablation-root", default=None,
                    help=f"where the ablation runs go, as ablation-<name>/ (default: RUN, {run})")
     p.add_argument("--no-ablations", action="store_true", help="skip training/evaluating the ablations")
-    p.add_argument("--no-recognizer", action="store_true", help="skip the Whisper tiny.en checks")
+    p.add_argument("--no-recognizer", action="store_true", help="skip the evaluation-only speech checks (Whisper tiny.en, DNSMOS)")
     p.add_argument("--force", action="store_true",
                    help="re-render data rendered with other options, retrain the codec and the fusion model")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (default: %(default)s)")

@@ -277,7 +277,7 @@ def test_recogniser_hears_a_clean_espeak_yes(recognizer):
 def test_options_are_validated():
     for bad in (dict(split="train"), dict(modes=("fast",)), dict(modes=()), dict(max_sessions=0),
                 dict(model=None), dict(ablation_names=("text",)), dict(max_audio_seconds=0),
-                dict(ablation_steps=0)):
+                dict(ablation_steps=0), dict(natural_data="")):
         with pytest.raises(ValueError):
             EvalOptions(**bad)
 
@@ -286,14 +286,17 @@ def test_command_lines_parse():
     import run
     a = run.build_parser().parse_args(["eval", "--modes", "mctp", "--no-recognizer", "--max-sessions", "2",
                                        "--ablations", "--ablation-names", "vision", "--ablation-steps", "7",
-                                       "--ablation-data", "data/demo-large"])
+                                       "--ablation-data", "data/demo-large", "--no-dnsmos",
+                                       "--natural-data", "data/natural"])
     from lab.eval_cli import options_from_args
     o = options_from_args(a)
     assert (o.modes, o.recognizer, o.max_sessions, o.ablations, o.ablation_names, o.ablation_steps,
             o.ablation_data) == (("mctp",), False, 2, True, ("vision",), 7, "data/demo-large")
+    assert (o.dnsmos, o.natural_data) == (False, "data/natural")
     d = options_from_args(run.build_parser().parse_args(["eval"]))
     assert (d.ablation_names, d.ablation_steps, d.ablation_data) == (
         EvalOptions().ablation_names, EvalOptions().ablation_steps, None)
+    assert (d.dnsmos, d.natural_data) == (True, None)
     t = run.build_parser().parse_args(["train", "all", "--budget", "small", "--no-ablations"])
     assert (t.what, t.budget, t.no_ablations, t.data) == ("all", "small", True, None)
 
