@@ -6,7 +6,8 @@
   ones; rate USER_WPM, pitch USER_PITCH.
 - "mix" (the default of `run.py data`): train and val draw from those espeak-ng voices and,
   with FLITE_SHARE, from flite's built-in voices (where the `flite` binary exists) at a
-  changed rate (FLITE_STRETCH) and pitch (FLITE_F0_SCALE times the voice's own); their
+  changed rate (FLITE_STRETCH) and pitch (FLITE_F0_SCALE times the voice's own; rms keeps
+  its own: flite ignores its pitch settings); their
   sessions may sound in a room (demo/room.py). The test split is exactly "espeak"'s.
 - "piper": the natural-voice test (issue 30): the test split's questions are spoken by
   Piper en_US-joe-medium. The scenes and questions are those "espeak" draws from the same
@@ -18,7 +19,7 @@ from __future__ import annotations
 import functools
 import shutil
 
-from speech.tts import (FLITE_VOICES, FliteVoice, PiperVoice, Voice, list_english_voices,
+from speech.tts import (FLITE_FIXED_PITCH, FLITE_VOICES, FliteVoice, PiperVoice, Voice, list_english_voices,
                         list_variants)
 
 # --- held out of train/val (test split only) ---------------------------------------------
@@ -28,7 +29,7 @@ HELDOUT_VARIANTS = ("Annie", "edward2", "f4", "iven2", "klatt4", "m6", "robosoft
 USER_WPM, USER_PITCH = (130, 200), (25, 75)       # espeak-ng rate and pitch of the questions
 FLITE_SHARE = 0.2                  # "mix": share of train/val speakers that are flite voices
 FLITE_STRETCH = (0.85, 1.25)       # flite duration_stretch: about USER_WPM (1.0 ~ 165 wpm)
-FLITE_F0_HZ = {"awb": 128, "kal": 91, "kal16": 91, "rms": 102, "slt": 170}   # measured means
+FLITE_F0_HZ = {"awb": 128, "kal": 91, "kal16": 91, "slt": 170}   # measured means; rms: fixed pitch
 FLITE_F0_SCALE = (0.85, 1.2)       # of the voice's own mean pitch
 PIPER_QUESTION_VOICE = PiperVoice("en_US-joe-medium")   # the natural-voice test, never trained on
 QUESTION_VOICES = {
@@ -38,7 +39,7 @@ QUESTION_VOICES = {
     "piper": "the test split's questions spoken by Piper en_US-joe-medium (the natural-voice "
              "test; train and val must be empty)",
 }
-assert set(FLITE_F0_HZ) == set(FLITE_VOICES), (FLITE_F0_HZ, FLITE_VOICES)
+assert set(FLITE_F0_HZ) == set(FLITE_VOICES) - set(FLITE_FIXED_PITCH), (FLITE_F0_HZ, FLITE_VOICES)
 
 
 def check_mode(mode: str, split: str | None = None) -> str:
@@ -93,8 +94,9 @@ def sample_voice(rng, heldout: bool, mode: str = "espeak") -> Voice | FliteVoice
     """One question voice. "espeak" draws exactly as version 1 did (same seeds, same voices)."""
     if mode == "mix" and not heldout and (flite := flite_pool()) and rng.random() < FLITE_SHARE:
         name = flite[rng.integers(len(flite))]
-        return FliteVoice(name, round(float(rng.uniform(*FLITE_STRETCH)), 3),
-                          round(FLITE_F0_HZ[name] * float(rng.uniform(*FLITE_F0_SCALE))))
+        stretch, scale = float(rng.uniform(*FLITE_STRETCH)), float(rng.uniform(*FLITE_F0_SCALE))
+        return FliteVoice(name, round(stretch, 3),
+                          round(FLITE_F0_HZ[name] * scale) if name in FLITE_F0_HZ else None)
     names, variants = voice_pool(heldout)
     voice = Voice(names[rng.integers(len(names))], variants[rng.integers(len(variants))],
                   int(rng.integers(USER_WPM[0], USER_WPM[1] + 1)),

@@ -179,7 +179,9 @@ class TurnSpec(_Dict):
     hesitation: Hesitation | None = None   # a pause inside the question (demo/hesitation.py)
 
     def to_dict(self) -> dict:
-        return _drop_no_hesitation(asdict(self))
+        d = asdict(self)
+        d["voice"] = self.voice.to_dict()              # flite and Piper voices name their engine
+        return _drop_no_hesitation(d)
 
     @classmethod
     def from_dict(cls, d):
@@ -207,7 +209,7 @@ class SessionSpec(_Dict):
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["turns"] = [_drop_no_hesitation(t) for t in d["turns"]]
+        d["turns"] = [t.to_dict() for t in self.turns]
         if d["room"] is None:                          # dry sessions serialise as before rooms
             del d["room"]
         return d

@@ -28,6 +28,7 @@ _FLITE_HELP = "flite not found: apt-get install flite"
 FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")    # built into Debian's flite 2.2
 FLITE_STRETCH_RANGE = (0.5, 2.0)   # FliteVoice.stretch: flite's duration_stretch (1 = its own rate)
 FLITE_F0_RANGE = (60, 300)         # FliteVoice.f0_hz: flite's int_f0_target_mean (None = the voice's)
+FLITE_FIXED_PITCH = ("rms",)       # voices whose pitch flite 2.2 does not change (measured)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class FliteVoice:
         if self.f0_hz is not None and not FLITE_F0_RANGE[0] <= self.f0_hz <= FLITE_F0_RANGE[1]:
             raise ValueError(f"FliteVoice.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got "
                              f"{self.f0_hz!r}")
+        if self.f0_hz is not None and self.name in FLITE_FIXED_PITCH:
+            raise ValueError(f"flite's {self.name} voice ignores pitch settings: give it "
+                             f"f0_hz=None (its own pitch)")
 
     @property
     def flite_args(self) -> list[str]:
