@@ -65,6 +65,9 @@ def test_v2_data_trains_on_sentence_replies(v2_data):
     corpus = json.loads((d / "codec" / "sentences.json").read_text())
     assert corpus["replies"] == "v2"
     assert [e["text"] for e in corpus["train"]] == list(R.all_reply_texts("v2")[:3])
+    from lab.train_codec import load_split, reply_waves
+    waves, texts = load_split(d / "codec", "train")
+    assert len(reply_waves(d / "codec", waves, texts)) == 3     # the codec trainer finds them
     shards = TrainShards(d)
     assert shards.replies == "v2"
     torch.manual_seed(0)
