@@ -54,8 +54,9 @@ def cmd_data(args):
         opts["agent_voice"] = args.agent_voice
     if args.hesitations is not None:
         opts["hesitation_prob"] = args.hesitations
-    if args.question_voice == "piper":       # a test-only split unless told otherwise (refused then)
-        opts = {"n_train_sessions": 0, "n_val_sessions": 0, **opts}
+    if args.question_voice == "piper":       # a test-only split unless told otherwise (refused then),
+        opts = {"n_train_sessions": 0, "n_val_sessions": 0,     # no codec corpus: nothing trains
+                "n_codec_sentences": 0, "n_codec_eval": 0, **opts}
     try:
         main(args.out, seed=args.seed, workers=args.workers, replies=args.replies,
              question_voice=args.question_voice, **opts)
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and pitch changed, some in a reverberant room (test: held-out espeak-ng "
                         "voices); espeak = espeak-ng voices only (version 1); piper = the "
                         "natural-voice test: test questions by Piper en_US-joe-medium, a "
-                        "test-only dataset (--train and --val default to 0 and must stay 0) "
+                        "test-only dataset (--train and --val default to 0 and must stay 0; "
+                        "the agent's answers/ are rendered, no codec corpus) "
                         "(default: %(default)s)")
     d.set_defaults(func=cmd_data)
 

@@ -163,6 +163,7 @@ def test_piper_speaks_only_the_test_split(tmp_path, monkeypatch):
     args = p.parse_args(["data", "--question-voice", "piper", "--out", str(tmp_path / "x")])
     args.func(args)                                   # train and val default to 0 for piper
     assert got["question_voice"] == "piper" and got["n_train_sessions"] == got["n_val_sessions"] == 0
+    assert got["n_codec_sentences"] == 0 and "n_test_sessions" not in got     # the default test size
     monkeypatch.undo()
     args = p.parse_args(["data", "--question-voice", "piper", "--train", "2", "--out",
                          str(tmp_path / "y")])
