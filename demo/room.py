@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 ROOM_PROB = 0.5                    # "mix": share of train/val sessions spoken in a room
-RT60_S = (0.15, 0.6)               # reverberation time, s (small office .. living room)
-DRR_DB = (3.0, 12.0)               # direct-to-reverberant energy ratio, dB
+RT60_S = (0.15, 0.5)               # reverberation time, s (small office .. living room)
+DRR_DB = (6.0, 15.0)               # direct-to-reverberant energy ratio, dB (a user near the mic)
 PREDELAY_S = (0.002, 0.012)        # direct sound -> first reflections
 TAIL_FADE_S = 0.02
 
