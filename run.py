@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--replies", choices=DATA_REPLIES, default="v2",
                    help="the agent's reply texts (answers/, codec corpus, training replies): v1 "
                         "short phrases ('green.', the shipped model's) or v2 sentences ('The "
-                        "square is green.', DEMO_WORLD.md version 2) (default: %(default)s)")
+                        "square is green.', DEMO_WORLD.md version 2, which also asks 'What "
+                        "shape is in the middle?') (default: %(default)s)")
     d.add_argument("--question-voice", choices=DATA_QUESTION_VOICES, default="mix",
                    help="who asks: mix = train/val questions by espeak-ng and flite voices, rate "
                         "and pitch changed, some in a reverberant room (test: held-out espeak-ng "

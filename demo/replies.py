@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .world import COLORS, QTYPES, SHAPES, SLOTS
+from .world import COLORS, QTYPES, REPLY_VERSIONS, SHAPES, SLOTS
 
 COUNT_QTYPES = frozenset({"count_objects", "count_beeps"})
 NUMBERS = ("none", "one", "two", "three")
@@ -99,7 +99,7 @@ def sentence(qtype: str, question: str, answer: str) -> str:
 
 
 # --- reply versions --------------------------------------------------------------------------
-REPLY_VERSIONS = ("v1", "v2")      # DEMO_WORLD.md's phrases (the shipped model's) and sentences
+# REPLY_VERSIONS (demo/world.py): DEMO_WORLD.md's phrases (the shipped model's) and sentences
 REPLY_HELP = "v1: short phrases ('green.'), the shipped model's; v2: sentences ('The square is green.')"
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import functools
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -236,6 +236,10 @@ QTYPES = {
     "did_make_sound": ("audio-visual", "Did the {c} {s} make a sound?", "yes. / no."),
 }
 QTYPE_IDS = tuple(QTYPES)
+# the page's versions: v1 phrases (the shipped model's), v2 sentences (demo/replies.py), whose
+# questions differ only here
+REPLY_VERSIONS = ("v1", "v2")
+QUESTION_WORDING_V2 = {"What shape is on the middle?": "What shape is in the middle?"}
 SOUND_QTYPES = frozenset({"pitch", "which_object", "where_sound", "color_of_sound",
                           "did_make_sound"})        # need beeps; count_beeps does not
 YES_NO_QTYPES = ("is_there", "did_make_sound")
@@ -303,11 +307,14 @@ class SplitRules:
     """What a split may use: train/val never see held-out voices or triples; test always
     uses held-out voices and forces a held-out triple into a scene with `heldout_combo_prob`.
     `hesitation_prob`: the share of questions spoken with a pause (0: none, version 1).
-    `voices`: who asks, one of demo.voices.QUESTION_VOICES ("piper" only for test)."""
+    `voices`: who asks, one of demo.voices.QUESTION_VOICES ("piper" only for test).
+    `version`: the page's version of the questions' wording (REPLY_VERSIONS; v2: "What shape
+    is in the middle?")."""
     split: str                     # train | val | test
     heldout_combo_prob: float = 0.5
     hesitation_prob: float = 0.0
     voices: str = "espeak"
+    version: str = "v1"
 
     def __post_init__(self):
         if self.split not in ("train", "val", "test"):
@@ -319,6 +326,9 @@ class SplitRules:
             raise ValueError(f"hesitation_prob must be in [0, 1] (0.25 is the page's version 2),"
                              f" got {self.hesitation_prob}")
         check_mode(self.voices, self.split)
+        if self.version not in REPLY_VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(REPLY_VERSIONS)} (the page's "
+                             f"versions), got {self.version!r}")
 
     @property
     def heldout(self) -> bool:
@@ -404,6 +414,8 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate,
     else:
         raise AssertionError(f"no scene found for {qtype} -> {target}")
     question = _pick_balanced(rng, cands)
+    if rules.version == "v2" and question.text in QUESTION_WORDING_V2:
+        question = replace(question, text=QUESTION_WORDING_V2[question.text])
     pause = None                   # (words before it, ms); rng untouched when prob is 0
     if rules.hesitation_prob > 0 and rng.random() < rules.hesitation_prob:
         pause = (int(rng.integers(1, n_boundaries(question.text) + 1)),

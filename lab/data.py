@@ -60,7 +60,7 @@ class DataOptions:
     n_codec_eval: int = 100            # held-out codec sentences (no answer text among them)
     agent_voice: str = voice_spec(AGENT_VOICE)   # the answers' and codec corpus' voice (tts.parse_voice)
     hesitation_prob: float = 0.0       # questions spoken with a pause (version 2: 0.25; 0 = none)
-    replies: str = "v2"                # the agent's reply texts: demo.replies.REPLY_VERSIONS
+    replies: str = "v2"                # the page's version of the replies (and questions' wording)
     question_voice: str = "mix"        # who asks: demo.voices.QUESTION_VOICES ("piper": test only)
 
     def __post_init__(self):
@@ -151,7 +151,7 @@ def _make_session(job: tuple[int, str, int, int, str, float, str, str]):
     seed, split, i, n_turns, out, hesitation_prob, voices, replies = job
     rng = np.random.default_rng([seed, SPLIT_ID[split], i])
     spec = W.sample_session(rng, n_turns, W.SplitRules(split, hesitation_prob=hesitation_prob,
-                                                       voices=voices))
+                                                       voices=voices, version=replies))
     audio = W.render_audio(spec, W.question_audio(spec))
     if split == "train":
         return json.dumps(spec.to_dict(), separators=(",", ":")), float_to_pcm16(audio)

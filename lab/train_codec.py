@@ -182,6 +182,14 @@ def corpus_replies(corpus: Path) -> str:
     return check_version(meta.get("replies", "v1"))
 
 
+def reply_waves(corpus: Path, waves: list[np.ndarray], texts: list[str | None]) -> list[np.ndarray]:
+    """The waveforms among `waves` that speak one of the world's replies, in the corpus's
+    reply version (`corpus_replies`): what `answer_fraction` of each batch is cut from."""
+    from demo.replies import all_reply_texts
+    replies = set(all_reply_texts(corpus_replies(corpus)))
+    return [w for w, t in zip(waves, texts) if t in replies]
+
+
 def random_batch(rng: np.random.Generator, waves: list[np.ndarray], batch: int,
                  length: int) -> np.ndarray:
     """(batch, length) random crops; shorter utterances are placed at a random offset in
@@ -446,9 +454,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
     try:
         device = torch.device(o.device)
         train_w, train_t = load_split(corpus, "train")
-        from demo.replies import all_reply_texts
-        answer_texts = set(all_reply_texts(corpus_replies(corpus)))
-        answer_w = [w for w, t in zip(train_w, train_t) if t in answer_texts]
+        answer_w = reply_waves(corpus, train_w, train_t)
         n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
         held = next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
         held_w, held_t = load_split(corpus, held) if held else ([], [])

@@ -27,6 +27,28 @@ def test_reply_texts_cover_every_question_the_world_asks():
         R.reply_text("pitch", "Was the sound high or low?", "high.", "2")
 
 
+def test_v2_asks_what_shape_is_in_the_middle():
+    """Version 2 words one question differently; nothing else in the session changes."""
+    from tests.test_data_voices import fake_synth
+    seen = 0
+    for i in range(40):
+        a, b = (W.sample_session(np.random.default_rng([0, 0, i]), 4,
+                                 W.SplitRules("train", version=v), synth=fake_synth)
+                for v in ("v1", "v2"))
+        for s, t in zip(a.turns, b.turns):
+            assert s.scene.objects == t.scene.objects and s.question.answer == t.question.answer
+            if s.question.text == "What shape is on the middle?":
+                assert t.question.text == "What shape is in the middle?"
+                assert R.reply_text("shape_at", t.question.text, t.question.answer, "v2") == \
+                    R.sentence("shape_at", s.question.text, s.question.answer)
+                seen += 1
+            else:
+                assert s.question.text == t.question.text
+    assert seen >= 2
+    with pytest.raises(ValueError, match="one of v1, v2"):
+        W.SplitRules("train", version="2")
+
+
 def test_codec_sentences_v2_start_with_the_sentences_and_hold_none_out():
     from lab.data import codec_sentences
     v2 = R.all_reply_texts("v2")
