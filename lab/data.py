@@ -146,12 +146,18 @@ def _speak_to_wav(job) -> float:
     return len(x) / SAMPLE_RATE
 
 
-def _make_session(job: tuple[int, str, int, int, str, float, str, str]):
+def split_rules(o: DataOptions, split: str) -> W.SplitRules:
+    """What a split of the data `o` describes draws from (hesitations, question voices, the
+    page's version of the questions)."""
+    return W.SplitRules(split, hesitation_prob=o.hesitation_prob, voices=o.question_voice,
+                        version=o.replies)
+
+
+def _make_session(job: tuple[int, str, int, int, str, W.SplitRules, str]):
     from speech.audio import float_to_pcm16
-    seed, split, i, n_turns, out, hesitation_prob, voices, replies = job
+    seed, split, i, n_turns, out, rules, replies = job
     rng = np.random.default_rng([seed, SPLIT_ID[split], i])
-    spec = W.sample_session(rng, n_turns, W.SplitRules(split, hesitation_prob=hesitation_prob,
-                                                       voices=voices, version=replies))
+    spec = W.sample_session(rng, n_turns, rules)
     audio = W.render_audio(spec, W.question_audio(spec))
     if split == "train":
         return json.dumps(spec.to_dict(), separators=(",", ":")), float_to_pcm16(audio)
@@ -303,8 +309,8 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
     speak = [(t, str(out / "answers" / f), voice) for t, f in answers.items()]
     speak += [(e["text"], str(out / "codec" / e["file"]), voice) for k in ("train", "eval")
               for e in codec[k]]
-    jobs = [(o.seed, split, i, o.turns_per_session, str(out), o.hesitation_prob,
-             o.question_voice, o.replies) for split, n in
+    jobs = [(o.seed, split, i, o.turns_per_session, str(out), split_rules(o, split), o.replies)
+            for split, n in
             (("train", o.n_train_sessions), ("val", o.n_val_sessions),
              ("test", o.n_test_sessions)) for i in range(n)]
     counts = {s: {"sessions": 0, "turns": 0, "seconds": 0.0} for s in SPLIT_ID}

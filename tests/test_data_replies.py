@@ -132,6 +132,9 @@ def test_reply_version_is_validated_and_reaches_the_cli(tmp_path):
     assert DataOptions().replies == "v2" and DataOptions(replies="v1").replies == "v1"
     with pytest.raises(ValueError, match="one of v1, v2"):
         DataOptions(replies="2")
+    from lab.data import split_rules
+    for v in ("v1", "v2"):                             # the sessions' questions follow it
+        assert {split_rules(DataOptions(replies=v), s).version for s in ("train", "val", "test")} == {v}
     assert run.DATA_REPLIES == R.REPLY_VERSIONS
     args = run.build_parser().parse_args(["data", "--replies", "v1", "--out", str(tmp_path)])
     assert args.replies == "v1"
