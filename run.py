@@ -11,6 +11,10 @@ import importlib
 import sys
 
 DEFAULT_MODEL = "assets/fusion.safetensors"
+# `run.py data` choices, spelled here so --help stays instant (tests/test_data_voices.py checks
+# they equal demo.replies.REPLY_VERSIONS and demo.voices.QUESTION_VOICES)
+DATA_REPLIES = ("v1", "v2")
+DATA_QUESTION_VOICES = ("mix", "espeak", "piper")
 
 
 def _not_built(name: str):
@@ -50,7 +54,14 @@ def cmd_data(args):
         opts["agent_voice"] = args.agent_voice
     if args.hesitations is not None:
         opts["hesitation_prob"] = args.hesitations
-    main(args.out, seed=args.seed, workers=args.workers, **opts)
+    if args.question_voice == "piper":       # a test-only split unless told otherwise (refused then),
+        opts = {"n_train_sessions": 0, "n_val_sessions": 0,     # no codec corpus: nothing trains
+                "n_codec_sentences": 0, "n_codec_eval": 0, **opts}
+    try:
+        main(args.out, seed=args.seed, workers=args.workers, replies=args.replies,
+             question_voice=args.question_voice, **opts)
+    except ValueError as e:
+        sys.exit(f"run.py data: {e}")
 
 
 def _voice_arg(spec: str) -> str:
@@ -108,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--hesitations", type=float, default=None, metavar="P",
                    help="share of questions spoken with one 0.3-1.0 s pause at a word boundary "
                         "(DEMO_WORLD.md version 2: 0.25; default: 0, none)")
+    d.add_argument("--replies", choices=DATA_REPLIES, default="v2",
+                   help="the agent's reply texts (answers/, codec corpus, training replies): v1 "
+                        "short phrases ('green.', the shipped model's) or v2 sentences ('The "
+                        "square is green.', DEMO_WORLD.md version 2, which also asks 'What "
+                        "shape is in the middle?') (default: %(default)s)")
+    d.add_argument("--question-voice", choices=DATA_QUESTION_VOICES, default="mix",
+                   help="who asks: mix = train/val questions by espeak-ng and flite voices, rate "
+                        "and pitch changed, some in a reverberant room (test: held-out espeak-ng "
+                        "voices); espeak = espeak-ng voices only (version 1); piper = the "
+                        "natural-voice test: test questions by Piper en_US-joe-medium, a "
+                        "test-only dataset (--train and --val default to 0 and must stay 0; "
+                        "the agent's answers/ are rendered, no codec corpus) "
+                        "(default: %(default)s)")
     d.set_defaults(func=cmd_data)
 
     # commands implemented by a module with cheap imports exposing add_arguments(p) and run(args)

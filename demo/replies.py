@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .world import COLORS, QTYPES, SHAPES, SLOTS
+from .world import COLORS, QTYPES, REPLY_VERSIONS, SHAPES, SLOTS
 
 COUNT_QTYPES = frozenset({"count_objects", "count_beeps"})
 NUMBERS = ("none", "one", "two", "three")
@@ -96,3 +96,42 @@ def sentence(qtype: str, question: str, answer: str) -> str:
     if qtype == "color_of_sound":
         return f"It was {_the(a, COLORS)}."
     raise ValueError(f"unknown question type {qtype!r}; one of {tuple(QTYPES)}")
+
+
+# --- reply versions --------------------------------------------------------------------------
+# REPLY_VERSIONS (demo/world.py): DEMO_WORLD.md's phrases (the shipped model's) and sentences
+REPLY_HELP = "v1: short phrases ('green.'), the shipped model's; v2: sentences ('The square is green.')"
+
+
+def check_version(version: str) -> str:
+    """`version` when it is one of REPLY_VERSIONS; else a ValueError saying what to pass."""
+    if version not in REPLY_VERSIONS:
+        raise ValueError(f"the reply version must be one of {', '.join(REPLY_VERSIONS)} "
+                         f"({REPLY_HELP}), got {version!r}")
+    return version
+
+
+def reply_text(qtype: str, question: str, answer: str, version: str) -> str:
+    """The agent's reply in `version`: the version-1 `answer` itself, or its sentence."""
+    return answer if check_version(version) == "v1" else sentence(qtype, question, answer)
+
+
+def _answers_of(qtype: str) -> tuple[str, ...]:
+    """Every version-1 answer a `qtype` question may have (DEMO_WORLD.md's table)."""
+    cs = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    return {"what_color": [f"{c}." for c in COLORS], "color_of_sound": [f"{c}." for c in COLORS],
+            "shape_at": [f"a {s}." for s in SHAPES], "where_is": [f"on the {p}." for p in SLOTS],
+            "count_objects": [f"{n}." for n in NUMBERS[1:]],
+            "count_beeps": [f"{n}." for n in NUMBERS], "pitch": ["high.", "low."],
+            "is_there": ["yes.", "no."], "did_make_sound": ["yes.", "no."],
+            "which_object": [f"the {x}." for x in cs], "where_sound": [f"the {p}." for p in SLOTS],
+            }[qtype]
+
+
+def all_reply_texts(version: str) -> tuple[str, ...]:
+    """Every reply text the world can ask for in `version`, sorted (v1: `all_answer_texts`)."""
+    out = set()
+    for qtype, (_, template, _) in QTYPES.items():
+        questions = {template.format(c=c, s=s, p=p) for c in COLORS for s in SHAPES for p in SLOTS}
+        out |= {reply_text(qtype, q, a, version) for q in questions for a in _answers_of(qtype)}
+    return tuple(sorted(out))

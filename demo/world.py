@@ -23,14 +23,17 @@ from __future__ import annotations
 import bisect
 import functools
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from demo.hesitation import (HESITATION_PAUSE, Hesitation, hesitant_speech, n_boundaries,
                               pause_span, speech_only)
 from speech.constants import CONTEXT_SECONDS, DEMO_FRAME_SIZE, SAMPLE_RATE
-from speech.tts import Voice, list_english_voices, list_variants, synthesize_cached
+from demo.room import ROOM_PROB, Room, reverberate, sample_room
+from demo.voices import (HELDOUT_VARIANTS, HELDOUT_VOICE_NAMES, USER_PITCH, USER_WPM,  # noqa: F401
+                         check_mode, sample_voice as _sample_voice, voice_pool)
+from speech.tts import FliteVoice, PiperVoice, Voice, synthesize_cached, voice_from_dict
 
 # --- the page's constants and ranges ----------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230),
@@ -53,7 +56,6 @@ LOW_HZ, HIGH_HZ = (400.0, 500.0), (1500.0, 1800.0)
 BEEP_DBFS = (-20.0, -10.0)
 SCENE_SECONDS = (2.5, 4.0)         # scene start -> question start
 ANSWER_SILENCE = (2.5, 3.5)        # question end -> next scene
-USER_WPM, USER_PITCH = (130, 200), (25, 75)
 SPEECH_DBFS = (-30.0, -18.0)
 NOISE_BELOW_SPEECH_DB = (27.0, 45.0)     # background noise, >= 25 dB below speech
 SPEECH_NOISE_BELOW_DB = (32.0, 45.0)     # light noise on the question speech
@@ -63,8 +65,7 @@ AA_GROW = 1.4                      # px: cv2's anti-aliased fill overshoot
 # --- held out of train/val (test split only) ---------------------------------------------
 HELDOUT_TRIPLES = (("green", "triangle", "right"), ("red", "square", "left"),
                    ("blue", "circle", "middle"), ("yellow", "triangle", "left"))
-HELDOUT_VOICE_NAMES = ("en-029", "en-gb-scotland")
-HELDOUT_VARIANTS = ("Annie", "edward2", "f4", "iven2", "klatt4", "m6", "robosoft3", "steph3")
+# held-out question voices (HELDOUT_VOICE_NAMES, HELDOUT_VARIANTS): demo/voices.py
 
 
 # --- data --------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class TurnSpec(_Dict):
     scene: Scene
     t_scene: float                 # scene appears
     question: Question
-    voice: Voice
+    voice: Voice | FliteVoice | PiperVoice   # who asks (demo/voices.py)
     t_q0: float                    # question speech starts
     t_q1: float                    # question speech ends
     t_next: float                  # end of the answer silence (next scene)
@@ -178,12 +179,14 @@ class TurnSpec(_Dict):
     hesitation: Hesitation | None = None   # a pause inside the question (demo/hesitation.py)
 
     def to_dict(self) -> dict:
-        return _drop_no_hesitation(asdict(self))
+        d = asdict(self)
+        d["voice"] = self.voice.to_dict()              # flite and Piper voices name their engine
+        return _drop_no_hesitation(d)
 
     @classmethod
     def from_dict(cls, d):
         return cls(Scene.from_dict(d["scene"]), float(d["t_scene"]),
-                   Question.from_dict(d["question"]), Voice.from_dict(d["voice"]),
+                   Question.from_dict(d["question"]), voice_from_dict(d["voice"]),
                    float(d["t_q0"]), float(d["t_q1"]), float(d["t_next"]),
                    float(d["speech_dbfs"]), d["speech_noise_db"],
                    Hesitation.from_dict(d.get("hesitation")))
@@ -202,16 +205,19 @@ class SessionSpec(_Dict):
     duration: float                # s
     noise_level: float | None      # background noise RMS dBFS; None = no noise
     seed: int                      # seeds render_audio's noise
+    room: Room | None = None       # the questions' reverberation (demo/room.py); None = dry
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["turns"] = [_drop_no_hesitation(t) for t in d["turns"]]
+        d["turns"] = [t.to_dict() for t in self.turns]
+        if d["room"] is None:                          # dry sessions serialise as before rooms
+            del d["room"]
         return d
 
     @classmethod
     def from_dict(cls, d):
         return cls(tuple(TurnSpec.from_dict(t) for t in d["turns"]), float(d["duration"]),
-                   d["noise_level"], int(d["seed"]))
+                   d["noise_level"], int(d["seed"]), Room.from_dict(d.get("room")))
 
 
 # --- questions ---------------------------------------------------------------------------
@@ -230,6 +236,10 @@ QTYPES = {
     "did_make_sound": ("audio-visual", "Did the {c} {s} make a sound?", "yes. / no."),
 }
 QTYPE_IDS = tuple(QTYPES)
+# the page's versions: v1 phrases (the shipped model's), v2 sentences (demo/replies.py), whose
+# questions differ only here
+REPLY_VERSIONS = ("v1", "v2")
+QUESTION_WORDING_V2 = {"What shape is on the middle?": "What shape is in the middle?"}
 SOUND_QTYPES = frozenset({"pitch", "which_object", "where_sound", "color_of_sound",
                           "did_make_sound"})        # need beeps; count_beeps does not
 YES_NO_QTYPES = ("is_there", "did_make_sound")
@@ -296,10 +306,15 @@ def _pick_balanced(rng, cands: list[Question]) -> Question:
 class SplitRules:
     """What a split may use: train/val never see held-out voices or triples; test always
     uses held-out voices and forces a held-out triple into a scene with `heldout_combo_prob`.
-    `hesitation_prob`: the share of questions spoken with a pause (0: none, version 1)."""
+    `hesitation_prob`: the share of questions spoken with a pause (0: none, version 1).
+    `voices`: who asks, one of demo.voices.QUESTION_VOICES ("piper" only for test).
+    `version`: the page's version of the questions' wording (REPLY_VERSIONS; v2: "What shape
+    is in the middle?")."""
     split: str                     # train | val | test
     heldout_combo_prob: float = 0.5
     hesitation_prob: float = 0.0
+    voices: str = "espeak"
+    version: str = "v1"
 
     def __post_init__(self):
         if self.split not in ("train", "val", "test"):
@@ -310,35 +325,19 @@ class SplitRules:
         if not 0.0 <= self.hesitation_prob <= 1.0:
             raise ValueError(f"hesitation_prob must be in [0, 1] (0.25 is the page's version 2),"
                              f" got {self.hesitation_prob}")
+        check_mode(self.voices, self.split)
+        if self.version not in REPLY_VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(REPLY_VERSIONS)} (the page's "
+                             f"versions), got {self.version!r}")
 
     @property
     def heldout(self) -> bool:
         return self.split == "test"
 
 
-@functools.lru_cache(maxsize=None)
-def voice_pool(heldout: bool) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
-    """(voice names, variants) a split draws from; None = espeak-ng's plain voice."""
-    names, variants = list_english_voices(), list_variants()
-    if heldout:
-        pool = (tuple(n for n in names if n in HELDOUT_VOICE_NAMES),
-                tuple(v for v in variants if v in HELDOUT_VARIANTS))
-    else:
-        pool = (tuple(n for n in names if n not in HELDOUT_VOICE_NAMES),
-                (None,) + tuple(v for v in variants if v not in HELDOUT_VARIANTS))
-    if not pool[0] or not pool[1]:
-        raise RuntimeError(f"espeak-ng lacks the voices needed (names {names}, variants "
-                           f"{variants}); install Debian's espeak-ng (apt-get install "
-                           f"espeak-ng)")
-    return pool
-
-
-def sample_voice(rng, rules: SplitRules) -> Voice:
-    names, variants = voice_pool(rules.heldout)
-    return Voice(names[rng.integers(len(names))], variants[rng.integers(len(variants))],
-                 int(rng.integers(USER_WPM[0], USER_WPM[1] + 1)),
-                 int(rng.integers(USER_PITCH[0], USER_PITCH[1] + 1)))
-
+def sample_voice(rng, rules: SplitRules) -> Voice | FliteVoice | PiperVoice:
+    """A question voice for `rules`' split (demo/voices.py)."""
+    return _sample_voice(rng, rules.heldout, rules.voices)
 
 
 # --- sampling ----------------------------------------------------------------------------
@@ -391,7 +390,8 @@ def _run_ms(rng, n: int) -> tuple[list[tuple[int, int]], int]:
     return out, t
 
 
-def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -> TurnSpec:
+def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate,
+                 room: Room | None = None) -> TurnSpec:
     qtype = QTYPE_IDS[rng.integers(len(QTYPE_IDS))]
     target = ("yes.", "no.")[rng.integers(2)] if qtype in YES_NO_QTYPES else None
     for _ in range(10_000):
@@ -414,6 +414,8 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -
     else:
         raise AssertionError(f"no scene found for {qtype} -> {target}")
     question = _pick_balanced(rng, cands)
+    if rules.version == "v2" and question.text in QUESTION_WORDING_V2:
+        question = replace(question, text=QUESTION_WORDING_V2[question.text])
     pause = None                   # (words before it, ms); rng untouched when prob is 0
     if rules.hesitation_prob > 0 and rng.random() < rules.hesitation_prob:
         pause = (int(rng.integers(1, n_boundaries(question.text) + 1)),
@@ -458,6 +460,7 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate) -
         pulses += [Pulse(slot, (s0 + o) / 1000, d / 1000, scale, bright) for o, d in run]
     scene = Scene(draft.background, objects, beeps,
                   tuple(sorted(pulses, key=lambda p: p.t0)), sound_slot)
+    audio = reverberate(audio, room, sample_rate)      # as render_audio will hear it
     rms = float(np.sqrt(np.mean(np.square(speech_only(audio, span), dtype=np.float64))))
     limit = 20 * np.log10(0.9 * rms / float(np.max(np.abs(audio))))   # peak at 0.9
     dbfs = float(np.clip(base_dbfs + rng.uniform(-1.5, 1.5), *SPEECH_DBFS))
@@ -482,21 +485,24 @@ def sample_session(rng, n_turns: int, split_rules: SplitRules, synth=None,
     voice = sample_voice(rng, split_rules)
     voice_per_turn = rng.random() < 0.15          # some sessions: several speakers
     base_dbfs = float(rng.uniform(*SPEECH_DBFS))
+    room = None                    # "mix" train/val: some sessions in a room (rng untouched else)
+    if split_rules.voices == "mix" and not split_rules.heldout and rng.random() < ROOM_PROB:
+        room = sample_room(rng)
     t_ms, turns = _ms(rng, 0.2, 1.0), []
     for _ in range(n_turns):
         v = sample_voice(rng, split_rules) if voice_per_turn else voice
-        turn = _sample_turn(rng, split_rules, v, t_ms, base_dbfs, synth, sample_rate)
+        turn = _sample_turn(rng, split_rules, v, t_ms, base_dbfs, synth, sample_rate, room)
         turns.append(turn)
         t_ms = round(turn.t_next * 1000)
     noise = None if rng.random() < 0.25 else round(
         min(t.speech_dbfs for t in turns) - float(rng.uniform(*NOISE_BELOW_SPEECH_DB)), 2)
-    return SessionSpec(tuple(turns), turns[-1].t_next, noise, seed)
+    return SessionSpec(tuple(turns), turns[-1].t_next, noise, seed, room)
 
 
 def question_audio(spec: SessionSpec, synth=None,
                    sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
     """The question speech of each turn (as `sample_session` synthesised it; a hesitation's
-    pause as zeros)."""
+    pause as zeros), dry: `render_audio` adds the session's room."""
     synth = synth or synthesize_cached
     out = []
     for t in spec.turns:
@@ -677,8 +683,8 @@ def _colored_noise(rng, n: int, rms: float, sample_rate: int) -> np.ndarray:
 
 def render_audio(spec: SessionSpec, question_audio: list[np.ndarray],
                  sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """The microphone signal of a session: beeps + question speech (at its t_q0, scaled to
-    `speech_dbfs`, light noise on it) + background noise. float32 (T,) in [-1, 1]."""
+    """The microphone signal of a session: beeps + question speech (at its t_q0, in the
+    session's room if any, scaled to `speech_dbfs`, light noise on it) + background noise. float32 (T,) in [-1, 1]."""
     if len(question_audio) != len(spec.turns):
         raise ValueError(f"question_audio has {len(question_audio)} utterances for "
                          f"{len(spec.turns)} turns; pass question_audio(spec)")
@@ -688,7 +694,7 @@ def render_audio(spec: SessionSpec, question_audio: list[np.ndarray],
         for b in turn.scene.beeps:
             x, a = beep_wave(b, sample_rate), int(round(b.t0 * sample_rate))
             out[a:a + len(x)] += x[:max(0, n - a)]
-        q = np.asarray(q, np.float64)
+        q = reverberate(q, spec.room, sample_rate)      # float64; dry when room is None
         want = (turn.t_q1 - turn.t_q0) * sample_rate
         if q.ndim != 1 or abs(len(q) - want) > 1:
             raise ValueError(f"question_audio[{i}] has shape {q.shape}, the spec expects "

@@ -2,15 +2,24 @@
 
 ```
 OUT/
-  manifest.json   options, counts, seed, held-out sets, espeak-ng (flite) version, content hash
-  answers/        the agent's spoken answers (DataOptions.agent_voice, default AGENT_VOICE,
-                  16 kHz) + answers.json text -> file
+  manifest.json   options, counts, seed, held-out sets, reply version ("replies": v1 phrases or
+                  v2 sentences; a manifest without it is v1), question voices per split,
+                  espeak-ng (flite, piper) version, content hash
+  answers/        the agent's spoken replies in the data's version (DataOptions.agent_voice,
+                  default AGENT_VOICE, 16 kHz) + answers.json text -> file
   codec/          agent-voice sentences for codec training: train/*.wav, eval/*.wav,
                   sentences.json {"train": [{"file", "text"}], "eval": [...]}
   train/          sessions.jsonl (one SessionSpec per line) + mic.npy (int16, all sessions
-                  concatenated) + index.json (offsets); frames are rendered on the fly
+                  concatenated) + index.json (offsets, reply version); frames are rendered on
+                  the fly
   val/, test/     NNNNN/ session directories (DESIGN.md format), 10 fps JPEG frames
 ```
+The questions' voices (DataOptions.question_voice, demo/voices.py): "mix" (default) draws
+train/val speakers from espeak-ng and flite with rate and pitch changed, some in a room;
+"espeak" is version 1's; "piper" renders a test-only natural-voice split (Piper
+en_US-joe-medium, never a train or val voice). Session events carry each question's reply
+text in the data's version ("reply") beside its version-1 "answer".
+
 Session i of a split is sampled from `np.random.default_rng([seed, split_id, i])`, so a
 rerun with the same options (and espeak-ng/torchaudio versions) is byte-identical except
 for the "created" time stamps in session.json.
@@ -30,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from demo import world as W
+from demo.replies import all_reply_texts, check_version, reply_text, words
+from demo.voices import check_mode, flite_pool, pools
 from speech.constants import DEMO_WORLD_FPS, PCM16_MAX, SAMPLE_RATE
 from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 
@@ -49,6 +60,8 @@ class DataOptions:
     n_codec_eval: int = 100            # held-out codec sentences (no answer text among them)
     agent_voice: str = voice_spec(AGENT_VOICE)   # the answers' and codec corpus' voice (tts.parse_voice)
     hesitation_prob: float = 0.0       # questions spoken with a pause (version 2: 0.25; 0 = none)
+    replies: str = "v2"                # the page's version of the replies (and questions' wording)
+    question_voice: str = "mix"        # who asks: demo.voices.QUESTION_VOICES ("piper": test only)
 
     def __post_init__(self):
         for name, lo in (("n_train_sessions", 0), ("n_val_sessions", 0),
@@ -61,6 +74,11 @@ class DataOptions:
                 self.hesitation_prob, bool) or not 0.0 <= self.hesitation_prob <= 1.0:
             raise ValueError(f"DataOptions.hesitation_prob must be a number in [0, 1] (the "
                              f"page's version 2 uses 0.25), got {self.hesitation_prob!r}")
+        check_version(self.replies)
+        check_mode(self.question_voice)
+        for split, n in (("train", self.n_train_sessions), ("val", self.n_val_sessions)):
+            if n:
+                check_mode(self.question_voice, split)     # Piper asks test questions only
         # raises ValueError with the accepted forms; one spelling per voice ("en-us+m3" -> "en-us+m3:165:50")
         object.__setattr__(self, "agent_voice", voice_spec(parse_voice(self.agent_voice)))
 
@@ -69,9 +87,11 @@ class DataOptions:
 _TIMES = ("once", "twice", "three times")
 
 
-def codec_sentences(seed: int, n_train: int, n_eval: int) -> tuple[list[str], list[str]]:
+def codec_sentences(seed: int, n_train: int, n_eval: int,
+                    replies: str = "v1") -> tuple[list[str], list[str]]:
     """Distinct sentences in the world's vocabulary: (train, eval). Train starts with every
-    answer text; eval holds none of them and shares no sentence with train."""
+    reply text of version `replies`; eval holds none of them (nor any sentence with the same
+    words, case and punctuation aside) and shares no sentence with train."""
     cs = [(c, s) for c in W.COLORS for s in W.SHAPES]
     pool = {q.text for qt in W.QTYPES for c, s in cs for p in W.SLOTS for q in
             W.candidate_questions(_probe_scene(c, s, p), qt)}
@@ -90,8 +110,9 @@ def codec_sentences(seed: int, n_train: int, n_eval: int) -> tuple[list[str], li
                  for c2, s2 in cs for p2 in W.SLOTS if p2 != p}
     pool |= {f"I heard {n} {hl} beeps." for n in ("two", "three") for hl in ("high", "low")}
     pool |= {f"there are {n} objects." for n in ("two", "three")}
-    answers = list(W.all_answer_texts())
-    rest = sorted(pool - set(answers))
+    answers = list(all_reply_texts(replies))
+    said = {tuple(words(a)) for a in answers}
+    rest = sorted(t for t in pool if tuple(words(t)) not in said)
     np.random.default_rng([seed, 3]).shuffle(rest)
     if n_eval + max(0, n_train - len(answers)) > len(rest):
         raise ValueError(f"the world's vocabulary has {len(rest) + len(answers)} distinct "
@@ -125,21 +146,31 @@ def _speak_to_wav(job) -> float:
     return len(x) / SAMPLE_RATE
 
 
-def _make_session(job: tuple[int, str, int, int, str, float]):
+def split_rules(o: DataOptions, split: str) -> W.SplitRules:
+    """What a split of the data `o` describes draws from (hesitations, question voices, the
+    page's version of the questions)."""
+    return W.SplitRules(split, hesitation_prob=o.hesitation_prob, voices=o.question_voice,
+                        version=o.replies)
+
+
+def _make_session(job: tuple[int, str, int, int, str, W.SplitRules, str]):
     from speech.audio import float_to_pcm16
-    seed, split, i, n_turns, out, hesitation_prob = job
+    seed, split, i, n_turns, out, rules, replies = job
     rng = np.random.default_rng([seed, SPLIT_ID[split], i])
-    spec = W.sample_session(rng, n_turns, W.SplitRules(split, hesitation_prob=hesitation_prob))
+    spec = W.sample_session(rng, n_turns, rules)
     audio = W.render_audio(spec, W.question_audio(spec))
     if split == "train":
         return json.dumps(spec.to_dict(), separators=(",", ":")), float_to_pcm16(audio)
     write_session(Path(out) / split / f"{i:05d}", spec, audio,
-                  {"world": "demo", "split": split, "seed": seed, "session_index": i})
+                  {"world": "demo", "split": split, "seed": seed, "session_index": i},
+                  replies=replies)
     return None, None
 
 
-def write_session(root, spec: W.SessionSpec, audio: np.ndarray, meta: dict) -> None:
-    """One session directory: mic.wav, 10 fps frames, per-turn ground-truth events."""
+def write_session(root, spec: W.SessionSpec, audio: np.ndarray, meta: dict,
+                  replies: str | None = None) -> None:
+    """One session directory: mic.wav, 10 fps frames, per-turn ground-truth events (with
+    `replies`, each question's reply text in that version too)."""
     from app.session import SessionWriter
     with SessionWriter(root, sample_rate=SAMPLE_RATE,
                        meta={**meta, "spec": spec.to_dict()}) as w:
@@ -152,8 +183,10 @@ def write_session(root, spec: W.SessionSpec, audio: np.ndarray, meta: dict) -> N
             q = turn.question
             w.write_event(turn.t_scene, "scene", turn=j, scene=turn.scene.to_dict())
             h = turn.hesitation                       # the pause inside it, if any
+            reply = {} if replies is None else {
+                "reply": reply_text(q.qtype, q.text, q.answer, replies)}
             w.write_event(turn.t_q0, "question", turn=j, t_end=turn.t_q1, text=q.text,
-                          qtype=q.qtype, group=q.type_group, answer=q.answer,
+                          qtype=q.qtype, group=q.type_group, answer=q.answer, **reply,
                           **({} if h is None else {"pause": [h.t0, h.t1],
                                                    "pause_after_words": h.words}))
 
@@ -167,7 +200,8 @@ def _npy_header(n: int) -> bytes:
 
 class TrainShards:
     """The training split (OUT/train, or OUT): specs + memmapped mic audio; frames come
-    from `render_frame(spec, t)`."""
+    from `render_frame(spec, t)`. `replies`: the version of the reply texts this data was
+    rendered for (its index.json, else its manifest; data from before versions: "v1")."""
 
     def __init__(self, root):
         self.root = Path(root)
@@ -178,6 +212,10 @@ class TrainShards:
                                     f"`python run.py data`")
         self.index = json.loads((self.root / "index.json").read_text())
         self.sample_rate = int(self.index["sample_rate"])
+        manifest = self.root.parent / "manifest.json"
+        version = self.index.get("replies") or (json.loads(manifest.read_text()).get("replies")
+                                                if manifest.is_file() else None)
+        self.replies = check_version(version or "v1")
         with open(self.root / "sessions.jsonl") as f:
             self.specs = [W.SessionSpec.from_dict(json.loads(line)) for line in f]
         assert len(self.specs) == len(self.index["sessions"]), (len(self.specs),
@@ -200,6 +238,12 @@ class TrainShards:
     def session_of(self, i: int) -> int:
         """Session index of global turn i."""
         return self._turns[i][0]
+
+    def reply(self, i: int) -> str:
+        """The agent's reply text to global turn i, in this data's version."""
+        spec, j = self.turn(i)
+        q = spec.turns[j].question
+        return reply_text(q.qtype, q.text, q.answer, self.replies)
 
     def mic(self, i_session: int) -> np.ndarray:
         """The session's microphone audio, float32 (T,) in [-1, 1]."""
@@ -234,6 +278,14 @@ def _tool_version(binary: str) -> str:
         return "missing"
 
 
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"{name} {version(name)}"
+    except PackageNotFoundError:
+        return "missing"
+
+
 def generate(out_dir, options: DataOptions, *, progress: bool = True,
              overwrite: bool = False) -> dict:
     """Write the datasets described in the module docstring; returns the manifest."""
@@ -249,15 +301,16 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
     for d in ("answers", "codec/train", "codec/eval", "train", "val", "test"):
         (out / d).mkdir(parents=True, exist_ok=True)
     o = options
-    answers = {t: f"{_slug(t)}.wav" for t in W.all_answer_texts()}
-    tr_text, ev_text = codec_sentences(o.seed, o.n_codec_sentences, o.n_codec_eval)
+    answers = {t: f"{_slug(t)}.wav" for t in all_reply_texts(o.replies)}
+    tr_text, ev_text = codec_sentences(o.seed, o.n_codec_sentences, o.n_codec_eval, o.replies)
     codec = {"train": [{"file": f"train/{i:06d}.wav", "text": t} for i, t in enumerate(tr_text)],
              "eval": [{"file": f"eval/{i:06d}.wav", "text": t} for i, t in enumerate(ev_text)]}
     voice = parse_voice(o.agent_voice)
     speak = [(t, str(out / "answers" / f), voice) for t, f in answers.items()]
     speak += [(e["text"], str(out / "codec" / e["file"]), voice) for k in ("train", "eval")
               for e in codec[k]]
-    jobs = [(o.seed, split, i, o.turns_per_session, str(out), o.hesitation_prob) for split, n in
+    jobs = [(o.seed, split, i, o.turns_per_session, str(out), split_rules(o, split), o.replies)
+            for split, n in
             (("train", o.n_train_sessions), ("val", o.n_val_sessions),
              ("test", o.n_test_sessions)) for i in range(n)]
     counts = {s: {"sessions": 0, "turns": 0, "seconds": 0.0} for s in SPLIT_ID}
@@ -299,23 +352,27 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
             torch.set_num_threads(threads)
     (out / "train" / "index.json").write_text(json.dumps(
         {"format": "tandem-demo-train", "version": 1, "sample_rate": SAMPLE_RATE,
-         "sessions": index}, separators=(",", ":")))
+         "replies": o.replies, "sessions": index}, separators=(",", ":")))
     (out / "answers" / "answers.json").write_text(json.dumps(answers, indent=1))
     (out / "codec" / "sentences.json").write_text(json.dumps(
-        {"sample_rate": SAMPLE_RATE, "voice": voice.to_dict(), **codec}, indent=1))
+        {"sample_rate": SAMPLE_RATE, "voice": voice.to_dict(), "replies": o.replies, **codec},
+        indent=1))
     for split in ("val", "test"):
         counts[split]["seconds"] = sum(json.loads((p / "session.json").read_text())
                                        ["spec"]["duration"] for p in (out / split).iterdir())
     manifest = {"format": "tandem-demo-data", "version": 1, "world": "demo",
                 "seed": o.seed, "options": asdict(o), "counts": counts,
-                "answers": len(answers), "agent_voice": voice.to_dict(),
+                "answers": len(answers), "replies": o.replies, "agent_voice": voice.to_dict(),
+                "question_voice": o.question_voice, "question_voices": pools(o.question_voice),
                 "codec": {"train": len(tr_text), "eval": len(ev_text),
                           "seconds": round(sum(seconds), 3)},
                 "heldout": {"triples": W.HELDOUT_TRIPLES, "voices": W.HELDOUT_VOICE_NAMES,
                             "variants": W.HELDOUT_VARIANTS},
                 "espeak_ng": _tool_version("espeak-ng"), "content_sha256": _hash_tree(out)}
-    if o.agent_voice.startswith("flite:"):
+    if o.agent_voice.startswith("flite:") or (o.question_voice == "mix" and flite_pool()):
         manifest["flite"] = _tool_version("flite")
+    if o.agent_voice.startswith("piper:") or o.question_voice == "piper":
+        manifest["piper"] = _package_version("piper-tts")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -328,9 +385,11 @@ def main(out_dir, *, n_train_sessions: int = DataOptions.n_train_sessions,
          n_codec_sentences: int = DataOptions.n_codec_sentences,
          n_codec_eval: int = DataOptions.n_codec_eval,
          agent_voice: str = DataOptions.agent_voice, overwrite: bool = False,
-         hesitation_prob: float = DataOptions.hesitation_prob) -> dict:
+         hesitation_prob: float = DataOptions.hesitation_prob,
+         replies: str = DataOptions.replies,
+         question_voice: str = DataOptions.question_voice) -> dict:
     """Entry point of `python run.py data OUT`; see `DataOptions` for the defaults."""
     opts = DataOptions(n_train_sessions, n_val_sessions, n_test_sessions, turns_per_session,
                        seed, workers, n_codec_sentences, n_codec_eval, agent_voice,
-                       hesitation_prob)
+                       hesitation_prob, replies, question_voice)
     return generate(out_dir, opts, progress=progress, overwrite=overwrite)

@@ -111,8 +111,9 @@ def data_step(o: PipelineOptions) -> bool:
     want = asdict(DataOptions(seed=o.seed, workers=o.workers, **{**BUDGETS[o.budget]["data"], **voice}))
     manifest = data / "manifest.json"
     if manifest.is_file():
-        # data rendered before agent_voice was an option was spoken by the default voice
-        have = {"agent_voice": DataOptions.agent_voice,
+        # data rendered before agent_voice was an option was spoken by the default voice; before
+        # reply versions and question-voice modes it was version 1 with espeak-ng questions
+        have = {"agent_voice": DataOptions.agent_voice, "replies": "v1", "question_voice": "espeak",
                 **json.loads(manifest.read_text()).get("options", {})}
         if {k: v for k, v in have.items() if k != "workers"} == {k: v for k, v in want.items() if k != "workers"}:
             return False

@@ -173,6 +173,23 @@ def corpus_voice(corpus: Path):
     return voice_from_dict(meta["voice"]) if "voice" in meta else AGENT_VOICE
 
 
+def corpus_replies(corpus: Path) -> str:
+    """The reply version whose texts a corpus speaks (its sentences.json; "v1" when it says
+    none: corpora from before reply versions)."""
+    from demo.replies import check_version
+    meta_file = Path(corpus) / "sentences.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return check_version(meta.get("replies", "v1"))
+
+
+def reply_waves(corpus: Path, waves: list[np.ndarray], texts: list[str | None]) -> list[np.ndarray]:
+    """The waveforms among `waves` that speak one of the world's replies, in the corpus's
+    reply version (`corpus_replies`): what `answer_fraction` of each batch is cut from."""
+    from demo.replies import all_reply_texts
+    replies = set(all_reply_texts(corpus_replies(corpus)))
+    return [w for w, t in zip(waves, texts) if t in replies]
+
+
 def random_batch(rng: np.random.Generator, waves: list[np.ndarray], batch: int,
                  length: int) -> np.ndarray:
     """(batch, length) random crops; shorter utterances are placed at a random offset in
@@ -340,10 +357,11 @@ def _asr_scores(recognizer, texts, waves) -> dict:
 
 
 def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
-                   asr_heldout: int = 30, answer_voice=None) -> dict:
+                   asr_heldout: int = 30, answer_voice=None, replies: str = "v1") -> dict:
     """Reconstruction quality on held-out utterances: SI-SNR, mel distance, per-codebook
     usage/perplexity; with a recogniser, its accuracy on original vs reconstructed audio
-    (the world's answer texts spoken by `answer_voice` (default AGENT_VOICE), and
+    (the world's reply texts of version `replies` spoken by `answer_voice` (default
+    AGENT_VOICE), and
     `asr_heldout` held-out sentences)."""
     recs = [reconstruct(codec, w) for w in waves]
     counts = np.zeros((codec.n_q, codec.bins))
@@ -359,10 +377,10 @@ def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
         return out
     sets = []
     if answers:
-        from demo.world import all_answer_texts
+        from demo.replies import all_reply_texts
         from speech.tts import AGENT_VOICE, synthesize
         voice = AGENT_VOICE if answer_voice is None else answer_voice
-        a_texts = list(all_answer_texts())
+        a_texts = list(all_reply_texts(replies))
         sets.append(("answers", a_texts, [synthesize(t, voice) for t in a_texts]))
     pairs = [(t, w) for t, w in zip(texts, waves) if t][:asr_heldout]
     if pairs:
@@ -436,9 +454,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
     try:
         device = torch.device(o.device)
         train_w, train_t = load_split(corpus, "train")
-        from demo.world import all_answer_texts
-        answer_texts = set(all_answer_texts())
-        answer_w = [w for w, t in zip(train_w, train_t) if t in answer_texts]
+        answer_w = reply_waves(corpus, train_w, train_t)
         n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
         held = next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
         held_w, held_t = load_split(corpus, held) if held else ([], [])
@@ -542,7 +558,8 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
         if history:
             plot_history(history, evals, out / "loss.png")
         report = _final_report(codec, o, held_w, held_t, history, evals, step, elapsed,
-                               step - start_step, wall, progress, usage, corpus_voice(corpus))
+                               step - start_step, wall, progress, usage, corpus_voice(corpus),
+                               corpus_replies(corpus))
         (out / "report.json").write_text(json.dumps(report, indent=1))
         final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
         return CodecTrainResult(folder, step, wall, final, history, report)
@@ -551,7 +568,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 
 
 def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
-                  progress, usage, voice) -> dict:
+                  progress, usage, voice, replies: str = "v1") -> dict:
     import torch
     from .bench import cpu_name
     final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
@@ -562,7 +579,7 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
               "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
               "torch": torch.__version__, "final_loss": round(final, 5),
               "codebooks_train_recent": codebook_stats(usage), "evals": evals,
-              "voice": voice.to_dict()}
+              "voice": voice.to_dict(), "replies": replies}
     if not held_w:
         report["heldout"] = {"skipped": "the corpus has no eval/ (or heldout/) split"}
         return report
@@ -579,7 +596,7 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
         print("evaluating on held-out speech" + (" (+ recogniser)" if recognizer else ""))
     t = time.time()
     report["heldout"] = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout,
-                                       answer_voice=voice)
+                                       answer_voice=voice, replies=replies)
     report["heldout"]["eval_seconds"] = round(time.time() - t, 1)
     if why:
         report["heldout"]["recognizer"] = {"skipped": why}

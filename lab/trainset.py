@@ -86,7 +86,7 @@ def pad_replies(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass
 class TurnExample:
     feats: SceneFeatures       # batch 1, CPU, float16 storage
-    answer: str
+    answer: str                # the reply text to train on (the data's version: TrainShards.replies)
     qtype: str
     group: str
 
@@ -156,12 +156,13 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
             enc.push_audio(mic[enc.samples:end])
             feats = _to_storage(enc.features(q0, min(q1, enc.now)))
             q = tr.question
+            reply = shards.reply(i)               # in the version the data was rendered for
             if vision_from is not None:
                 old = vision_from[i]
-                assert (old.answer, old.qtype) == (q.answer, q.qtype), (old.answer, q.answer, i)
+                assert (old.answer, old.qtype) == (reply, q.qtype), (old.answer, reply, i)
                 feats = replace(feats, frames=old.feats.frames, frame_times=old.feats.frame_times,
                                 frame_mask=old.feats.frame_mask)
-            out[i] = TurnExample(feats, q.answer, q.qtype, q.type_group)
+            out[i] = TurnExample(feats, reply, q.qtype, q.type_group)
             bar.update(1)
     bar.close()
     return [out[i] for i in turn_ids]

