@@ -278,6 +278,8 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
             rec = {"session": sdir.name, "turn": turn, "qtype": q.get("qtype"),
                    "pause": pause, "cut_off": cut_off(rep.turns, q) if pause else None,
                    "group": q.get("group"), "question": q.get("text"), "expected": q.get("answer"),
+                   # the reply text in the data's version (v2 sentence; v1 data: the answer)
+                   "reference": q.get("reply") or q.get("answer"),
                    "heldout_triple": held[turn] if held and isinstance(turn, int) and turn < len(held) else None,
                    "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
             if r is not None:
@@ -406,7 +408,7 @@ def score_spoken(records: list, refs: References) -> dict:
     from speech.recognizer import is_recognized
     from .spoken_eval import judge_reply, spoken_summary
     for r in records:
-        ref = refs.get(r["expected"])
+        ref = refs.get(r["reference"])
         if ref is None:
             continue
         audio = load_audio(r["audio"], SAMPLE_RATE) if r["audio"] else np.zeros(0, np.float32)
@@ -418,7 +420,7 @@ def score_spoken(records: list, refs: References) -> dict:
             # the voice's intelligibility apart from the answer's correctness
             r["heard_as_reply"] = bool(r["text"].strip()) and is_recognized(r["text"], r["transcript"])
         judge_reply(r, r.get("transcript"), audio, refs.dnsmos)   # audio: 16 kHz, resampled by load_audio
-    scored = [r for r in records if refs.get(r["expected"]) is not None]
+    scored = [r for r in records if refs.get(r["reference"]) is not None]
     return {"n": len(scored), "codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored),
             "mel_dtw": _mean(r.get("mel_dtw") for r in scored),
             "recognised": _mean(float(r["recognised"]) for r in scored if "recognised" in r),
@@ -480,7 +482,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
             natural = score_natural(agent, natural, o, out / "natural", turn_end_model)
             timings["natural"] = time.perf_counter() - t0
         qs = recs[o.modes[0]]
-        ceiling = [refs.get(r["expected"]) for r in qs]
+        ceiling = [refs.get(r["reference"]) for r in qs]
         heard = [(r, c["transcript"]) for r, c in zip(qs, ceiling) if c and "transcript" in c]
         results = {
             "format": "tandem-eval", "version": 1, "options": asdict(o), "model": agent.name,
@@ -491,7 +493,7 @@ def evaluate(options: EvalOptions) -> EvalReport:
                 "n": sum(c is not None for c in ceiling),
                 "recognised": _mean(float(c["recognised"]) for c in ceiling if c and "recognised" in c),
                 "heard_slots": _mean(heard_right(t, r["expected"], r["qtype"]) for r, t in heard),
-                "wer": pooled_rate(word_errors(r["expected"], t) for r, t in heard),
+                "wer": pooled_rate(word_errors(r["reference"], t) for r, t in heard),
                 "dnsmos": {k: _mean((c.get("dnsmos") or {}).get(k) for c in ceiling if c) for k in DNSMOS_KEYS}},
             "natural": natural,
             "ablations": None, "timings_s": timings, "turns": _turn_rows(recs)}
