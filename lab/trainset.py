@@ -110,6 +110,19 @@ def question_bounds(rng, turn: W.TurnSpec) -> tuple[float, float]:
     return q0, turn.t_q1 + rng.uniform(*QUESTION_END_JITTER)
 
 
+def question_gaps(rng, turn: W.TurnSpec) -> list[tuple[float, float]]:
+    """A hesitation's pause as the engine leaves it out of the question (app/engine.py): from
+    the VAD's speech end (QUESTION_END_JITTER after the pause starts) to QUESTION_PAD before
+    the VAD's restart (QUESTION_START_JITTER after the pause ends); [] without a hesitation
+    (no draw from `rng`: fluent data encodes as before)."""
+    h = turn.hesitation
+    if h is None:
+        return []
+    a = h.t0 + rng.uniform(*QUESTION_END_JITTER)
+    b = h.t1 - QUESTION_PAD + rng.uniform(*QUESTION_START_JITTER)
+    return [(a, b)] if b > a else []
+
+
 @torch.inference_mode()
 def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = True,
                  vision_from: dict[int, TurnExample] | None = None) -> list[TurnExample]:
@@ -137,6 +150,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
         for i in sorted(turns, key=lambda i: shards.turn(i)[1]):
             tr = spec.turns[shards.turn(i)[1]]
             q0, q1 = question_bounds(rng, tr)
+            gaps = question_gaps(rng, tr)
             decision = q1 + END_OF_TURN_SILENCE
             t_lo = q1 - model.config.context_seconds - 1.0
             # skip ahead cheaply: nothing before t_lo matters for this turn
@@ -154,7 +168,7 @@ def encode_turns(model, shards, turn_ids, *, seed: int = 0, progress: bool = Tru
                 frame_i += 1
             enc.push_frames(times, images)                # batched: same features as one by one
             enc.push_audio(mic[enc.samples:end])
-            feats = _to_storage(enc.features(q0, min(q1, enc.now)))
+            feats = _to_storage(enc.features(q0, min(q1, enc.now), gaps=gaps))
             q = tr.question
             reply = shards.reply(i)               # in the version the data was rendered for
             if vision_from is not None:

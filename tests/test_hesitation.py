@@ -123,3 +123,20 @@ def test_run_py_data_hesitations_reach_shards_and_sessions(tmp_path):
     (q,) = [e for e in ses.events if e["type"] == "question"]
     h = W.SessionSpec.from_dict(ses.meta["spec"]).turns[0].hesitation
     assert q["pause"] == [h.t0, h.t1] and q["t"] < h.t0 < h.t1 < q["t_end"]
+
+
+def test_training_leaves_the_pause_out_as_the_engine_does(hesitant):
+    """The trainset cuts a hesitation from the question where the engine would: from about the
+    VAD's speech end to QUESTION_PAD before its late restart; fluent turns draw nothing."""
+    from lab.trainset import QUESTION_END_JITTER, QUESTION_START_JITTER, question_gaps
+    from speech.constants import QUESTION_PAD
+    rng = np.random.default_rng(0)
+    for t in hesitant.turns:
+        (a, b), = question_gaps(rng, t)
+        h = t.hesitation
+        assert h.t0 + QUESTION_END_JITTER[0] <= a <= h.t0 + QUESTION_END_JITTER[1]
+        assert h.t1 - QUESTION_PAD + QUESTION_START_JITTER[0] <= b <= h.t1 - QUESTION_PAD + QUESTION_START_JITTER[1]
+    fluent = W.sample_session(np.random.default_rng(11), 2, W.SplitRules("train"))
+    state = rng.bit_generator.state
+    assert all(question_gaps(rng, t) == [] for t in fluent.turns)
+    assert rng.bit_generator.state == state
