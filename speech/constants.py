@@ -35,9 +35,9 @@ CONTEXT_SECONDS = 6.0                      # questions are about the 6 s before 
 END_OF_TURN_SILENCE = 0.4                  # s of silence that ends a user turn
 TURN_END_PAUSE = 0.2                       # s of silence at which the end-of-turn predictor
                                            # (speech/turn_end.py) is asked (Smart Turn: 0.2)
-TURN_END_THRESHOLD = 0.9                   # P(complete) at that pause that ends the turn: the
-                                           # highest recall with <= 3% of hesitations cut on
-                                           # the val split (lab/probes/turn_end_pauses.py)
+TURN_END_THRESHOLD = 0.5                   # P(complete) at that pause that ends the turn (0.9
+                                           # cut no fewer hesitations in replay and sent 9% of
+                                           # turns to the longest silence: docs/HISTORY.md)
 QUESTION_PAD = 0.05                        # s of audio kept before the VAD's speech start
 
 # --- PCM ------------------------------------------------------------------------------------

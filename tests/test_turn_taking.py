@@ -325,6 +325,6 @@ def test_turn_end_flags(tmp_path, capsys):
     assert kw["turn_end_model"] is None and kw["max_end_of_turn_silence"] == 1.0
     kw = turn_end_kwargs(p.parse_args([]))
     assert kw["turn_end_model"] == (str(DEFAULT_TURN_END_MODEL) if DEFAULT_TURN_END_MODEL.is_file() else None)
-    assert EngineOptions(**kw).turn_end_threshold == TURN_END_THRESHOLD == 0.9
+    assert EngineOptions(**kw).turn_end_threshold == TURN_END_THRESHOLD == 0.5
     with pytest.raises(FileNotFoundError, match="no end-of-turn model"):
         turn_end_kwargs(p.parse_args(["--turn-end", str(tmp_path / "missing.safetensors")]))
