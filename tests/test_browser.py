@@ -76,6 +76,18 @@ def launch(pw, user_data: Path, wav: Path, y4m: Path):
               "--autoplay-policy=no-user-gesture-required"])
 
 
+def first_turn(page, timeout: float = 60.0) -> dict:
+    """The page's stats once its first turn has been heard (fails on page errors)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = page.evaluate("window.tandemStats")
+        if stats["turns"] >= 1 and stats["lastResponseLatency"] is not None:
+            return stats
+        assert not stats["errors"], stats["errors"]
+        time.sleep(0.25)
+    pytest.fail(f"no turn within {timeout:g} s: {page.evaluate('window.tandemStats')}")
+
+
 def test_browser_conversation(media, tmp_path):
     from playwright.sync_api import sync_playwright
     wav, y4m = media
@@ -91,15 +103,7 @@ def test_browser_conversation(media, tmp_path):
             page.goto(server.url)
             assert page.text_content("#status") == "not connected"
             page.click("#start")
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                stats = page.evaluate("window.tandemStats")
-                if stats["turns"] >= 1 and stats["lastResponseLatency"] is not None:
-                    break
-                assert not stats["errors"], stats["errors"]
-                time.sleep(0.25)
-            else:
-                pytest.fail(f"no turn within 60 s: {page.evaluate('window.tandemStats')}")
+            stats = first_turn(page)
             page.wait_for_timeout(500)
             row = [c.strip() for c in page.locator("#turns tr").last.locator("td").all_text_contents()]
             agent_said = page.locator(".bubble.agent").first.text_content()
@@ -165,15 +169,7 @@ def test_browser_turn_taking_with_the_predictor(media, tmp_path):
             page = browser.new_page()
             page.goto(server.url)
             page.click("#start")
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                stats = page.evaluate("window.tandemStats")
-                if stats["turns"] >= 1 and stats["lastResponseLatency"] is not None:
-                    break
-                assert not stats["errors"], stats["errors"]
-                time.sleep(0.25)
-            else:
-                pytest.fail(f"no turn within 60 s: {page.evaluate('window.tandemStats')}")
+            stats = first_turn(page)
             page.wait_for_timeout(500)
             ended = page.locator("#turns tr").first.locator('[data-k="ended"]').text_content()
         finally:
