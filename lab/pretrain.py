@@ -29,7 +29,7 @@ from vision.encoder import preprocess
 
 from demo import world as W
 from fusion.layers import column_means, masked_mean
-from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels,
+from .trainset import (BEEP_CLASSES, OBJECT_CLASSES, audio_frame_labels, frame_labels, question_gaps,
                        question_vocab, words_of)
 
 
@@ -174,6 +174,18 @@ class EncoderPretrainer(nn.Module):
         return {"loss_audio": loss, **out}
 
 
+def question_audio(mic: np.ndarray, rng, tr) -> np.ndarray:
+    """A turn's question as the engine hands it on: VAD-like jitter on its bounds and a
+    hesitation's pause cut out where the engine cuts it (`trainset.question_gaps`)."""
+    q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(-0.05, 0.05))
+    q1 = tr.t_q1 + rng.uniform(-0.05, 0.05)
+    qa = mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)]
+    for a, b in reversed(question_gaps(rng, tr)):
+        a, b = (int((min(max(t, q0), q1) - q0) * SAMPLE_RATE) for t in (a, b))
+        qa = np.concatenate([qa[:a], qa[b:]])
+    return qa
+
+
 class AuxBatches:
     """Random auxiliary batches rendered on the fly from the training shards (seeded).
     `shift_px`: frames shifted sideways by up to this many px (at 320x240; the edge pixels
@@ -224,10 +236,7 @@ class AuxBatches:
             mels.append(log_mel(chunk, self.n_mels))
             b, sp = audio_frame_labels(spec, float(k), 50)
             beeps.append(b), speech.append(sp)
-            # the question, with VAD-like jitter on its bounds
-            q0 = max(0.0, tr.t_q0 - QUESTION_PAD + rng.uniform(-0.05, 0.05))
-            q1 = tr.t_q1 + rng.uniform(-0.05, 0.05)
-            qa = mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)]
+            qa = question_audio(mic, rng, tr)
             qm = augment_question(qa, rng, self.n_mels) if self.voice_aug else log_mel(qa, self.n_mels)
             qmels.append(qm), qlens.append(qm.shape[1])
             words = set(words_of(tr.question.text))

@@ -56,8 +56,9 @@ class FusionTrainOptions:
     # then reads held-out voices' colour words 95.6%, 85.6% without: lab/probes/question_probe.py)
     question_heads: bool = True
     voice_aug: bool = False              # questions speed-perturbed, spectrally warped, masked (pretrain.augment_question)
-    encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains from scratch
+    encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains
     init: str | None = None              # start from this fusion checkpoint (its encoder_parts rebuilt)
+    rebuild_encoders: bool = True        # with init: encoder_parts start at random (else fine-tuned)
     vision_cache: str | None = None      # with init + encoder_parts=("audio",): frames from this cache.pt
     lr: float = 1e-3
     max_train_turns: int | None = None
@@ -97,6 +98,8 @@ class FusionTrainOptions:
                              f"encoder at its random init: add --init MODEL to keep a trained one")
         if self.init is not None and not Path(self.init).is_file():
             raise FileNotFoundError(f"--init {self.init}: no such fusion checkpoint")
+        if not self.rebuild_encoders and self.init is None:
+            raise ValueError("--no-rebuild-encoders fine-tunes the encoders of --init MODEL: add --init")
         if self.init is not None and self.ablation:
             raise ValueError("--init starts from a trained model; ablations train from scratch")
         if self.vision_cache is not None:
@@ -145,7 +148,7 @@ def _init_model(o: FusionTrainOptions, codec):
     from fusion.config import preset
     from fusion.model import FusionModel, is_encoder_key
     old = load_model(o.init).float()
-    rebuild = [p for p in o.encoder_parts if "encoders" in o.stages]
+    rebuild = [p for p in o.encoder_parts if "encoders" in o.stages and o.rebuild_encoders]
     fresh = preset(o.preset, codec.spec)
     config = replace(old.config, question_chunks=o.question_chunks,
                      **{p: getattr(fresh, p) for p in rebuild})
@@ -299,7 +302,8 @@ def train_fusion(o: FusionTrainOptions) -> Path:
     if model is None and o.init:
         model = _init_model(o, codec)
         if is_main():
-            print(f"started from {o.init} (rebuilt: {', '.join(o.encoder_parts) if 'encoders' in o.stages else 'nothing'})")
+            trained = ', '.join(o.encoder_parts) if 'encoders' in o.stages else 'nothing'
+            print(f"started from {o.init} ({'rebuilt' if o.rebuild_encoders else 'fine-tuned'}: {trained})")
     if model is not None and model.config.codec.fingerprint != codec.spec.fingerprint:
         _adopt_codec(model, codec, audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
     model = model if model is not None else _build_model(o, codec)
@@ -484,6 +488,9 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--init", default=None,
                    help="start from this fusion checkpoint instead of a fresh model; the encoders stage "
                         "rebuilds and retrains only --encoder-parts")
+    g.add_argument("--rebuild-encoders", action=argparse.BooleanOptionalAction, default=d.rebuild_encoders,
+                   help="with --init: the encoders stage starts --encoder-parts at random; "
+                        "--no-rebuild-encoders fine-tunes the checkpoint's (default: %(default)s)")
     g.add_argument("--vision-cache", default=None,
                    help="with --init and --encoder-parts audio: take the frame features from this cache.pt "
                         "(the --init run's, same data and seed) instead of encoding them again")
@@ -510,7 +517,7 @@ def run_fusion(args) -> None:
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
         lr=args.lr, amp=args.amp, sample=args.sample, referent_loss=args.referent_loss, slot_heads=args.slot_heads,
         shift_px=args.shift_px, voice_aug=args.voice_aug, question_heads=args.question_heads,
-        init=args.init,
+        init=args.init, rebuild_encoders=args.rebuild_encoders,
         vision_cache=args.vision_cache,
         encoder_parts=tuple(p for p in args.encoder_parts.split(",") if p),
         question_chunks=args.question_chunks,

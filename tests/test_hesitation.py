@@ -140,3 +140,17 @@ def test_training_leaves_the_pause_out_as_the_engine_does(hesitant):
     state = rng.bit_generator.state
     assert all(question_gaps(rng, t) == [] for t in fluent.turns)
     assert rng.bit_generator.state == state
+
+
+def test_encoder_pretraining_hears_the_question_without_its_pause(hesitant):
+    """The audio encoder's pretraining (lab.pretrain) cuts a hesitation out of the question as
+    the engine and the feature cache do: what is left is the question's speech, no long silence."""
+    from lab.pretrain import question_audio
+    quiet = replace(hesitant, noise_level=None)
+    mic = W.render_audio(quiet, W.question_audio(quiet))
+    for t in hesitant.turns:
+        q = question_audio(mic, np.random.default_rng(0), t)
+        silent = np.flatnonzero(np.abs(q) > 0)
+        longest = np.diff(silent).max() / SR                       # longest stretch of zeros
+        spoken = t.t_q1 - t.t_q0 - (t.hesitation.t1 - t.hesitation.t0)
+        assert longest < 0.2 and abs(len(q) / SR - spoken) < 0.35, (longest, len(q) / SR, spoken)
