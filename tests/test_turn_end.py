@@ -130,3 +130,12 @@ def test_world_examples_end_in_silence_after_speech():
         before = x[-int(EXTRA_SILENCE[1] * SR) - int(0.3 * SR):-int(EXTRA_SILENCE[1] * SR)]
         assert np.sqrt(np.mean(before ** 2)) > 100 * np.sqrt(np.mean(x[-quiet:] ** 2) + 1e-20), \
             kind
+
+
+def test_the_pause_probe_counts_a_hesitation_called_complete_as_a_cut_off():
+    """lab/probes/turn_end_pauses.py scores with the trainer's `scores`: ends are the
+    complete examples, hesitations the incomplete ones."""
+    from lab.probes.turn_end_pauses import table
+    lo, hi = table(np.array([0.9, 0.8, 0.2]), np.array([0.6, 0.1]), [0.5, 0.85])
+    assert (lo["precision"], lo["recall"], lo["cut"], lo["cut_off"]) == (0.6667, 0.6667, 1, 0.5)
+    assert (hi["precision"], hi["recall"], hi["cut"], hi["cut_off"]) == (1.0, 0.3333, 0, 0.0)

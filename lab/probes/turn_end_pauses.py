@@ -15,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from lab.train_turn_end import scores
+from lab.trainset import QUESTION_END_JITTER
+from lab.turn_end_data import Examples
 from speech.constants import SAMPLE_RATE, TURN_END_PAUSE
 from speech.turn_end import TurnEndPredictor, window
 
-VAD_END_LAG = 0.05       # s: silero-vad's speech end, mean, after the true end (lab/trainset.py)
+VAD_END_LAG = float(np.mean(QUESTION_END_JITTER))   # s: the VAD's speech end after the true end, mean
 
 
 def pause_probabilities(data: Path, split: str, predictor: TurnEndPredictor, lag: float):
@@ -44,13 +47,14 @@ def pause_probabilities(data: Path, split: str, predictor: TurnEndPredictor, lag
 
 
 def table(ends: np.ndarray, pauses: np.ndarray, thresholds) -> list[dict]:
-    rows = []
-    for th in thresholds:
-        tp, fp = int((ends >= th).sum()), int((pauses >= th).sum())
-        rows.append({"threshold": float(th), "recall": tp / max(len(ends), 1),
-                     "precision": tp / max(tp + fp, 1), "cut_off": fp / max(len(pauses), 1),
-                     "cut": fp, "hesitations": len(pauses)})
-    return rows
+    """`lab.train_turn_end.scores` per threshold: question ends are the complete examples,
+    hesitations the incomplete ones (a hesitation called complete is a cut-off)."""
+    n, m = len(ends), len(pauses)
+    ex = Examples(np.zeros((n + m, 0), np.int16), np.r_[np.ones(n), np.zeros(m)].astype(np.int64),
+                  np.r_[np.zeros(n), np.ones(m)].astype(np.int64), np.zeros(n + m, np.int64))
+    probs = np.concatenate([ends, pauses])
+    return [{**scores(probs, ex, th), "cut_off": float((pauses >= th).mean()) if m else 0.0,
+             "cut": int((pauses >= th).sum()), "hesitations": m} for th in thresholds]
 
 
 def main(argv=None) -> None:
