@@ -28,7 +28,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def accuracy_columns(results: dict) -> dict[str, dict]:
-    """Column label -> accuracy table (`lab.eval.accuracy_table`), engine modes first."""
+    """Column label -> accuracy table (`lab.answers.accuracy_table`), engine modes first."""
     cols = {f"{m} (engine)": s["accuracy"] for m, s in results["modes"].items()}
     for name, r in ((results.get("ablations") or {}).get("models") or {}).items():
         cols[ABLATION_LABELS.get(name, name)] = r

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from lab.ablations import encoder_fingerprint
 from lab.eval import (EvalOptions, accuracy_table, answers_match, code_agreement,
-                         dtw_mel_distance, encoder_fingerprint, evaluate, match_turns,
-                         heldout_triple_turns, normalize_answer, recognise)
+                      dtw_mel_distance, evaluate, match_turns, heldout_triple_turns,
+                      normalize_answer, recognise)
 from speech.recognizer import is_recognized
 
 STEPS = dict(encoder_steps=2, align_steps=2, sft_steps=2, batch=2, aux_batch=2,
@@ -43,7 +44,7 @@ def recognizer():
 
 def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
     from fusion.checkpoint import load_model
-    from lab.eval import run_ablations
+    from lab.ablations import run_ablations
     base = dict(data=str(world / "data"), model=str(world / "assets" / "fusion.safetensors"), device="cpu",
                 max_text_tokens=4, ablations=True, ablation_names=("mean", "vision"), ablation_steps=2,
                 train_run=str(world / "run"), threads=1, progress=False)
@@ -59,7 +60,7 @@ def test_ablations_trained_in_parallel_equal_serial_ones(world, tmp_path):
 
 def test_ablations_train_without_the_referent_losses_or_init(world, tmp_path):
     import shutil
-    from lab.eval import prepare_ablation_run
+    from lab.ablations import prepare_ablation_run
     from lab.train_fusion import FusionTrainOptions
     main = tmp_path / "main"
     main.mkdir()
@@ -81,7 +82,7 @@ def test_ablations_of_an_init_run_share_only_its_encoders(world, tmp_path):
     starts instead of architectures. A run without --init shares every common weight."""
     import shutil
     from fusion.checkpoint import load_model, save_model
-    from lab.eval import prepare_ablation_run
+    from lab.ablations import prepare_ablation_run
     from fusion.model import is_encoder_key
     opts = json.loads((world / "run" / "options.json").read_text())
     trained = load_model(world / "run" / "after_encoders.safetensors")
@@ -116,7 +117,7 @@ def test_ablations_of_a_model_whose_run_is_gone(world, tmp_path):
     cache stage encodes them; a second call trains and encodes nothing again."""
     from fusion.checkpoint import load_model, save_model
     from lab.data import TrainShards
-    from lab.eval import run_ablations
+    from lab.ablations import run_ablations
     from fusion.model import is_encoder_key
     trained = load_model(world / "assets" / "fusion.safetensors").float()
     with torch.no_grad():                    # away from any init, so a copied weight shows
@@ -336,7 +337,7 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
 
 
 def test_parallel_ablation_workers_never_oversubscribe_the_cores():
-    from lab.eval import worker_options
+    from lab.ablations import worker_options
     from lab.train_fusion import FusionTrainOptions
     asked = [FusionTrainOptions(threads=t, progress=True) for t in (None, 2, 1)]
     got = worker_options(asked, workers=2, cpus=2)

@@ -21,7 +21,7 @@ from app.session import load_session
 from demo import world as W
 from fusion.checkpoint import load_model
 from lab.data import write_session
-from lab.eval import encode_session_turns, evaluate_text_only
+from lab.ablations import encode_session_turns, evaluate_text_only
 
 
 def _recolour(s: str) -> tuple[int, tuple[int, int, int]]:
