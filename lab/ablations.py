@@ -282,10 +282,11 @@ def _train_all(todo: list, workers: int) -> None:
 
 
 def run_ablations(options) -> dict:
-    """`options`: `lab.eval.EvalOptions`. Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage,
+    """Trains the missing ablation models into ABLATION_ROOT/ablation-<name>/ (the align stage,
     `ablation_steps` steps, from the main run's encoders and feature cache, or with
     `ablation_data` from the evaluated model's encoders on that data), and the full model
-    trained alike as the control, and evaluates them and the main model text-only."""
+    trained alike as the control, and evaluates them and the main model text-only.
+    `options`: a `lab.eval.EvalOptions` (not imported here: lab.eval imports this module)."""
     from .train_fusion import FusionTrainOptions
     o, main_run = options, Path(options.train_run)
     if o.random:

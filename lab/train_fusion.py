@@ -57,7 +57,7 @@ class FusionTrainOptions:
     question_heads: bool = True
     voice_aug: bool = False              # questions speed-perturbed, spectrally warped, masked (pretrain.augment_question)
     encoder_parts: tuple[str, ...] = ("audio", "vision")  # what the encoders stage trains
-    init: str | None = None              # start from this fusion checkpoint (its encoder_parts rebuilt)
+    init: str | None = None              # start from this fusion checkpoint (its encoder_parts retrained)
     rebuild_encoders: bool = True        # with init: encoder_parts start at random (else fine-tuned)
     vision_cache: str | None = None      # with init + encoder_parts=("audio",): frames from this cache.pt
     lr: float = 1e-3
@@ -487,7 +487,7 @@ def add_fusion_arguments(p) -> None:
                         "or both; with --init the other keeps its trained weights (default: %(default)s)")
     g.add_argument("--init", default=None,
                    help="start from this fusion checkpoint instead of a fresh model; the encoders stage "
-                        "rebuilds and retrains only --encoder-parts")
+                        "retrains only --encoder-parts (rebuilt at random unless --no-rebuild-encoders)")
     g.add_argument("--rebuild-encoders", action=argparse.BooleanOptionalAction, default=d.rebuild_encoders,
                    help="with --init: the encoders stage starts --encoder-parts at random; "
                         "--no-rebuild-encoders fine-tunes the checkpoint's (default: %(default)s)")
