@@ -4,7 +4,7 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-APT_PKGS := espeak-ng flite libportaudio2 ffmpeg chromium pulseaudio pulseaudio-utils libasound2-plugins sox
+APT_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libportaudio2 ffmpeg chromium pulseaudio pulseaudio-utils libasound2-plugins sox
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-dev system live serve test bench clean-setup

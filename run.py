@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "square is green.', DEMO_WORLD.md version 2, which also asks 'What "
                         "shape is in the middle?') (default: %(default)s)")
     d.add_argument("--question-voice", choices=DATA_QUESTION_VOICES, default="mix",
-                   help="who asks: mix = train/val questions by espeak-ng and flite voices, rate "
+                   help="who asks: mix = train/val questions by espeak-ng, flite and Festival voices, rate "
                         "and pitch changed, some in a reverberant room (test: held-out espeak-ng "
                         "voices); espeak = espeak-ng voices only (version 1); piper = the "
                         "natural-voice test: test questions by Piper en_US-joe-medium, a "

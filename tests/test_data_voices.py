@@ -29,7 +29,8 @@ def test_mix_draws_every_training_voice_and_never_a_held_out_one_or_piper():
     names, variants = V.voice_pool(False)
     espeak = [v for v in draws if isinstance(v, tts.Voice)]
     flite = [v for v in draws if isinstance(v, tts.FliteVoice)]
-    assert len(espeak) + len(flite) == len(draws)                     # no Piper, nothing else
+    fest = [v for v in draws if isinstance(v, tts.FestivalVoice)]
+    assert len(espeak) + len(flite) + len(fest) == len(draws)         # no Piper, nothing else
     assert {v.name for v in espeak} == set(names) and {v.variant for v in espeak} == set(variants)
     assert not {v.name for v in espeak} & set(V.HELDOUT_VOICE_NAMES)
     assert not {v.variant for v in espeak} & set(V.HELDOUT_VARIANTS)
@@ -42,6 +43,11 @@ def test_mix_draws_every_training_voice_and_never_a_held_out_one_or_piper():
     assert all(V.FLITE_F0_SCALE[0] - 0.01 <= v.f0_hz / V.FLITE_F0_HZ[v.name] <= V.FLITE_F0_SCALE[1]
                + 0.01 for v in flite if v.name != "rms")
     assert all(v.f0_hz is None for v in flite if v.name == "rms")
+    assert {v.name for v in fest} == set(tts.FESTIVAL_VOICES)         # Festival too (Makefile)
+    assert 0.07 < len(fest) / len(draws) < 0.13
+    assert all(V.FLITE_F0_SCALE[0] - 0.01 <= v.f0_hz / V.FESTIVAL_F0_HZ[v.name]
+               <= V.FLITE_F0_SCALE[1] + 0.01 for v in fest if v.name in V.FESTIVAL_F0_HZ)
+    assert len({v.stretch for v in fest}) > 100 and len({v.f0_hz for v in fest}) > 20
     again = [V.sample_voice(np.random.default_rng([1, i]), False, "mix") for i in range(50)]
     assert again == draws[:50]                                        # deterministic per seed
     test = [V.sample_voice(np.random.default_rng([1, i]), True, "mix") for i in range(50)]
@@ -121,6 +127,23 @@ def test_flite_question_voices_change_rate_and_pitch():
     v = tts.FliteVoice("slt", 1.1, 180)
     assert tts.parse_voice(tts.voice_spec(v)) == v == tts.voice_from_dict(v.to_dict())
     assert tts.FliteVoice("rms").to_dict() == {"engine": "flite", "name": "rms"}   # as before
+
+
+def test_festival_question_voices_change_rate_and_pitch():
+    text = "What color is the square on the left?"
+    base = tts.synthesize(text, tts.FestivalVoice("kal_diphone"))
+    high = tts.synthesize(text, tts.FestivalVoice("kal_diphone", 1.0, 140))
+    assert len(tts.synthesize(text, tts.FestivalVoice("kal_diphone", 1.25))) > 1.15 * len(base)
+    assert _f0(high) > 1.25 * _f0(base), (_f0(high), _f0(base))          # ~97 Hz -> ~140 Hz
+    hts = tts.synthesize(text, tts.FestivalVoice("cmu_us_slt_arctic_hts"))   # 32 kHz: resampled
+    assert 1.0 < len(hts) / SR < 4.0 and _f0(hts) > 1.3 * _f0(base)          # a woman's voice
+    with pytest.raises(ValueError, match="ignores pitch"):
+        tts.FestivalVoice("cmu_us_slt_arctic_hts", 1.0, 130)
+    v = tts.FestivalVoice("ked_diphone", 0.9, 110)
+    assert tts.parse_voice(tts.voice_spec(v)) == v == tts.voice_from_dict(v.to_dict())
+    for bad in ("festival:bob", "festival:kal_diphone:1.1", "festival:kal_diphone:9:100"):
+        with pytest.raises(ValueError):
+            tts.parse_voice(bad)
 
 
 def test_piper_speaks_only_the_test_split(tmp_path, monkeypatch):

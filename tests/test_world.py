@@ -308,6 +308,8 @@ def test_tts(monkeypatch):
         tts.synthesize("hello", tts.Voice("en-us", None, 150, 50))
     with pytest.raises(RuntimeError, match="apt-get install flite"):
         tts.synthesize("hello", tts.FliteVoice("rms"))
+    with pytest.raises(RuntimeError, match="apt-get install festival"):
+        tts.synthesize("hello", tts.FestivalVoice("kal_diphone"))
 
 
 def test_voice_specs_and_the_flite_engine():
