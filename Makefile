@@ -4,13 +4,19 @@
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
-APT_PKGS := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts libportaudio2 ffmpeg chromium pulseaudio pulseaudio-utils libasound2-plugins sox
+# live/serve/replay: espeak-ng (the demo scene's questions), PortAudio, ffmpeg (Gradio's media).
+APT_PKGS := espeak-ng libportaudio2 ffmpeg
+# data and tests only: more question voices, the browser, a virtual sound card, sox.
+APT_DEV_PKGS := flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts chromium pulseaudio pulseaudio-utils libasound2-plugins sox
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-dev system live serve test bench clean-setup
+.PHONY: setup setup-dev system system-dev live serve test bench clean-setup
 
 system:
 	@bash scripts/system_packages.sh $(APT_PKGS)
+
+system-dev:
+	@bash scripts/system_packages.sh $(APT_PKGS) $(APT_DEV_PKGS)
 
 $(VENV)/.stamp-runtime: requirements.txt
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -23,7 +29,7 @@ $(VENV)/.stamp-dev: requirements-dev.txt $(VENV)/.stamp-runtime
 	@touch $@
 
 setup: system $(VENV)/.stamp-runtime
-setup-dev: system $(VENV)/.stamp-dev
+setup-dev: system-dev $(VENV)/.stamp-dev
 
 live: setup
 	$(VPY) run.py live

@@ -46,7 +46,7 @@ def pulse_null_sink(tmp_path_factory):
     low-latency client it renders ~2 s blocks and a new recorder gets nothing for ~1.6 s."""
     exe = shutil.which("pulseaudio")
     if exe is None or shutil.which("pactl") is None:
-        pytest.fail("pulseaudio is not installed: run `make system` "
+        pytest.fail("pulseaudio is not installed: run `make system-dev` "
                     "(apt-get install pulseaudio pulseaudio-utils)")
     d = tmp_path_factory.mktemp("pulse")
     sock, run_dir, log = d / "native", d / "run", d / "log"

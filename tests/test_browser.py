@@ -65,7 +65,7 @@ def media(tmp_path_factory):
 
 def launch(pw, user_data: Path, wav: Path, y4m: Path):
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make system` (apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run `make system-dev` (apt-get install chromium)")
     return pw.chromium.launch_persistent_context(
         str(user_data), executable_path=CHROMIUM, headless=True,
         viewport={"width": 1200, "height": 760},
