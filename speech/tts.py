@@ -72,6 +72,20 @@ class Voice:
         return cls(str(d["name"]), d["variant"], int(d["rate_wpm"]), int(d["pitch"]))
 
 
+def _check_voice(v, engine: str, names: tuple[str, ...], fixed_pitch: tuple[str, ...]) -> None:
+    """Validates a FliteVoice or FestivalVoice (same fields, same ranges)."""
+    kind = type(v).__name__
+    if v.name not in names:
+        raise ValueError(f"{kind}.name must be one of {', '.join(names)}, got {v.name!r}")
+    if not FLITE_STRETCH_RANGE[0] <= v.stretch <= FLITE_STRETCH_RANGE[1]:
+        raise ValueError(f"{kind}.stretch must be in {FLITE_STRETCH_RANGE}, got {v.stretch!r}")
+    if v.f0_hz is not None and not FLITE_F0_RANGE[0] <= v.f0_hz <= FLITE_F0_RANGE[1]:
+        raise ValueError(f"{kind}.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got {v.f0_hz!r}")
+    if v.f0_hz is not None and v.name in fixed_pitch:
+        raise ValueError(f"{engine}'s {v.name} voice ignores pitch settings: give it "
+                         f"f0_hz=None (its own pitch)")
+
+
 @dataclass(frozen=True)
 class FliteVoice:
     """One of flite's built-in voices (`flite -voice name`), at flite's own rate and pitch unless
@@ -81,18 +95,7 @@ class FliteVoice:
     f0_hz: int | None = None   # flite's int_f0_target_mean; None = the voice's own
 
     def __post_init__(self):
-        if self.name not in FLITE_VOICES:
-            raise ValueError(f"FliteVoice.name must be one of {', '.join(FLITE_VOICES)}, "
-                             f"got {self.name!r}")
-        if not FLITE_STRETCH_RANGE[0] <= self.stretch <= FLITE_STRETCH_RANGE[1]:
-            raise ValueError(f"FliteVoice.stretch must be in {FLITE_STRETCH_RANGE}, got "
-                             f"{self.stretch!r}")
-        if self.f0_hz is not None and not FLITE_F0_RANGE[0] <= self.f0_hz <= FLITE_F0_RANGE[1]:
-            raise ValueError(f"FliteVoice.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got "
-                             f"{self.f0_hz!r}")
-        if self.f0_hz is not None and self.name in FLITE_FIXED_PITCH:
-            raise ValueError(f"flite's {self.name} voice ignores pitch settings: give it "
-                             f"f0_hz=None (its own pitch)")
+        _check_voice(self, "flite", FLITE_VOICES, FLITE_FIXED_PITCH)
 
     @property
     def flite_args(self) -> list[str]:
@@ -125,18 +128,7 @@ class FestivalVoice:
     f0_hz: int | None = None   # int_lr_params' target_f0_mean; None = the voice's own
 
     def __post_init__(self):
-        if self.name not in FESTIVAL_VOICES:
-            raise ValueError(f"FestivalVoice.name must be one of {', '.join(FESTIVAL_VOICES)}, "
-                             f"got {self.name!r}")
-        if not FLITE_STRETCH_RANGE[0] <= self.stretch <= FLITE_STRETCH_RANGE[1]:
-            raise ValueError(f"FestivalVoice.stretch must be in {FLITE_STRETCH_RANGE}, got "
-                             f"{self.stretch!r}")
-        if self.f0_hz is not None and not FLITE_F0_RANGE[0] <= self.f0_hz <= FLITE_F0_RANGE[1]:
-            raise ValueError(f"FestivalVoice.f0_hz must be None or in {FLITE_F0_RANGE} Hz, got "
-                             f"{self.f0_hz!r}")
-        if self.f0_hz is not None and self.name in FESTIVAL_FIXED_PITCH:
-            raise ValueError(f"Festival's {self.name} voice ignores pitch settings: give it "
-                             f"f0_hz=None (its own pitch)")
+        _check_voice(self, "Festival", FESTIVAL_VOICES, FESTIVAL_FIXED_PITCH)
 
     @property
     def scheme(self) -> list[str]:
