@@ -239,11 +239,11 @@ class TrainShards:
         """Session index of global turn i."""
         return self._turns[i][0]
 
-    def reply(self, i: int) -> str:
-        """The agent's reply text to global turn i, in this data's version."""
+    def reply(self, i: int, version: str | None = None) -> str:
+        """The agent's reply text to global turn i, in `version` (default: this data's)."""
         spec, j = self.turn(i)
         q = spec.turns[j].question
-        return reply_text(q.qtype, q.text, q.answer, self.replies)
+        return reply_text(q.qtype, q.text, q.answer, version or self.replies)
 
     def mic(self, i_session: int) -> np.ndarray:
         """The session's microphone audio, float32 (T,) in [-1, 1]."""

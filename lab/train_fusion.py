@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,11 @@ class FusionTrainOptions:
     whisper: str | None = None           # pretrained preset: Whisper name or checkpoint (encoder)
     question_chunks: bool = False        # FusionConfig.question_chunks: question features from the
                                          # scene audio's 1 s chunks (encoded while it is spoken)
+    # the replies to train on: the data's version (None) or another (v1 data's cached turns
+    # retrained to speak version-2 sentences), spoken by the answers in `answers`/answers
+    # (another dataset's, e.g. one rendered with a new agent voice; None: the data's own)
+    replies: str | None = None
+    answers: str | None = None
     hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
     hf_config: str | None = None         # ... or a JSON file with a config (random weights)
     resume: bool = True
@@ -108,6 +113,13 @@ class FusionTrainOptions:
                                  "--encoder-parts audio (the vision encoder unchanged)")
             if not Path(self.vision_cache).is_file():
                 raise FileNotFoundError(f"--vision-cache {self.vision_cache}: no such cache.pt")
+        if self.replies is not None:
+            from demo.replies import check_version
+            check_version(self.replies)
+        if self.answers is not None and not (Path(self.answers) / "answers" / "answers.json").is_file():
+            raise FileNotFoundError(f"--answers {self.answers}: no answers/answers.json there; render "
+                                    f"one with `python run.py data --out DIR --train 0 --val 0 --test 0 "
+                                    f"--agent-voice VOICE --replies VERSION`")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
         if not self.referent_loss >= 0:
@@ -143,7 +155,6 @@ def _build_model(o: FusionTrainOptions, codec):
 def _init_model(o: FusionTrainOptions, codec):
     """The --init checkpoint, with the encoders the encoders stage will train (o.encoder_parts)
     rebuilt at random from the preset's config; everything else keeps its trained weights."""
-    from dataclasses import replace
     from fusion.checkpoint import load_model
     from fusion.config import preset
     from fusion.model import FusionModel, is_encoder_key
@@ -196,17 +207,38 @@ def answer_codes(data_dir: Path, codec, device) -> dict[str, torch.Tensor]:
     return out
 
 
-def _adopt_codec(model, codec, audio_trained: bool) -> None:
+def _adopt_codec(model, codec, audio_trained: bool):
     """Stages before `sft` never see audio tokens, so they may run before the final codec
-    exists (against any codec of the same shape); `sft` then adopts the real one."""
+    exists; `sft` then adopts the real one. A codec of another shape (codebooks x bins) gets
+    fresh audio rows in the token embedding (the heads are tied) and, where the MCTP module
+    count followed the codebooks, one module per codebook after the first (the first modules
+    keep their weights); the text rows and everything else stay. Returns the model to train."""
+    from fusion.model import FusionModel
     old = model.config.codec
-    if audio_trained or (old.n_q, old.bins) != (codec.n_q, codec.bins):
+    if audio_trained:
         raise ValueError(
             f"this run was trained with codec {old.name!r} ({old.n_q}x{old.bins}, fingerprint "
             f"{old.fingerprint}) but --codec-dir gives {codec.spec.name!r} ({codec.n_q}x{codec.bins}, "
             f"fingerprint {codec.spec.fingerprint}); use the same codec or a new --run-dir")
-    model.config = model.config.replace(codec=codec.spec)
-    print(f"adopting codec {codec.spec.name!r} ({codec.spec.fingerprint}) for the audio stages")
+    print(f"adopting codec {codec.spec.name!r} ({codec.n_q}x{codec.bins}, {codec.spec.fingerprint}) "
+          f"for the audio stages")
+    if (old.n_q, old.bins) == (codec.n_q, codec.bins):
+        model.config = model.config.replace(codec=codec.spec)
+        return model
+    k = model.config.mctp_k
+    if k == max(old.n_q - 1, 1):
+        k = max(codec.n_q - 1, 1)
+    new = FusionModel(model.config.replace(codec=codec.spec, mctp_k=k))
+    state, keep = new.state_dict(), model.layout.audio_base        # text ids + ASSISTANT + EOA
+    for name, v in model.state_dict().items():
+        if name == "embed.weight":
+            state[name][:keep] = v[:keep]
+        elif name in state and state[name].shape == v.shape:
+            state[name] = v
+    new.load_state_dict(state)
+    print(f"  {old.n_q}x{old.bins} -> {codec.n_q}x{codec.bins}: audio token rows and MCTP modules "
+          f"{len(model.mctp)} -> {len(new.mctp)} ({len(new.mctp) - min(len(model.mctp), len(new.mctp))} new)")
+    return new.to(next(model.parameters()).device)
 
 
 def set_trainable(model, modules) -> list[torch.nn.Parameter]:
@@ -305,7 +337,8 @@ def train_fusion(o: FusionTrainOptions) -> Path:
             trained = ', '.join(o.encoder_parts) if 'encoders' in o.stages else 'nothing'
             print(f"started from {o.init} ({'rebuilt' if o.rebuild_encoders else 'fine-tuned'}: {trained})")
     if model is not None and model.config.codec.fingerprint != codec.spec.fingerprint:
-        _adopt_codec(model, codec, audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
+        model = _adopt_codec(model, codec,
+                             audio_trained=stage_file("sft").exists() or stage_file("mctp").exists())
     model = model if model is not None else _build_model(o, codec)
     model.to(device)
     if o.referent_loss > 0 and (model.config.aggregator != "cat" or not model.config.pooled_clues):
@@ -365,13 +398,19 @@ def train_fusion(o: FusionTrainOptions) -> Path:
                 (run / f"cache.part{r}of{world}.pt").unlink()
     barrier()
     examples = torch.load(cache_path, weights_only=False)
-    codes = answer_codes(Path(o.data), codec, device)
+    if o.replies is not None and o.replies != shards.replies:
+        examples = [replace(e, answer=shards.reply(i, o.replies)) for i, e in enumerate(examples)]
+        if is_main():
+            print(f"training on {o.replies} replies ({shards.replies} data), spoken by "
+                  f"{o.answers or o.data}/answers")
+    codes = answer_codes(Path(o.answers or o.data), codec, device)
     tok = get_tokenizer(model.config.tokenizer)
     lay = model.layout
     replies = {a: (reply_tokens(lay, tok, a, None), reply_tokens(lay, tok, a, codes[a])) for a in codes}
     missing = {e.answer for e in examples} - set(replies)
     if missing:
-        raise ValueError(f"no answer audio for {sorted(missing)[:5]} in {o.data}/answers: regenerate the data")
+        raise ValueError(f"no answer audio for {sorted(missing)[:5]} in {o.answers or o.data}/answers: "
+                         f"regenerate the data (or pass --answers with the replies' version)")
     timings["cache"] = timings.get("cache", 0.0) + time.perf_counter() - t0
 
     by_type = type_groups([e.qtype for e in examples]) if o.sample == "by_type" else None
@@ -503,6 +542,12 @@ def add_fusion_arguments(p) -> None:
                    help="the question's features from the scene audio's 1 s chunks, encoded while it is "
                         "spoken (the turn end encodes only the last partial chunk), not encoded whole at "
                         "the turn end (default: %(default)s)")
+    g.add_argument("--replies", choices=("v1", "v2"), default=None,
+                   help="train on replies of this version (DEMO_WORLD.md; default: the data's), e.g. v1 "
+                        "data's cached turns retrained to speak v2 sentences")
+    g.add_argument("--answers", default=None, metavar="DATA_DIR",
+                   help="the agent's spoken replies from DATA_DIR/answers (a dataset rendered with "
+                        "another --agent-voice or --replies; default: --data's)")
     g.add_argument("--hf-model", default=None, help="pretrained preset: Hugging Face causal LM name or path")
     g.add_argument("--hf-config", default=None, help="pretrained preset: JSON config for a random HF LM")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --run-dir")
@@ -520,7 +565,7 @@ def run_fusion(args) -> None:
         init=args.init, rebuild_encoders=args.rebuild_encoders,
         vision_cache=args.vision_cache,
         encoder_parts=tuple(p for p in args.encoder_parts.split(",") if p),
-        question_chunks=args.question_chunks,
+        question_chunks=args.question_chunks, replies=args.replies, answers=args.answers,
         max_train_turns=args.max_train_turns, seed=args.seed,
         threads=getattr(args, "threads", None), device=getattr(args, "device", None),
         whisper=args.whisper, hf_model=args.hf_model, hf_config=args.hf_config, resume=not args.no_resume)

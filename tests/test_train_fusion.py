@@ -32,8 +32,9 @@ def world(tmp_path_factory):
 
 
 def opts(world, run, **kw):
-    return FusionTrainOptions(data=str(world / "data"), codec=str(world / "codec"), run_dir=str(run),
-                              out=None, preset="tiny", progress=False, threads=1, **{**STEPS, **kw})
+    kw = {"codec": str(world / "codec"), **STEPS, **kw}
+    return FusionTrainOptions(data=str(world / "data"), run_dir=str(run), out=None, preset="tiny",
+                              progress=False, threads=1, **kw)
 
 
 def test_staged_pipeline_trains_and_resumes(world, tmp_path):
@@ -480,3 +481,40 @@ def test_audio_retrain_reuses_the_frames_of_a_vision_cache(world, tmp_path):
                           vision_cache=str(first / "cache.pt")))
     with pytest.raises(ValueError, match="--encoder-parts audio"):
         FusionTrainOptions(init=init, vision_cache=str(first / "cache.pt"))
+
+
+def test_sft_adopts_a_codec_of_another_shape_and_replies_of_another_version(world, tmp_path):
+    """A run aligned against one codec speaks another of another shape from sft on: fresh audio
+    rows and one MCTP module per extra codebook, the text rows kept; --replies retrains the
+    cached turns on another version's replies, spoken by the --answers dataset."""
+    from lab.data import main
+    from speech.codec import CodecConfig
+    run = tmp_path / "run"
+    train_fusion(opts(world, run, stages=("encoders", "align")))
+    torch.manual_seed(0)
+    save_codec(build_codec(CodecConfig(n_filters=4, dimension=16, lstm=1, bins=32, n_q=6)), tmp_path / "c6")
+    v1 = tmp_path / "v1"
+    main(v1, n_train_sessions=0, n_val_sessions=0, n_test_sessions=0, n_codec_sentences=0,
+         n_codec_eval=0, replies="v1", workers=1, progress=False)
+    later = dict(codec=str(tmp_path / "c6"), stages=("encoders", "align", "sft", "mctp"), replies="v1")
+    with pytest.raises(ValueError, match="no answer audio for"):   # the data's answers are v2
+        train_fusion(opts(world, run, **later))
+    final = train_fusion(opts(world, run, answers=str(v1), **later))
+    aligned = load_model(run / "after_align.safetensors", codec=load_codec(world / "codec"))
+    model = load_model(final, codec=load_codec(tmp_path / "c6"))
+    assert (model.config.codec.n_q, model.config.codec.bins) == (6, 32)
+    assert len(aligned.mctp) == 3 and len(model.mctp) == 5
+    # the adoption itself (sft then trains the embedding): text rows and the first MCTP modules kept
+    from lab.train_fusion import _adopt_codec
+    adopted = _adopt_codec(aligned, load_codec(tmp_path / "c6"), audio_trained=False)
+    keep = aligned.layout.audio_base                     # text ids, ASSISTANT and EOA
+    assert adopted.embed.weight.shape[0] == keep + 6 * 32 == model.embed.weight.shape[0]
+    assert torch.equal(adopted.embed.weight[:keep], aligned.embed.weight[:keep])
+    a, b = aligned.state_dict(), adopted.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "embed.weight")   # mctp.modules_.0-2 too
+    with pytest.raises(ValueError, match="same codec or a new --run-dir"):
+        _adopt_codec(model, load_codec(world / "codec"), audio_trained=True)
+    with pytest.raises(FileNotFoundError, match="answers.json"):
+        FusionTrainOptions(answers=str(tmp_path))
+    with pytest.raises(ValueError, match="reply version"):
+        FusionTrainOptions(replies="v3")
