@@ -50,7 +50,8 @@ class TurnResult:
     interrupted_at: float | None      # session s where the reply was cut
     backbone_forwards: int
     question: str | None = None       # ground truth (demo-world "question" events)
-    expected: str | None = None
+    expected: str | None = None       # its version-1 answer ("green."); scored by the slot rule
+    qtype: str | None = None
     correct: bool | None = None
     end_of_turn_wait: float | None = None  # decision - speech_end (frames.LATENCY_WORDS)
     turn_end: str | None = None       # what ended the turn: predictor | max_silence | silence

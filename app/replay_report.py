@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.replies import slot_match, slots
+from demo.world import QTYPES
+from speech.recognizer import normalize_text as words
+
 from .frames import LATENCY_WORDS, TURN_END_REASONS, latency_legend
 
 
@@ -18,6 +22,14 @@ def normalize_text(text: str) -> str:
     """Lowercase, punctuation removed, whitespace collapsed: "The Red circle." -> "the red circle"."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
+
+
+def answer_right(reply: str, expected: str, qtype: str | None) -> bool:
+    """DEMO_WORLD.md's slot rule (a phrase or a sentence alike); where the question type is
+    unknown, the texts equal (lower case, no punctuation, numbers as words)."""
+    if qtype in QTYPES and slots(expected, qtype):
+        return slot_match(reply, expected, qtype)
+    return words(reply) == words(expected)
 
 
 def match_questions(turns: list, events: list[dict]) -> None:
@@ -30,9 +42,9 @@ def match_questions(turns: list, events: list[dict]) -> None:
             if o > overlap:
                 best, overlap = q, o
         if best is not None:
-            r.question, r.expected = best.get("text"), best.get("answer")
+            r.question, r.expected, r.qtype = best.get("text"), best.get("answer"), best.get("qtype")
             if isinstance(r.expected, str):
-                r.correct = normalize_text(r.text) == normalize_text(r.expected)
+                r.correct = answer_right(r.text, r.expected, r.qtype)
 
 
 def _stats(values) -> dict | None:

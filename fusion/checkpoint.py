@@ -13,10 +13,18 @@ from .config import FusionConfig
 from .model import FusionModel
 
 FORMAT, VERSION = "tandem-fusion", 2     # 2: tensors may be stored as int8 rows (KEY.int8 + KEY.scale)
-# The shipped file keeps its text + audio token embedding (52890 x 256, half the fp16 file) as int8
-# rows with one scale each: 27 MB -> 13.7 MB; each weight moves by at most half its row's step
-# (shipped model: 0.0022 at most, rows up to 0.56), and the test split's replies do not change.
-SHIPPED_INT8 = ("embed.weight",)
+# The shipped file keeps its text + audio token embedding (60058 x 256) and the MCTP modules'
+# matrices (one module per codebook after the first: 7 with 8 codebooks) as int8 rows with one
+# scale each; every other tensor fp16. Each weight moves by at most half its row's step. Names:
+# a tensor's key, or a prefix ending in "." for every matrix (2-D float tensor) under it.
+# Round 11 (embedding only): 27 -> 13.7 MB, the test split's replies unchanged.
+SHIPPED_INT8 = ("embed.weight", "mctp.")
+
+
+def _int8(key: str, v: torch.Tensor, names: tuple[str, ...]) -> bool:
+    """Whether `names` (SHIPPED_INT8's form) stores tensor `key` as int8 rows."""
+    return v.dim() == 2 and v.is_floating_point() and any(
+        key == n or (n.endswith(".") and key.startswith(n)) for n in names)
 
 
 class CheckpointError(ValueError):
@@ -47,7 +55,7 @@ def save_model(model: FusionModel, path: str | Path, half: bool = False, extra: 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {}
     for k, v in model.state_dict().items():
-        if k in int8:
+        if _int8(k, v, int8):
             state[k + ".int8"], state[k + ".scale"] = quantize_rows(v)
         else:
             state[k] = (v.half() if half and v.is_floating_point() else v).contiguous()

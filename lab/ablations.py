@@ -101,7 +101,7 @@ def evaluate_text_only(model_path, data="data/demo", split: str = "test", *, max
     for ex in examples:
         text = text_answer(model, gen, ex)
         rows.append({"qtype": ex.qtype, "group": ex.group, "expected": ex.answer, "text": text,
-                     "correct": answers_match(text, ex.answer)})
+                     "correct": answers_match(text, ex.answer, ex.qtype)})
     name = model_path if not isinstance(model_path, FusionModel) else "(in memory)"
     return {**accuracy_table(rows), "model": str(name), "replies": rows}
 

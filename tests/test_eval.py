@@ -226,6 +226,16 @@ def test_answer_normalisation_and_accuracy_on_a_hand_made_report():
     assert answers_match("The red circle.", "the red circle")
     assert answers_match("2.", "two.") and normalize_answer(" On the  LEFT!") == "on the left"
     assert not answers_match("a square.", "a circle.") and not answers_match("", "yes.")
+    # with the question type: the slot rule, sentences and phrases alike (eval and replay report)
+    assert answers_match("The square is green.", "green.", "what_color")
+    assert answers_match("green.", "green.", "what_color")
+    assert not answers_match("The green square is red.", "green.", "what_color")   # two colours
+    assert answers_match("I heard no beeps.", "none.", "count_beeps")
+    assert answers_match("There are 2 objects.", "two.", "count_objects")
+    assert not answers_match("There are three objects.", "two.", "count_objects")
+    assert answers_match("No, there isn't.", "no.", "is_there")
+    assert not answers_match("Yes, there is.", "no.", "is_there")
+    assert not answers_match("The square is green.", "green.")     # no type: the texts must equal
     recs = [dict(qtype="pitch", group="audio", correct=True), dict(qtype="pitch", group="audio", correct=False),
             dict(qtype="shape_at", group="visual", correct=True), dict(qtype="where_sound", group="audio-visual",
                                                                          correct=False)]

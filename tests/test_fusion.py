@@ -215,18 +215,22 @@ def test_checkpoint_round_trip_and_mismatch(model, codec, tmp_path):
 
 
 def test_int8_embedding_round_trip(model, codec, tmp_path):
-    """The shipped format: the token embedding as int8 rows + one scale each, every other
-    tensor fp16; the loader restores floats within half a step of each row's scale."""
+    """The shipped format: the token embedding and the MCTP modules' matrices as int8 rows +
+    one scale each, every other tensor fp16; the loader restores floats within half a step of
+    each row's scale."""
     from fusion.checkpoint import SHIPPED_INT8, quantize_rows
     half = save_model(model, tmp_path / "h.safetensors", half=True)
     q8 = save_model(model, tmp_path / "q.safetensors", half=True, int8=SHIPPED_INT8)
     assert q8.stat().st_size < half.stat().st_size
     a, b = load_model(half, codec=codec).state_dict(), load_model(q8, codec=codec).state_dict()
-    assert [k for k in a if not torch.equal(a[k], b[k])] == ["embed.weight"]
-    w = model.state_dict()["embed.weight"]
-    _, scale = quantize_rows(w)
-    err = (b["embed.weight"] - w).abs()
-    assert (err <= scale[:, None] * 0.5 + 1e-6).all() and err.max() > 0
+    mctp = sorted(k for k, v in a.items() if k.startswith("mctp.") and v.dim() == 2)
+    assert mctp and any(k.endswith("pos.weight") for k in mctp)
+    assert sorted(k for k in a if not torch.equal(a[k], b[k])) == sorted(["embed.weight", *mctp])
+    for k in ["embed.weight", *mctp]:
+        w = model.state_dict()[k]
+        _, scale = quantize_rows(w)
+        err = (b[k] - w).abs()
+        assert (err <= scale[:, None] * 0.5 + 1e-6).all() and err.max() > 0, k
     with pytest.raises(AssertionError):
         quantize_rows(torch.zeros(3))
 

@@ -17,6 +17,7 @@ from app.agent import load_agent
 from app.replay import replay
 from app.replay_report import normalize_text
 from demo import world as W
+from demo.replies import all_reply_texts, sentence, slot_match
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets"
@@ -54,13 +55,24 @@ def answer_form(text: str) -> str:
 
 
 def test_shipped_model_answers_the_demo_sessions_in_form(replays):
-    """Every question gets an answer of the form its type asks for (a colour for "what color",
-    a slot for "where"...): the question was understood."""
+    """Every question gets a version-2 sentence of the form its type asks for ("The {s} is
+    {c}." for "what color", "It is on the {p}." for "where"...): the question was understood,
+    and the replay scores it by the slot rule."""
     turns = [t for _, _, rep in replays for t in rep.turns if t.expected is not None]
     assert len(turns) >= 4, [t.text for _, _, rep in replays for t in rep.turns]
-    forms = [(t.question, answer_form(t.expected), answer_form(t.text)) for t in turns]
+    forms = [(t.question, answer_form(sentence(t.qtype, t.question, t.expected)), answer_form(t.text))
+             for t in turns]
     assert all(want == got for _, want, got in forms), forms
-    assert all(t.correct == (normalize_text(t.text) == normalize_text(t.expected)) for t in turns)
+    assert all(t.correct == slot_match(t.text, t.expected, t.qtype) for t in turns)
+
+
+def test_shipped_model_replies_in_sentences(replays):
+    """DEMO_WORLD.md version 2: every reply is one of the world's sentences, none a bare phrase."""
+    sentences = {normalize_text(s) for s in all_reply_texts("v2")}
+    phrases = {normalize_text(s) for s in all_reply_texts("v1")}
+    texts = [t.text for _, _, rep in replays for t in rep.turns]
+    assert texts and all(normalize_text(x) in sentences for x in texts), texts
+    assert not any(normalize_text(x) in phrases for x in texts), texts
 
 
 def test_shipped_model_answers_the_example_sessions_right(replays):
