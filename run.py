@@ -115,10 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "split for choosing between models (default: %(default)s)")
     d.add_argument("--workers", type=int, default=2, help="rendering processes (default: %(default)s)")
     d.add_argument("--agent-voice", type=_voice_arg, default=None, metavar="SPEC",
-                   help="the agent's voice for the answers and the codec corpus: espeak-ng "
-                        "NAME[+VARIANT][:RATE_WPM[:PITCH]] or flite:NAME (awb, kal, kal16, rms, "
-                        "slt; needs apt-get install flite) (default: en-us+m3:165:50, the shipped "
-                        "model's)")
+                   help="the agent's voice for the answers and the codec corpus: "
+                        "piper:en_US-joe-medium (Piper, requirements-dev.txt), espeak-ng "
+                        "NAME[+VARIANT][:RATE_WPM[:PITCH]], flite:NAME (awb, kal, kal16, rms, slt) or "
+                        "festival:NAME (make system-dev) (default: piper:en_US-joe-medium, the "
+                        "shipped model's; rounds 1-11: en-us+m3:165:50)")
     d.add_argument("--hesitations", type=float, default=None, metavar="P",
                    help="share of questions spoken with one 0.3-1.0 s pause at a word boundary "
                         "(DEMO_WORLD.md version 2: 0.25; default: 0, none)")

@@ -105,6 +105,7 @@ class PipelineOptions:
 
 def data_step(o: PipelineOptions) -> bool:
     """Renders the data unless DATA/manifest.json already holds these options. True: rendered."""
+    from speech.tts import ESPEAK_AGENT_VOICE, voice_spec
     from .data import DataOptions, main
     data = o.path("data")
     voice = {"agent_voice": o.agent_voice} if o.agent_voice else {}
@@ -113,7 +114,7 @@ def data_step(o: PipelineOptions) -> bool:
     if manifest.is_file():
         # data rendered before agent_voice was an option was spoken by the default voice; before
         # reply versions and question-voice modes it was version 1 with espeak-ng questions
-        have = {"agent_voice": DataOptions.agent_voice, "replies": "v1", "question_voice": "espeak",
+        have = {"agent_voice": voice_spec(ESPEAK_AGENT_VOICE), "replies": "v1", "question_voice": "espeak",
                 **json.loads(manifest.read_text()).get("options", {})}
         if {k: v for k, v in have.items() if k != "workers"} == {k: v for k, v in want.items() if k != "workers"}:
             return False
@@ -146,12 +147,12 @@ def write_example_sessions(out, n: int = 3, turns: int = 2, seed: int = 0) -> li
 
 def check_codec_voice(codec_dir: Path, data: Path) -> None:
     """Refuses to reuse a codec trained on another voice than the data's agent voice."""
-    from speech.tts import AGENT_VOICE, voice_from_dict, voice_spec
+    from speech.tts import ESPEAK_AGENT_VOICE, voice_from_dict, voice_spec
     from .train_codec import corpus_voice, resolve_corpus
     report = codec_dir / "report.json"
-    # codecs trained before the report named the voice were all trained on AGENT_VOICE
-    trained = voice_from_dict(json.loads(report.read_text()).get("voice", AGENT_VOICE.to_dict())) \
-        if report.is_file() else AGENT_VOICE
+    # codecs trained before the report named the voice were all trained on espeak-ng's
+    trained = voice_from_dict(json.loads(report.read_text()).get("voice", ESPEAK_AGENT_VOICE.to_dict())) \
+        if report.is_file() else ESPEAK_AGENT_VOICE
     speaks = corpus_voice(resolve_corpus(data))
     if trained != speaks:
         raise ValueError(f"the codec in {codec_dir} was trained on the voice {voice_spec(trained)} but "

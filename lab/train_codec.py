@@ -166,11 +166,12 @@ def load_split(corpus: Path, split: str) -> tuple[list[np.ndarray], list[str | N
 
 
 def corpus_voice(corpus: Path):
-    """The voice a corpus was spoken with (its sentences.json; AGENT_VOICE when it says none)."""
-    from speech.tts import AGENT_VOICE, voice_from_dict
+    """The voice a corpus was spoken with (its sentences.json; ESPEAK_AGENT_VOICE, the voice of
+    every corpus from before they named it, when it says none)."""
+    from speech.tts import ESPEAK_AGENT_VOICE, voice_from_dict
     meta_file = Path(corpus) / "sentences.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    return voice_from_dict(meta["voice"]) if "voice" in meta else AGENT_VOICE
+    return voice_from_dict(meta["voice"]) if "voice" in meta else ESPEAK_AGENT_VOICE
 
 
 def corpus_replies(corpus: Path) -> str:

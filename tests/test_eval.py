@@ -218,7 +218,7 @@ def test_evaluate_end_to_end_writes_every_section(world, tmp_path):
     card = write_model_card(out / "eval.json", world / "run", tmp_path / "no-report.json", tmp_path / "CARD.md")
     text = card.read_text()
     assert "## Data" in text and "## Training" in text and "## Limits" in text and "### Spoken answers" in text
-    assert "spoken by the fixed agent voice `en-us+m3:165:50`" in text
+    assert "spoken by the fixed agent voice `piper:en_US-joe-medium`" in text
     assert "compute latency = end-of-turn decision to the first reply audio ready" in text
 
 
@@ -274,13 +274,14 @@ def test_audio_token_agreement():
 
 
 def test_recogniser_hears_a_clean_espeak_yes(recognizer):
-    from speech.tts import AGENT_VOICE, Voice, synthesize
-    yes, no = synthesize("yes.", AGENT_VOICE), synthesize("no.", AGENT_VOICE)
+    from speech.tts import ESPEAK_AGENT_VOICE, Voice, synthesize
+    yes, no = synthesize("yes.", ESPEAK_AGENT_VOICE), synthesize("no.", ESPEAK_AGENT_VOICE)
     text, ok = recognise(recognizer, yes, "yes.")
     assert ok, text
     assert not recognise(recognizer, no, "yes.")[1]
     assert recognise(recognizer, np.zeros(0, np.float32), "yes.") == ("", False)
-    slow = synthesize("yes.", Voice(AGENT_VOICE.name, AGENT_VOICE.variant, 110, AGENT_VOICE.pitch))
+    v = ESPEAK_AGENT_VOICE
+    slow = synthesize("yes.", Voice(v.name, v.variant, 110, v.pitch))
     assert dtw_mel_distance(yes, yes) == pytest.approx(0.0, abs=1e-6)
     assert dtw_mel_distance(yes, slow) < dtw_mel_distance(yes, no)
 
@@ -322,12 +323,14 @@ def test_pipeline_data_step_and_example_sessions(world, tmp_path, monkeypatch):
     small = {**pipeline.BUDGETS["small"], "data": {k: v for k, v in have.items() if k not in ("seed", "workers")}}
     monkeypatch.setitem(pipeline.BUDGETS, "small", small)
     assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(world / "data"), workers=1)) is False
-    old = tmp_path / "old"                      # rendered before agent_voice was an option: the default voice
+    old = tmp_path / "old"                      # rendered before agent_voice was an option: espeak-ng's
     old.mkdir()
     (old / "manifest.json").write_text(json.dumps({"options": {k: v for k, v in have.items() if k != "agent_voice"}}))
-    assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old))) is False
-    with pytest.raises(ValueError, match="--force"):       # another agent voice asked for
-        pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old), agent_voice="flite:rms"))
+    assert pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old),
+                                                       agent_voice="en-us+m3:165:50")) is False
+    for voice in (None, "flite:rms"):                      # the default (Piper) or another voice asked for
+        with pytest.raises(ValueError, match="--force"):
+            pipeline.data_step(pipeline.PipelineOptions(budget="small", data=str(old), agent_voice=voice))
     with pytest.raises(ValueError, match="must be one of awb"):
         pipeline.PipelineOptions(agent_voice="flite:")
     assert pipeline.PipelineOptions(budget="small").path("model_out") == Path("runs/smoke/fusion.safetensors")

@@ -64,8 +64,8 @@ def dnsmos():
 
 @pytest.fixture(scope="module")
 def speech():
-    from speech.tts import AGENT_VOICE, synthesize
-    return synthesize("The square is green. It came from the left.", AGENT_VOICE)
+    from speech.tts import ESPEAK_AGENT_VOICE, synthesize
+    return synthesize("The square is green. It came from the left.", ESPEAK_AGENT_VOICE)
 
 
 def test_dnsmos_prefers_speech_to_noise(dnsmos, speech):
@@ -84,8 +84,8 @@ def test_dnsmos_resamples_other_rates(dnsmos):
     """Audio at the codec's rate (here 24 kHz) is resampled to 16 kHz before scoring: the
     same utterance scores about the same at either rate, and unlike its samples read as 16 kHz."""
     from speech.resample import resample_whole
-    from speech.tts import AGENT_VOICE, synthesize
-    x24 = synthesize("It is on the left.", AGENT_VOICE, 24_000)
+    from speech.tts import ESPEAK_AGENT_VOICE, synthesize
+    x24 = synthesize("It is on the left.", ESPEAK_AGENT_VOICE, 24_000)
     at16 = dnsmos.score(resample_whole(x24, 24_000, 16_000), 16_000)
     at24 = dnsmos.score(x24, 24_000)
     wrong = dnsmos.score(x24, 16_000)                               # 1.5x too slow, pitch down

@@ -46,7 +46,7 @@ def test_tiny_run_decreases_loss_and_saves_a_loadable_codec(trained):
     assert (out / "loss.png").stat().st_size > 1000
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 30 and report["heldout"]["utterances"] == 2
-    assert report["voice"] == {"name": "en-us", "variant": "m3", "rate_wpm": 165, "pitch": 50}  # its corpus'
+    assert report["voice"] == {"engine": "piper", "name": "en_US-joe-medium"}  # its corpus'
     assert len(report["heldout"]["codebooks"]) == codec.n_q
     assert "disabled" in report["heldout"]["recognizer"]["skipped"]
     assert [e["step"] for e in report["evals"]] == [10, 20, 30]
@@ -178,6 +178,6 @@ def test_cli_trains_a_codec(corpus, tmp_path, capsys):
 
 def test_independent_recognizer_transcribes_espeak():
     from speech.recognizer import IndependentRecognizer, normalize_text
-    from speech.tts import AGENT_VOICE, synthesize
-    text = IndependentRecognizer().transcribe(synthesize("the red circle", AGENT_VOICE))
+    from speech.tts import ESPEAK_AGENT_VOICE, synthesize
+    text = IndependentRecognizer().transcribe(synthesize("the red circle", ESPEAK_AGENT_VOICE))
     assert normalize_text(text) == ["the", "red", "circle"], text

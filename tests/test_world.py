@@ -296,7 +296,7 @@ def test_render_audio_beeps_speech_noise(specs):
 def test_tts(monkeypatch):
     assert "en-us" in tts.list_english_voices()
     assert "f3" in tts.list_variants() and all(" " not in v for v in tts.list_variants())
-    x = tts.synthesize("Was the sound high or low?", tts.AGENT_VOICE)
+    x = tts.synthesize("Was the sound high or low?", tts.ESPEAK_AGENT_VOICE)
     assert x.dtype == np.float32 and x.ndim == 1 and 0.5 < len(x) / SAMPLE_RATE < 3.0
     thr = np.abs(x).max() * 0.01
     loud = np.flatnonzero(np.abs(x) > thr)
@@ -313,16 +313,16 @@ def test_tts(monkeypatch):
 
 
 def test_voice_specs_and_the_flite_engine():
-    for voice in (tts.AGENT_VOICE, tts.Voice("en-gb", None, 130, 20), tts.FliteVoice("slt")):
+    for voice in (tts.ESPEAK_AGENT_VOICE, tts.Voice("en-gb", None, 130, 20), tts.FliteVoice("slt")):
         assert tts.parse_voice(tts.voice_spec(voice)) == voice
         assert tts.voice_from_dict(voice.to_dict()) == voice
-    assert tts.parse_voice("en-us+m3") == tts.AGENT_VOICE                # rate, pitch: the agent's
+    assert tts.parse_voice("en-us+m3") == tts.ESPEAK_AGENT_VOICE                # rate, pitch: the agent's
     for bad in ("", "flite", "flite:bob", "flite:rms:1.2", "en-us:fast", "en-us:1:2:3", "en us"):
         with pytest.raises(ValueError):
             tts.parse_voice(bad)
     x = tts.synthesize("the yellow triangle.", tts.FliteVoice("rms"))
     assert x.dtype == np.float32 and x.ndim == 1 and 0.4 < len(x) / SAMPLE_RATE < 3.0
-    y = tts.synthesize("the yellow triangle.", tts.AGENT_VOICE)
+    y = tts.synthesize("the yellow triangle.", tts.ESPEAK_AGENT_VOICE)
     n = min(len(x), len(y))
     assert np.abs(x[:n] - y[:n]).mean() > 0.01                           # another voice indeed
     slow = tts.synthesize("the yellow triangle.", tts.FliteVoice("kal"))  # 8 kHz: resampled
@@ -368,11 +368,11 @@ def test_data_main_tiny(tmp_path):
          for t in spec.turns]
     m2 = main(tmp_path / "b", **kw)                                 # same seed: same bytes
     assert m2["content_sha256"] == m["content_sha256"]
-    assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE)
+    assert m["options"]["agent_voice"] == tts.voice_spec(tts.AGENT_VOICE) == "piper:en_US-joe-medium"
     from demo.voices import flite_pool             # flite's version: only where it speaks
     assert m["question_voice"] == "mix" and ("flite" in m) == bool(flite_pool())
     from lab.data import DataOptions
-    assert DataOptions(agent_voice="en-us+m3") == DataOptions()           # one spelling per voice
+    assert DataOptions(agent_voice="en-us+m3") == DataOptions(agent_voice="en-us+m3:165:50")  # one spelling
 
 
 def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
@@ -390,7 +390,7 @@ def test_data_with_a_flite_agent_voice_and_a_codec_of_another_voice(tmp_path):
     got = load_audio(out / "answers" / answers["high."], SAMPLE_RATE)
     want = tts.synthesize("high.", tts.FliteVoice("rms"))
     assert len(got) == len(want) and np.abs(got - want).max() < 1e-3   # 16-bit files
-    codec = tmp_path / "codec"                  # a codec whose report names no voice: AGENT_VOICE's
+    codec = tmp_path / "codec"                  # a codec whose report names no voice: ESPEAK_AGENT_VOICE's
     codec.mkdir()
     (codec / "report.json").write_text(json.dumps({"steps": 1}))
     with pytest.raises(ValueError, match="en-us\\+m3:165:50 but .* flite:rms; pass --force"):
@@ -409,7 +409,7 @@ def test_the_piper_voice_speaks_deterministically_and_differs_from_espeak():
     x = tts.synthesize("It came from the left.", voice)
     assert np.array_equal(x, tts.synthesize("It came from the left.", voice))
     assert x.dtype == np.float32 and 0.8 < len(x) / SAMPLE_RATE < 3.0
-    y = tts.synthesize("It came from the left.", tts.AGENT_VOICE)
+    y = tts.synthesize("It came from the left.", tts.ESPEAK_AGENT_VOICE)
     n = min(len(x), len(y))
     assert np.abs(x[:n] - y[:n]).mean() > 0.01
     with pytest.raises(ValueError, match="PiperVoice.name"):
