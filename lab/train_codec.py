@@ -358,7 +358,8 @@ def _asr_scores(recognizer, texts, waves) -> dict:
 
 
 def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
-                   asr_heldout: int = 30, answer_voice=None, replies: str = "v1") -> dict:
+                   asr_heldout: int = 30, answer_voice=None, replies: str = "v1",
+                   dnsmos=None) -> dict:
     """Reconstruction quality on held-out utterances: SI-SNR, mel distance, per-codebook
     usage/perplexity; with a recogniser, its accuracy on original vs reconstructed audio
     (the world's reply texts of version `replies` spoken by `answer_voice` (default
@@ -386,16 +387,22 @@ def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
     pairs = [(t, w) for t, w in zip(texts, waves) if t][:asr_heldout]
     if pairs:
         sets.append(("heldout", [t for t, _ in pairs], [w for _, w in pairs]))
-    asr = {}
+    asr, quality = {}, {}
     for name, ts, ws in sets:
+        ys = [reconstruct(codec, w)[0] for w in ws]
         orig = _asr_scores(recognizer, ts, ws)
-        recon = _asr_scores(recognizer, ts, [reconstruct(codec, w)[0] for w in ws])
+        recon = _asr_scores(recognizer, ts, ys)
+        if dnsmos is not None:   # DNSMOS overall (1-5), before and after the codec
+            quality[name] = {k: round(float(np.mean([dnsmos.score(x, SAMPLE_RATE)["ovrl"] for x in xs])), 3)
+                             for k, xs in (("original", ws), ("reconstructed", ys))}
         asr[name] = {"n": len(ts), "original": {k: v for k, v in orig.items() if k != "hypotheses"},
                      "reconstructed": {k: v for k, v in recon.items() if k != "hypotheses"},
                      "errors": [{"text": t, "original": o, "reconstructed": r}
                                 for t, o, r in zip(ts, orig["hypotheses"], recon["hypotheses"])
                                 if o != r or not _same(t, r)]}
     out["recognizer"] = asr
+    if dnsmos is not None:
+        out["dnsmos_ovrl"] = quality
     return out
 
 
@@ -593,11 +600,18 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
         why = None
     except (ImportError, FileNotFoundError) as e:
         why = str(e)
+    dnsmos = None
+    if recognizer is not None:
+        try:
+            from .spoken_eval import Dnsmos
+            dnsmos = Dnsmos(threads=o.threads)
+        except (ImportError, FileNotFoundError) as e:
+            print(f"codec report without DNSMOS: {e}")
     if progress:
         print("evaluating on held-out speech" + (" (+ recogniser)" if recognizer else ""))
     t = time.time()
     report["heldout"] = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout,
-                                       answer_voice=voice, replies=replies)
+                                       answer_voice=voice, replies=replies, dnsmos=dnsmos)
     report["heldout"]["eval_seconds"] = round(time.time() - t, 1)
     if why:
         report["heldout"]["recognizer"] = {"skipped": why}

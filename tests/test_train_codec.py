@@ -181,3 +181,21 @@ def test_independent_recognizer_transcribes_espeak():
     from speech.tts import ESPEAK_AGENT_VOICE, synthesize
     text = IndependentRecognizer().transcribe(synthesize("the red circle", ESPEAK_AGENT_VOICE))
     assert normalize_text(text) == ["the", "red", "circle"], text
+
+
+def test_codec_report_scores_recognition_and_dnsmos_before_and_after():
+    """The held-out report: the recogniser and DNSMOS on each utterance as spoken and after the
+    codec (a random codec garbles it: heard right before, not after; quality drops)."""
+    from lab.spoken_eval import Dnsmos
+    from lab.train_codec import evaluate_codec
+    from speech.recognizer import IndependentRecognizer
+    from speech.tts import ESPEAK_AGENT_VOICE, synthesize
+    torch.manual_seed(0)
+    texts = ["The square is green.", "It came from the left."]
+    waves = [synthesize(t, ESPEAK_AGENT_VOICE) for t in texts]
+    r = evaluate_codec(build_codec("tiny"), waves, texts, IndependentRecognizer(cpu_threads=1),
+                       answers=False, dnsmos=Dnsmos(threads=1))
+    asr, q = r["recognizer"]["heldout"], r["dnsmos_ovrl"]["heldout"]
+    assert asr["n"] == 2 and asr["original"]["utterance_accuracy"] == 1.0
+    assert asr["reconstructed"]["utterance_accuracy"] == 0.0 and asr["reconstructed"]["wer"] > 0.5
+    assert 1.0 <= q["reconstructed"] < q["original"] <= 5.0, q          # measured: 2.04 < 2.27
