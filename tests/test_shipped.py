@@ -76,13 +76,12 @@ def test_shipped_model_replies_in_sentences(replays):
 
 
 def test_shipped_model_answers_the_example_sessions_right(replays):
-    """An accuracy floor on the three example sessions (6 questions). Measured: 5 of 6 (demo-1
-    asks "Did the yellow triangle make a sound?" and it says "no."); the model card reports
-    about 70% on the 200-question test split, so 4 of 6 is the floor."""
+    """An accuracy floor on the three example sessions (6 questions). Measured (round 12): 6 of
+    6; the model card reports 95% on the 200-question test split, so 5 of 6 is the floor."""
     turns = [t for _, _, rep in replays for t in rep.turns if t.expected is not None]
     assert len(SESSIONS) == 3 and len(turns) == 6, [t.question for t in turns]
     right = [t for t in turns if t.correct]
-    assert len(right) >= 4, [(t.question, t.expected, t.text) for t in turns]
+    assert len(right) >= 5, [(t.question, t.expected, t.text) for t in turns]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +92,8 @@ def recognizer():
 
 def test_shipped_model_says_its_answers_aloud(replays, recognizer):
     """Whisper tiny.en, which shares nothing with Tandem, hears the reply's own words in its
-    audio. Measured: "no.", "the left." and "the blue circle" heard exactly (3 of 6); of the
-    words of the replies with two or more words, 5 of 7 (tiny.en often mishears a lone
-    "green."). With the codebooks decoded in reverse order it hears none."""
+    audio. Measured (round 12, Piper voice, sentences): 5 of 6 heard word for word, 22 of 26
+    words ("The triangle is green." came out 0.6 s long and unheard)."""
     from speech.audio import resample
     from speech.recognizer import is_recognized, matched_words, normalize_text as words
     heard = []
@@ -103,9 +101,9 @@ def test_shipped_model_says_its_answers_aloud(replays, recognizer):
         for t in rep.turns:
             x, sr = sf.read(str(out / t.audio_file), dtype="float32")
             heard.append((t.text, recognizer.transcribe(resample(x, sr, 16_000))))
-    assert sum(is_recognized(text, h) for text, h in heard) >= 2, heard
+    assert sum(is_recognized(text, h) for text, h in heard) >= 4, heard
     scores = [matched_words(text, h) for text, h in heard if len(words(text)) >= 2]
-    assert sum(m for m, _ in scores) >= 0.6 * sum(n for _, n in scores), heard
+    assert sum(m for m, _ in scores) >= 0.75 * sum(n for _, n in scores), heard
 
 
 def test_shipped_model_speaks_its_answers(replays, agent):
@@ -113,7 +111,7 @@ def test_shipped_model_speaks_its_answers(replays, agent):
         for t in rep.turns:
             x, sr = sf.read(str(out / t.audio_file), dtype="float32")
             assert sr == agent.output_rate
-            # a short phrase: some speech, then it stops by itself (EOA) well before the cap
+            # a short sentence: some speech, then it stops by itself (EOA) well before the cap
             assert 0.3 < len(x) / sr < 3.0, (t.text, len(x) / sr)
             rms = np.sqrt(np.mean(x ** 2))
             assert rms > 0.01, (t.text, rms)
