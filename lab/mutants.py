@@ -114,7 +114,7 @@ MUTANTS: tuple[Mutant, ...] = (
            "if limit is not None and len(body) > 2 * limit:", ("tests/test_protocol.py",),
            "payloads over the per-kind limit accepted"),
     Mutant("protocol-accepts-bool-version", "app/protocol.py",
-           "if version != PROTOCOL_VERSION or isinstance(version, bool):",
+           "if type(version) is not int or version != PROTOCOL_VERSION:",
            "if version != PROTOCOL_VERSION:", ("tests/test_protocol.py",),
            "a handshake with protocol: true passes as version 1"),
     # --- the training loop (lab/train_loop.py) -----------------------------------------------
