@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from demo.replies import reply_text
+
 from .demo_scene import DemoScene, DemoSceneOptions, SoundCursor
 from .live import LiveOptions, LiveSession, LiveSnapshot, LocalDevices
 
@@ -204,7 +206,8 @@ class LiveController:
         shown = s.scene.shown(s.clock)
         every = s.scene.options.scene_seconds
         timer = f"a new one every {every:.0f} s" if every else "new ones on the button"
-        qs = "\n".join(f"- “{q.text}” — expect *{q.answer}*" for q in shown.examples)
+        qs = "\n".join(f"- “{q.text}” — expect *{reply_text(q.qtype, q.text, q.answer, 'v2')}*"
+                       for q in shown.examples)
         return (f"**Scene {shown.index + 1}** ({timer}): {shown.description}\n\n"
                 f"Try asking:\n{qs}")
 

@@ -560,7 +560,7 @@ def test_shipped_model_answers_about_the_demo_scene(tmp_path):
         texts = [m.text.strip() for m in ctl.snapshot().metrics]
     finally:
         ctl.stop()
-    assert texts == ["the right.", "a circle."]
+    assert texts == ["It came from the right.", "It is a circle."]      # version-2 sentences
 
 
 def test_user_words_transcribe_the_turns_own_audio(monkeypatch):
