@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from demo.replies import slot_match, slots
-from demo.world import QTYPES
-from speech.recognizer import normalize_text as words
+from demo.replies import answer_right
 
 from .frames import LATENCY_WORDS, TURN_END_REASONS, latency_legend
 
@@ -22,14 +20,6 @@ def normalize_text(text: str) -> str:
     """Lowercase, punctuation removed, whitespace collapsed: "The Red circle." -> "the red circle"."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))
     return re.sub(r"\s+", " ", text).strip()
-
-
-def answer_right(reply: str, expected: str, qtype: str | None) -> bool:
-    """DEMO_WORLD.md's slot rule (a phrase or a sentence alike); where the question type is
-    unknown, the texts equal (lower case, no punctuation, numbers as words)."""
-    if qtype in QTYPES and slots(expected, qtype):
-        return slot_match(reply, expected, qtype)
-    return words(reply) == words(expected)
 
 
 def match_questions(turns: list, events: list[dict]) -> None:

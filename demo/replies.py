@@ -62,6 +62,23 @@ def slot_match(reply: str, expected: str, qtype: str) -> bool:
     return all(got.get(slot) == values for slot, values in want.items())
 
 
+def slot_rule(reply: str, expected: str, qtype) -> bool | None:
+    """`slot_match` where the rule applies (a question type of the world and an expected answer
+    naming a slot value); None where it does not."""
+    if qtype not in QTYPES or not slots(expected, qtype):
+        return None
+    return slot_match(reply, expected, qtype)
+
+
+def answer_right(reply: str, expected: str, qtype: str | None) -> bool:
+    """Whether `reply` answers right: the slot rule (a version-1 phrase and a version-2 sentence
+    alike: "The square is green." answers "green."); where it does not apply, the texts equal
+    (lower case, no punctuation, numbers as words). The eval's and the replay report's rule."""
+    from speech.recognizer import normalize_text
+    right = slot_rule(reply, expected, qtype)
+    return right if right is not None else normalize_text(reply) == normalize_text(expected)
+
+
 def _the(words_: list[str], values) -> str:
     found = [w for w in words_ if w in values]
     assert len(found) == 1, (words_, values)

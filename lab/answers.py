@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.replay_report import answer_right
+from demo.replies import answer_right
 from speech.recognizer import normalize_text as _words
 
 
@@ -16,7 +16,7 @@ def normalize_answer(text: str) -> str:
 def answers_match(reply: str, expected: str, qtype: str | None = None) -> bool:
     """DEMO_WORLD.md's slot rule where the question type is known (a version-1 phrase and a
     version-2 sentence score alike: "The square is green." answers "green."); otherwise the
-    normalised texts equal. The replay report's rule (app.replay_report.answer_right)."""
+    normalised texts equal (`demo.replies.answer_right`)."""
     return answer_right(reply, expected, qtype)
 
 

@@ -246,7 +246,8 @@ def _replay_all(agent, sessions: list[Path], mode: str, o: EvalOptions, out: Pat
                    "heldout_triple": held[turn] if held and isinstance(turn, int) and turn < len(held) else None,
                    "engine_turn": None, "text": "", "correct": False, "audio": None, "codes": None}
             if r is not None:
-                rec.update(engine_turn=r.turn, text=r.text, correct=answers_match(r.text, q.get("answer", ""), q.get("qtype")),
+                rec.update(engine_turn=r.turn, text=r.text,
+                           correct=answers_match(r.text, q.get("answer", ""), q.get("qtype")),
                            response_latency=r.response_latency, end_of_turn_wait=r.end_of_turn_wait,
                            compute_latency=r.compute_latency, turn_end=r.turn_end,
                            discarded_starts=r.discarded_starts,

@@ -475,6 +475,7 @@ def _export(model, o: FusionTrainOptions, run: Path) -> Path:
 
 # --- command line (fusion/train_cli.py calls these) ------------------------------------------------
 def add_fusion_arguments(p) -> None:
+    from demo.world import REPLY_VERSIONS
     d = FusionTrainOptions()
     g = p.add_argument_group("fusion")
     g.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of %(default)s")
@@ -542,7 +543,7 @@ def add_fusion_arguments(p) -> None:
                    help="the question's features from the scene audio's 1 s chunks, encoded while it is "
                         "spoken (the turn end encodes only the last partial chunk), not encoded whole at "
                         "the turn end (default: %(default)s)")
-    g.add_argument("--replies", choices=("v1", "v2"), default=None,
+    g.add_argument("--replies", choices=REPLY_VERSIONS, default=None,
                    help="train on replies of this version (DEMO_WORLD.md; default: the data's), e.g. v1 "
                         "data's cached turns retrained to speak v2 sentences")
     g.add_argument("--answers", default=None, metavar="DATA_DIR",

@@ -216,7 +216,7 @@ def test_browser_demo_scene_with_the_shipped_model(tmp_path):
     from app.demo_scene import DemoScene, DemoSceneOptions
     from demo import world as W
     from speech.tts import Voice, synthesize_cached
-    from app.replay_report import answer_right
+    from demo.replies import answer_right
     seed = 1
     shown = DemoScene(DemoSceneOptions(seed=seed, scene_seconds=0)).shown(0.0)
     (q,) = W.candidate_questions(shown.scene, "which_object")   # needs the beeps and the picture
