@@ -173,3 +173,45 @@ def _codec_fingerprint(folder: Path) -> str | None:
         return json.loads((folder / "codec.json").read_text())["spec"]["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def same_codes(a, b) -> bool:
+    """Whether codecs `a` and `b` turn any audio into the same codes: equal configs, encoders
+    and codebooks (their decoders may differ)."""
+    if a.config != b.config or a.n_q != b.n_q:
+        return False
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    keys = [k for k in sa if k.startswith(("encoder.", "quantizer."))]
+    return set(keys) == {k for k in sb if k.startswith(("encoder.", "quantizer."))} and all(
+        torch.equal(sa[k].cpu(), sb[k].cpu()) for k in keys)
+
+
+def rebind_codec(path: str | Path, new_codec, out: str | Path, old_codec=None) -> Path:
+    """Write the fusion checkpoint PATH to OUT bound to `new_codec` (its config's codec spec
+    replaced; every tensor byte-identical), after checking that `new_codec` makes the same codes
+    as the codec PATH was trained with (`old_codec`, or the one `load_with_codec` finds): the
+    way to ship a codec whose decoder alone was retrained (`lab.codec_gan`)."""
+    import dataclasses
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from speech.codec import load_codec
+    config, _ = read_header(path)
+    old = old_codec if old_codec is not None else load_codec(codec_location(path))
+    check_compatible(config, old)
+    if not same_codes(old, new_codec):
+        raise CheckpointError(
+            f"codec {new_codec.spec.name!r} ({new_codec.spec.fingerprint}) does not make the same "
+            f"codes as {old.spec.name!r} ({old.spec.fingerprint}), which {path} was trained with: "
+            f"only a codec whose decoder alone was retrained can take its place; retrain the "
+            f"model on the new codec instead (`python run.py train fusion --codec-dir ...`)")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = dataclasses.replace(config, codec=new_codec.spec).to_json()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(out)
+    return out

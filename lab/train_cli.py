@@ -43,6 +43,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _codec_arguments(p: argparse.ArgumentParser) -> None:
+    from lab.codec_gan import GanOptions
     from lab.train_codec import CodecTrainOptions as d  # the class: its defaults, no torch
     _common(p)
     p.add_argument("--out", default=DEFAULT_CODEC_OUT, metavar="DIR",
@@ -54,7 +55,9 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
                    help="crops per step (default: %(default)s)")
     p.add_argument("--segment-seconds", type=float, default=d.segment_seconds,
                    help="length of each training crop in seconds (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate (default: {d.lr}; with --adversarial the decoder's, "
+                        f"default {GanOptions.lr})")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="initialisation and crop seed (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="STEPS",
@@ -69,6 +72,18 @@ def _codec_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--make-corpus", type=int, default=None, metavar="N",
                    help="when DATA has no codec corpus, speak N training sentences (and N/10 "
                         "held-out ones) into DATA/codec first")
+    g = p.add_argument_group("adversarial decoder fine-tuning (the codes stay the same)")
+    g.add_argument("--adversarial", action="store_true",
+                   help="fine-tune the decoder of the codec in --init against EnCodec's "
+                        "multi-scale STFT discriminator; its encoder and codebooks stay frozen, "
+                        "so a fusion model trained on --init's codes keeps working (--model)")
+    g.add_argument("--init", metavar="DIR", default=None,
+                   help="the trained codec whose decoder --adversarial fine-tunes")
+    g.add_argument("--disc-filters", type=int, default=GanOptions.disc_filters,
+                   help="discriminator width (default: %(default)s; EnCodec: 32, ~2x slower on a CPU)")
+    g.add_argument("--model", metavar="FUSION", default=None,
+                   help="a fusion checkpoint trained on --init's codec: written to "
+                        "OUT/fusion.safetensors bound to the new codec (tensors unchanged)")
 
 
 def _fusion_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,9 +137,12 @@ def run(args) -> None:
                              f"data --out {data}` first, or add --make-corpus 1500")
         print(f"speaking {args.make_corpus} sentences into {data / 'codec'} ...")
         make_codec_corpus(data / "codec", args.make_corpus, args.seed)
+    if args.adversarial or args.init or args.model:
+        return _run_adversarial(args, data)
     try:
         o = CodecTrainOptions(preset=args.preset, steps=args.steps, batch=args.batch,
-                              segment_seconds=args.segment_seconds, lr=args.lr, seed=args.seed,
+                              segment_seconds=args.segment_seconds, seed=args.seed,
+                              lr=CodecTrainOptions.lr if args.lr is None else args.lr,
                               eval_every=args.eval_every, time_limit_minutes=args.time_limit,
                               threads=args.threads or CodecTrainOptions.threads,
                               device=args.device or "cpu", recognize=not args.no_recognizer)
@@ -141,6 +159,41 @@ def run(args) -> None:
                   f"{r['original']['utterance_accuracy']:.0%}, reconstructed "
                   f"{r['reconstructed']['utterance_accuracy']:.0%} of utterances")
     print(f"report: {Path(args.out) / 'report.json'}, curves: {Path(args.out) / 'loss.png'}")
+
+
+def _run_adversarial(args, data) -> None:
+    """`train codec --adversarial --init DIR [--model FUSION]`."""
+    from pathlib import Path
+
+    from lab.codec_gan import GanOptions, finetune_decoder
+    if not (args.adversarial and args.init):
+        sys.exit("train codec: --init and --model go with --adversarial, which needs --init DIR "
+                 "(the trained codec whose decoder it fine-tunes)")
+    try:
+        o = GanOptions(steps=args.steps, batch=args.batch, segment_seconds=args.segment_seconds,
+                       lr=GanOptions.lr if args.lr is None else args.lr, seed=args.seed,
+                       disc_filters=args.disc_filters, eval_every=args.eval_every,
+                       time_limit_minutes=args.time_limit, threads=args.threads or 2,
+                       device=args.device or "cpu", recognize=not args.no_recognizer)
+        if args.model and not Path(args.model).is_file():
+            raise FileNotFoundError(f"--model {args.model}: no such fusion checkpoint")
+        result = finetune_decoder(args.init, data, args.out, o, progress=True, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train codec: {e}")
+    rep = result.report.get("heldout", {})
+    print(f"codec saved to {result.codec_dir} after {result.steps} steps "
+          f"({result.wall_seconds / 60:.1f} min this run); held-out mel distance "
+          f"{rep.get('mel_distance')}; DNSMOS {rep.get('dnsmos_ovrl', 'not measured')}")
+    if args.model:
+        from fusion.checkpoint import CheckpointError, rebind_codec
+        from speech.codec import load_codec
+        try:
+            out = rebind_codec(args.model, load_codec(result.codec_dir),
+                               Path(args.out) / "fusion.safetensors",
+                               old_codec=load_codec(args.init))
+        except CheckpointError as e:
+            sys.exit(f"train codec: {e}")
+        print(f"{args.model} bound to the new codec: {out}")
 
 
 def _run_fusion(args) -> None:

@@ -96,10 +96,10 @@ class CodecTrainOptions:
             raise ValueError(f"time_limit_minutes must be > 0 or None, got "
                              f"{self.time_limit_minutes!r}")
         if self.adversarial:
-            raise ValueError("adversarial=True (EnCodec's MS-STFT discriminator) is not "
-                             "implemented: it roughly doubles the cost per step, which the CPU "
-                             "budget of the demo codec cannot pay; train with "
-                             "adversarial=False")
+            raise ValueError("adversarial=True: training a codec from scratch against a "
+                             "discriminator is not built (it costs ~20x per step on a CPU); "
+                             "train without it, then fine-tune the decoder with `python run.py "
+                             "train codec --adversarial --init DIR` (lab.codec_gan)")
         if not (self.device == "cpu" or str(self.device).startswith("cuda")):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
