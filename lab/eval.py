@@ -380,7 +380,8 @@ def score_spoken(records: list, refs: References) -> dict:
             r["codes_vs_reference"] = code_agreement(r["codes"], ref["codes"])
         r["mel_dtw"] = dtw_mel_distance(ref["audio16k"], audio) if len(audio) >= 1024 else None
         if refs.recognizer is not None:
-            r["transcript"], r["recognised"] = recognise(refs.recognizer, audio, r["expected"])
+            # recognised: heard word for word as the expected reply (its version's sentence)
+            r["transcript"], r["recognised"] = recognise(refs.recognizer, audio, r["reference"])
             # the voice's intelligibility apart from the answer's correctness
             r["heard_as_reply"] = bool(r["text"].strip()) and is_recognized(r["text"], r["transcript"])
         judge_reply(r, r.get("transcript"), audio, refs.dnsmos)   # audio: 16 kHz, resampled by load_audio

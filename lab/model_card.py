@@ -167,8 +167,8 @@ def eval_markdown(results: dict) -> str:
     out += ["## Spoken answers", "",
             "Reply audio vs the reference answer in the agent's voice: codec codes equal to the "
             "reference's (over the shorter), log-mel distance after DTW alignment, and whether "
-            "Whisper tiny.en (independent of Tandem) hears the expected answer (recognised: the same "
-            "words; heard right: its slot values, the slot rule) or the reply's own text, right or "
+            "Whisper tiny.en (independent of Tandem) hears the expected answer (recognised: the "
+            "expected reply word for word; heard right: its slot values, the slot rule) or the reply's own text, right or "
             "wrong (heard as the reply, and the word error rate of the transcript against the reply "
             "text, pooled over replies: the voice's intelligibility); DNSMOS P.835 overall quality "
             "(speech / background), 1-5. The reference row is the ceiling (its WER: against the "

@@ -357,3 +357,39 @@ def test_parallel_ablation_workers_never_oversubscribe_the_cores():
     assert [o.threads for o in got] == [1, 1, 1]                  # --threads 2 x 2 workers: capped
     assert [o.progress for o in got] == [True, False, False]
     assert [o.threads for o in worker_options(asked, workers=2, cpus=8)] == [4, 2, 1]
+
+
+def test_spoken_scores_compare_transcripts_with_the_replies_sentence(tmp_path):
+    """recognised: the expected reply (a version-2 sentence) heard word for word; heard right:
+    its slot; heard as the reply: the reply's own text."""
+    import soundfile as sf
+
+    from lab.eval import score_spoken
+    wav = tmp_path / "r.wav"
+    sf.write(wav, np.zeros(8000, np.float32), 16000)
+
+    class Heard:                      # a recogniser that hears what the test says it hears
+        def __init__(self, text):
+            self.text = text
+
+        def transcribe(self, audio):
+            return self.text
+
+    class Refs:
+        dnsmos = None
+
+        def __init__(self, text):
+            self.recognizer = Heard(text)
+
+        def get(self, reference):
+            return {"audio16k": np.zeros(8000, np.float32), "codes": None}
+
+    def record(text):
+        return {"reference": "The square is green.", "expected": "green.", "qtype": "what_color",
+                "text": text, "audio": str(wav), "codes": None}
+    for heard, text, want in [("The square is green.", "The square is green.", (1, 1, 1)),
+                              ("It's green.", "The square is green.", (0, 1, 0)),
+                              ("The square is blue.", "The square is blue.", (0, 0, 1))]:
+        r = record(text)
+        score_spoken([r], Refs(heard))
+        assert (r["recognised"], r["heard_slots"], r["heard_as_reply"]) == want, (heard, r)
