@@ -251,10 +251,14 @@ class FusionModel(nn.Module):
         return embeds, mask, targets
 
     def forward(self, s: SceneFeatures, reply: torch.Tensor, reply_len: torch.Tensor,
-                mctp: bool = True) -> Losses:
-        """reply (B, R) token ids `ASSISTANT text EOT audio EOA`, padded; reply_len (B,)."""
+                mctp: bool = True, text_on: torch.Tensor | None = None) -> Losses:
+        """reply (B, R) token ids `ASSISTANT text EOT audio EOA`, padded; reply_len (B,);
+        text_on (B,) bool: whose text tokens count in the loss (None: all)."""
         prefix = self.prefix(s)
         x, key_mask, targets = self.pack(prefix, reply, reply_len)
+        if text_on is not None:                 # those replies train their audio alone
+            off = ~text_on.to(targets.device)[:, None] & (targets != IGNORE) & (targets < self.layout.eoa)
+            targets = targets.masked_fill(off, IGNORE)
         h = self.backbone(x, 0, None, key_mask)                                     # (B, L, D)
         text_loss, audio_loss, n_text, n_audio = self._head_losses(h, targets)
         mctp_losses = []

@@ -76,6 +76,9 @@ class FusionTrainOptions:
     # (another dataset's, e.g. one rendered with a new agent voice; None: the data's own)
     replies: str | None = None
     answers: str | None = None
+    # sft/mctp: this share of each batch speaks another reply of its question type (text and its
+    # audio), trained on the audio alone: the reply's sound learns to follow its text, not the scene
+    swap_replies: float = 0.0
     hf_model: str | None = None          # pretrained preset: Hugging Face causal LM name/path
     hf_config: str | None = None         # ... or a JSON file with a config (random weights)
     resume: bool = True
@@ -122,6 +125,8 @@ class FusionTrainOptions:
                                     f"--agent-voice VOICE --replies VERSION`")
         if self.sample not in SAMPLING:
             raise ValueError(f"sample must be one of {SAMPLING}, got {self.sample!r}")
+        if not 0 <= self.swap_replies < 1:
+            raise ValueError(f"swap_replies must be in [0, 1), got {self.swap_replies!r}")
         if not self.referent_loss >= 0:
             raise ValueError(f"referent_loss must be >= 0, got {self.referent_loss}")
         if self.amp not in AMP_CHOICES:
@@ -267,8 +272,8 @@ class _FusionStage(torch.nn.Module):
         self.model, self.mctp_only = model, mctp_only
         self.probe, self.probe_weight = probe, probe_weight    # ReferentProbe (align/sft) or None
 
-    def forward(self, feats, reply, lens, targets=None):
-        L = self.model(feats, reply, lens, mctp=self.mctp_only)
+    def forward(self, feats, reply, lens, targets=None, text_on=None):
+        L = self.model(feats, reply, lens, mctp=self.mctp_only, text_on=text_on)
         if self.mctp_only:
             loss = sum(L.mctp)
             return {"loss": loss, **{f"mctp{k + 1}": v.detach() for k, v in enumerate(L.mctp)}}
@@ -286,6 +291,28 @@ def type_groups(qtypes: list[str]) -> list[list[int]]:
     for i, t in enumerate(qtypes):
         groups.setdefault(t, []).append(i)
     return [groups[t] for t in sorted(groups)]
+
+
+def swap_pool(examples) -> dict[str, list[str]]:
+    """The replies each question type gives in `examples` (sorted), for `swap_answers`."""
+    pool: dict[str, set] = {}
+    for e in examples:
+        pool.setdefault(e.qtype, set()).add(e.answer)
+    return {t: sorted(a) for t, a in pool.items()}
+
+
+def swap_answers(ex, pool: dict[str, list[str]], share: float,
+                 rng: np.random.Generator) -> tuple[list[str], torch.Tensor]:
+    """(the reply each example speaks, (B,) bool: its text is trained): with probability
+    `share` an example speaks another reply of its question type (when it has one), and only
+    that reply's audio is trained (FusionModel.forward's `text_on`)."""
+    said, text_on = [], []
+    for e in ex:
+        others = [a for a in pool.get(e.qtype, ()) if a != e.answer]
+        swap = bool(others) and rng.random() < share
+        said.append(others[rng.integers(len(others))] if swap else e.answer)
+        text_on.append(not swap)
+    return said, torch.tensor(text_on)
 
 
 def batch_indices(n: int, batch: int, rng: np.random.Generator,
@@ -420,14 +447,22 @@ def train_fusion(o: FusionTrainOptions) -> Path:
         referents = torch.stack([referent_targets(spec.turns[k])
                                  for spec, k in (shards.turn(i) for i in range(len(examples)))])
 
+    answers_of = swap_pool(examples)
+
     def batch_fn(with_audio: bool):
         def make(step):
             rng = np.random.default_rng((o.seed, rank, step, 7))
             idx = batch_indices(len(examples), o.batch, rng, by_type)
             ex = [examples[i] for i in idx]
-            reply, lens = pad_replies([replies[e.answer][1 if with_audio else 0] for e in ex])
+            said = [e.answer for e in ex]
+            text_on = None
+            if with_audio and o.swap_replies:
+                said, text_on = swap_answers(ex, answers_of, o.swap_replies,
+                                             np.random.default_rng((o.seed, rank, step, 8)))
+                text_on = text_on.to(device)
+            reply, lens = pad_replies([replies[a][1 if with_audio else 0] for a in said])
             tgt = referents[idx].to(device) if referents is not None else None
-            return collate(ex, device), reply.to(device), lens.to(device), tgt
+            return collate(ex, device), reply.to(device), lens.to(device), tgt, text_on
         return make
 
     # bf16 autocast on the cached-feature stages: 1.3x faster steps on an AMX CPU with the same
@@ -510,6 +545,10 @@ def add_fusion_arguments(p) -> None:
     g.add_argument("--referent-loss", type=float, default=d.referent_loss,
                    help="align/sft: weight of auxiliary 'which slot does the question point at / which "
                         "slot beeped' losses on the pooled cell clues (0 = off; default: %(default)s)")
+    g.add_argument("--swap-replies", type=float, default=d.swap_replies, metavar="SHARE",
+                   help="sft/mctp: this share of each batch speaks another reply of its question "
+                        "type, trained on its audio alone, so the reply's sound follows its text "
+                        "(default: %(default)s)")
     g.add_argument("--slot-heads", default=d.slot_heads, choices=SLOT_HEADS,
                    help="encoder pretraining: one head over colour-shape pairs per slot, or separate "
                         "colour and shape heads (default: %(default)s)")
@@ -562,6 +601,7 @@ def run_fusion(args) -> None:
         ablation=args.ablation, encoder_steps=args.encoder_steps, align_steps=args.align_steps,
         sft_steps=args.sft_steps, mctp_steps=args.mctp_steps, batch=args.batch, aux_batch=args.aux_batch,
         lr=args.lr, amp=args.amp, sample=args.sample, referent_loss=args.referent_loss, slot_heads=args.slot_heads,
+        swap_replies=args.swap_replies,
         shift_px=args.shift_px, voice_aug=args.voice_aug, question_heads=args.question_heads,
         init=args.init, rebuild_encoders=args.rebuild_encoders,
         vision_cache=args.vision_cache,

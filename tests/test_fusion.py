@@ -79,6 +79,31 @@ def test_losses_backward_and_per_module(model):
     model.zero_grad()
 
 
+def test_text_on_trains_some_replies_on_their_audio_alone(model):
+    """FusionModel.forward(text_on=...): the replies it marks False add nothing to the text
+    loss and all of their audio to the audio loss (lab.train_fusion's --swap-replies)."""
+    cfg, lay = model.config, model.layout
+    torch.manual_seed(3)
+    feats = random_features(cfg, batch=2)
+    seqs = []
+    for n_text in (3, 5):
+        codes = torch.randint(0, lay.bins, (lay.n_q, 2))
+        seqs.append(torch.cat([torch.tensor([lay.assistant]), torch.randint(0, 1000, (n_text,)),
+                               torch.tensor([lay.eot]), lay.codes_to_tokens(codes),
+                               torch.tensor([lay.eoa])]))
+    lens = torch.tensor([len(q) for q in seqs])
+    reply = torch.zeros(2, int(lens.max()), dtype=torch.long)
+    for b, q in enumerate(seqs):
+        reply[b, :len(q)] = q
+    with torch.no_grad():
+        both = model(feats, reply, lens)
+        first = model(feats, reply, lens, text_on=torch.tensor([True, False]))
+        none = model(feats, reply, lens, text_on=torch.tensor([False, False]))
+    assert (both.n_text, first.n_text, none.n_text) == (4 + 6, 4, 0)   # text tokens + EOT
+    assert both.n_audio == first.n_audio == none.n_audio == 2 * (2 * lay.n_q + 1)
+    assert first.audio == both.audio and first.text != both.text and none.text == 0
+
+
 def test_pack_keeps_positions_contiguous(model):
     feats = random_features(model.config, batch=2)
     prefix = model.prefix(feats)

@@ -518,3 +518,31 @@ def test_sft_adopts_a_codec_of_another_shape_and_replies_of_another_version(worl
         FusionTrainOptions(answers=str(tmp_path))
     with pytest.raises(ValueError, match="reply version"):
         FusionTrainOptions(replies="v3")
+
+
+def test_swapped_replies_keep_their_question_type_and_drop_their_text():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from lab.train_fusion import swap_answers, swap_pool
+    ex = [SimpleNamespace(qtype=t, answer=a) for t, a in
+          [("what_color", "The square is red."), ("what_color", "The circle is blue."),
+           ("pitch", "It was high."), ("pitch", "It was low."), ("count_beeps", "I heard one beep.")]]
+    pool = swap_pool(ex)
+    assert pool["pitch"] == ["It was high.", "It was low."] and len(pool["count_beeps"]) == 1
+    rng = np.random.default_rng(0)
+    said, text_on = swap_answers(ex, pool, 0.0, rng)
+    assert said == [e.answer for e in ex] and text_on.all()
+    said, text_on = swap_answers(ex, pool, 0.999999, rng)
+    assert text_on.tolist() == [False, False, False, False, True]   # one-reply types stay
+    assert said[:4] == ["The circle is blue.", "The square is red.", "It was low.", "It was high."]
+    shares = [1 - swap_answers(ex[:4], pool, 0.3, rng)[1].float().mean().item() for _ in range(400)]
+    assert 0.25 < float(np.mean(shares)) < 0.35
+
+
+def test_sft_and_mctp_train_with_swapped_replies(world, tmp_path):
+    final = train_fusion(opts(world, tmp_path / "run", swap_replies=0.5))
+    assert load_model(final, codec=load_codec(world / "codec")) is not None
+    with pytest.raises(ValueError, match="swap_replies"):
+        FusionTrainOptions(swap_replies=1.0)
