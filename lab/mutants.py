@@ -171,7 +171,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "x = np.clip(x, -1.0, 1.0)",
            ("tests/test_spoken_eval.py::test_dnsmos_resamples_other_rates",),
            "audio at another rate (the codec's) is scored as if it were 16 kHz"),
+    Mutant("rebind-skips-the-codes-check", "fusion/checkpoint.py",
+           "    if not same_codes(old, new_codec):", "    if False:",
+           ("tests/test_codec_gan.py::test_rebind_moves_a_model_to_the_new_codec_and_refuses_other_codes",),
+           "a model is bound to a codec whose codes mean something else"),
+    Mutant("gan-moves-the-codebooks", "lab/codec_gan.py",
+           "                codes = model.quantizer.vq.encode(model.encoder(x), n_q=codec.n_q)  # (n_q, B, F)\n"
+           "                q = model.quantizer.decode(codes)                            # (B, D, F)",
+           "                from lab.train_codec import quantize_train\n"
+           "                model.quantizer.train()\n"
+           "                q = quantize_train(model.quantizer, model.encoder(x), 0.25)[0]",
+           ("tests/test_codec_gan.py::test_finetuning_changes_the_decoder_and_keeps_every_code",),
+           "decoder fine-tuning updates the codebooks (EMA), so the codes change"),
+    Mutant("swapped-replies-train-their-text", "fusion/model.py",
+           "            targets = targets.masked_fill(off, IGNORE)", "            pass",
+           ("tests/test_fusion.py::test_text_on_trains_some_replies_on_their_audio_alone",),
+           "a swapped reply teaches the model to say another answer than the scene's"),
 )
+
 
 
 def _copy_tree(dst: Path) -> None:
