@@ -344,6 +344,14 @@ def reconstruct(codec, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y, codes[0].cpu().numpy()
 
 
+def decode_whole(codec, wave: np.ndarray) -> np.ndarray:
+    """One utterance through the codec, every frame's samples kept (F * hop_length, F =
+    ceil(T / hop_length)): what the engine emits for a reply of those codes."""
+    import torch
+    x = torch.from_numpy(np.ascontiguousarray(wave, np.float32)).to(codec.device)[None, None]
+    return codec.decode(codec.encode(x))[0, 0].float().cpu().numpy()
+
+
 def _asr_scores(recognizer, texts, waves) -> dict:
     """Utterances recognised exactly, word recall (reference words found in order) and WER."""
     from speech.recognizer import is_recognized, matched_words, word_errors
@@ -392,9 +400,13 @@ def evaluate_codec(codec, waves, texts, recognizer=None, answers: bool = True,
         ys = [reconstruct(codec, w)[0] for w in ws]
         orig = _asr_scores(recognizer, ts, ws)
         recon = _asr_scores(recognizer, ts, ys)
-        if dnsmos is not None:   # DNSMOS overall (1-5), before and after the codec
+        if dnsmos is not None:   # DNSMOS overall (1-5), before and after the codec; whole
+            # frames: the decoder's output up to the end of the last 40 ms frame, as the engine
+            # emits a reply (DNSMOS tiles a short clip: its last few ms move the score)
+            whole = [decode_whole(codec, w) for w in ws]
             quality[name] = {k: round(float(np.mean([dnsmos.score(x, SAMPLE_RATE)["ovrl"] for x in xs])), 3)
-                             for k, xs in (("original", ws), ("reconstructed", ys))}
+                             for k, xs in (("original", ws), ("reconstructed", ys),
+                                           ("reconstructed_whole_frames", whole))}
         asr[name] = {"n": len(ts), "original": {k: v for k, v in orig.items() if k != "hypotheses"},
                      "reconstructed": {k: v for k, v in recon.items() if k != "hypotheses"},
                      "errors": [{"text": t, "original": o, "reconstructed": r}

@@ -144,6 +144,15 @@ def test_codebooks_learn_by_ema_and_stay_in_use():
     assert len(set(codes.reshape(-1).tolist())) >= 28
 
 
+def test_whole_frames_keep_the_last_frames_samples():
+    from lab.train_codec import decode_whole, reconstruct
+    codec = build_codec("tiny")
+    wave = np.random.default_rng(0).normal(0, 0.1, 1000).astype(np.float32)
+    whole, (trimmed, codes) = decode_whole(codec, wave), reconstruct(codec, wave)
+    assert len(trimmed) == 1000 and len(whole) == codes.shape[1] * codec.hop_length > 1000
+    assert np.allclose(whole[:1000], trimmed)
+
+
 def test_metrics():
     x = np.sin(np.arange(16000) / 7.0).astype(np.float32)
     assert si_snr(x, 3 * x) > 60
@@ -199,3 +208,4 @@ def test_codec_report_scores_recognition_and_dnsmos_before_and_after():
     assert asr["n"] == 2 and asr["original"]["utterance_accuracy"] == 1.0
     assert asr["reconstructed"]["utterance_accuracy"] == 0.0 and asr["reconstructed"]["wer"] > 0.5
     assert 1.0 <= q["reconstructed"] < q["original"] <= 5.0, q          # measured: 2.04 < 2.27
+    assert 1.0 <= q["reconstructed_whole_frames"] < q["original"], q
