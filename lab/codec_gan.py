@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .train_codec import (CHECKPOINT, HELDOUT_DIRS, MultiScaleMel, corpus_replies, corpus_voice,
-                          load_split, mel_distance, random_batch, reconstruct, reply_waves,
+from .train_codec import (CHECKPOINT, MultiScaleMel, check_options, corpus_replies, corpus_voice,
+                          crop_batches, heldout_dir, load_split, mel_distance, reconstruct,
                           resolve_corpus, si_snr)
 
 
@@ -57,39 +57,14 @@ class GanOptions:
     asr_heldout: int = 30
 
     def __post_init__(self):
-        for name in ("stft_sizes", "betas"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name, lo in (("steps", 1), ("batch", 1), ("seed", 0), ("disc_filters", 1),
-                         ("disc_warmup", 0), ("eval_every", 1), ("checkpoint_every", 1),
-                         ("threads", 1), ("asr_heldout", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"GanOptions.{name} must be an int >= {lo}, got {v!r}")
-        for name in ("segment_seconds", "lr", "disc_lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"GanOptions.{name} must be a number > 0, got {v!r}")
-        for name in ("w_time", "w_logmel", "w_mel", "w_adv", "w_feat", "grad_clip"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ValueError(f"GanOptions.{name} must be a number >= 0, got {v!r}")
-        if not 0 <= self.answer_fraction <= 1:
-            raise ValueError(f"answer_fraction must be in [0, 1], got {self.answer_fraction!r}")
+        check_options(self, ints=(("steps", 1), ("batch", 1), ("seed", 0), ("disc_filters", 1),
+                                  ("disc_warmup", 0), ("eval_every", 1), ("checkpoint_every", 1),
+                                  ("threads", 1), ("asr_heldout", 0)),
+                      positive=("segment_seconds", "lr", "disc_lr"),
+                      nonneg=("w_time", "w_logmel", "w_mel", "w_adv", "w_feat", "grad_clip"))
         if self.w_adv + self.w_feat == 0:
             raise ValueError("w_adv and w_feat are both 0: nothing adversarial is left; train "
                              "without --adversarial instead")
-        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if not self.stft_sizes or any(not isinstance(n, int) or n < 16 or n & (n - 1)
-                                      for n in self.stft_sizes):
-            raise ValueError(f"stft_sizes must be powers of 2 >= 16, got {self.stft_sizes!r}")
-        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
-            raise ValueError(f"time_limit_minutes must be > 0 or None, got "
-                             f"{self.time_limit_minutes!r}")
-        if not (self.device == "cpu" or str(self.device).startswith("cuda")):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 
 @dataclass
@@ -170,19 +145,9 @@ def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None =
         opt_g = torch.optim.Adam(model.decoder.parameters(), lr=o.lr, betas=o.betas)
         opt_d = torch.optim.Adam(disc.parameters(), lr=o.disc_lr, betas=o.betas)
         mel = MultiScaleMel(o.stft_sizes, codec.sample_rate, device)
-        train_w, train_t = load_split(corpus, "train")
-        answer_w = reply_waves(corpus, train_w, train_t)
-        n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
-        held = next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
+        held = heldout_dir(corpus)
         held_w, held_t = load_split(corpus, held) if held else ([], [])
-        length = max(1, round(o.segment_seconds * codec.sample_rate / codec.hop_length)) \
-            * codec.hop_length
-
-        def batch():                                                        # (B, 1, T)
-            x = random_batch(rng, train_w, o.batch - n_answer, length)
-            if n_answer:
-                x = np.concatenate([random_batch(rng, answer_w, n_answer, length), x])
-            return torch.from_numpy(x)[:, None].to(device)
+        batch, length = crop_batches(corpus, o, codec, rng, device)
 
         step, history, evals, elapsed = 0, [], [], 0.0
         ckpt = out / CHECKPOINT

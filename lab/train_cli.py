@@ -149,6 +149,12 @@ def run(args) -> None:
         result = train_codec(data, args.out, o, progress=True, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train codec: {e}")
+    _summary(result, args.out)
+
+
+def _summary(result, out) -> None:
+    """What a codec run (trained or fine-tuned) measured on held-out speech."""
+    from pathlib import Path
     rep = result.report.get("heldout", {})
     print(f"codec saved to {result.codec_dir} after {result.steps} steps "
           f"({result.wall_seconds / 60:.1f} min this run); held-out SI-SNR "
@@ -158,7 +164,9 @@ def run(args) -> None:
             print(f"  recogniser on {name} ({r['n']}): original "
                   f"{r['original']['utterance_accuracy']:.0%}, reconstructed "
                   f"{r['reconstructed']['utterance_accuracy']:.0%} of utterances")
-    print(f"report: {Path(args.out) / 'report.json'}, curves: {Path(args.out) / 'loss.png'}")
+    for name, q in rep.get("dnsmos_ovrl", {}).items():
+        print(f"  DNSMOS on {name}: " + ", ".join(f"{k} {v}" for k, v in q.items()))
+    print(f"report: {Path(out) / 'report.json'}, curves: {Path(out) / 'loss.png'}")
 
 
 def _run_adversarial(args, data) -> None:
@@ -180,10 +188,7 @@ def _run_adversarial(args, data) -> None:
         result = finetune_decoder(args.init, data, args.out, o, progress=True, resume=args.resume)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"train codec: {e}")
-    rep = result.report.get("heldout", {})
-    print(f"codec saved to {result.codec_dir} after {result.steps} steps "
-          f"({result.wall_seconds / 60:.1f} min this run); held-out mel distance "
-          f"{rep.get('mel_distance')}; DNSMOS {rep.get('dnsmos_ovrl', 'not measured')}")
+    _summary(result, args.out)
     if args.model:
         from fusion.checkpoint import CheckpointError, rebind_codec
         from speech.codec import load_codec

@@ -63,45 +63,53 @@ class CodecTrainOptions:
 
     def __post_init__(self):
         from speech.codec import CODEC_PRESETS
-        for name in ("stft_sizes", "betas"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset not in CODEC_PRESETS:
             raise ValueError(f"preset must be one of {sorted(CODEC_PRESETS)}, got {self.preset!r}")
-        for name, lo in (("steps", 1), ("batch", 1), ("seed", 0), ("eval_every", 1),
-                         ("checkpoint_every", 1), ("threads", 1), ("asr_heldout", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"CodecTrainOptions.{name} must be an int >= {lo}, got {v!r}")
-        if not isinstance(self.answer_fraction, (int, float)) or not 0 <= self.answer_fraction <= 1:
-            raise ValueError(f"answer_fraction must be in [0, 1], got {self.answer_fraction!r}")
-        for name in ("segment_seconds", "lr"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"CodecTrainOptions.{name} must be a number > 0, got {v!r}")
-        for name in ("w_time", "w_logmel", "w_mel", "w_commit", "dead_code_ratio", "grad_clip"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-                raise ValueError(f"CodecTrainOptions.{name} must be a number >= 0, got {v!r}")
-        if (not isinstance(self.betas, tuple) or len(self.betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        check_options(self, ints=(("steps", 1), ("batch", 1), ("seed", 0), ("eval_every", 1),
+                                  ("checkpoint_every", 1), ("threads", 1), ("asr_heldout", 0)),
+                      positive=("segment_seconds", "lr"),
+                      nonneg=("w_time", "w_logmel", "w_mel", "w_commit", "dead_code_ratio",
+                              "grad_clip"))
         if self.w_time + self.w_logmel + self.w_mel == 0:
             raise ValueError("at least one reconstruction loss weight (w_time, w_logmel, "
                              "w_mel) must be > 0")
-        if not self.stft_sizes or any(not isinstance(n, int) or n < 16 or n & (n - 1)
-                                      for n in self.stft_sizes):
-            raise ValueError(f"stft_sizes must be powers of 2 >= 16, got {self.stft_sizes!r}")
-        if self.time_limit_minutes is not None and not self.time_limit_minutes > 0:
-            raise ValueError(f"time_limit_minutes must be > 0 or None, got "
-                             f"{self.time_limit_minutes!r}")
         if self.adversarial:
             raise ValueError("adversarial=True: training a codec from scratch against a "
                              "discriminator is not built (it costs ~20x per step on a CPU); "
                              "train without it, then fine-tune the decoder with `python run.py "
                              "train codec --adversarial --init DIR` (lab.codec_gan)")
-        if not (self.device == "cpu" or str(self.device).startswith("cuda")):
-            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+def check_options(o, ints=(), positive=(), nonneg=()) -> None:
+    """Validate a codec-training options dataclass (this one or lab.codec_gan's GanOptions) in
+    place: the named ints (name, lowest) and positive / non-negative numbers, and the fields
+    both share: answer_fraction, betas, stft_sizes (lists become tuples), time limit, device."""
+    cls = type(o).__name__
+    for name in ("stft_sizes", "betas"):
+        if isinstance(getattr(o, name), list):
+            object.__setattr__(o, name, tuple(getattr(o, name)))
+    for name, lo in ints:
+        v = getattr(o, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{cls}.{name} must be an int >= {lo}, got {v!r}")
+    for names, lo_ok, what in ((positive, False, "> 0"), (nonneg, True, ">= 0")):
+        for name in names:
+            v = getattr(o, name)
+            if (not isinstance(v, (int, float)) or not v < math.inf
+                    or not (v >= 0 if lo_ok else v > 0)):
+                raise ValueError(f"{cls}.{name} must be a number {what}, got {v!r}")
+    if not isinstance(o.answer_fraction, (int, float)) or not 0 <= o.answer_fraction <= 1:
+        raise ValueError(f"answer_fraction must be in [0, 1], got {o.answer_fraction!r}")
+    if (not isinstance(o.betas, tuple) or len(o.betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {o.betas!r}")
+    if not o.stft_sizes or any(not isinstance(n, int) or n < 16 or n & (n - 1)
+                               for n in o.stft_sizes):
+        raise ValueError(f"stft_sizes must be powers of 2 >= 16, got {o.stft_sizes!r}")
+    if o.time_limit_minutes is not None and not o.time_limit_minutes > 0:
+        raise ValueError(f"time_limit_minutes must be > 0 or None, got {o.time_limit_minutes!r}")
+    if not (o.device == "cpu" or str(o.device).startswith("cuda")):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {o.device!r}")
 
 
 @dataclass
@@ -205,6 +213,30 @@ def random_batch(rng: np.random.Generator, waves: list[np.ndarray], batch: int,
             s = rng.integers(length - len(x) + 1)
             out[b, s:s + len(x)] = x
     return out
+
+
+def heldout_dir(corpus: Path) -> str | None:
+    """The corpus's held-out split (eval/ or heldout/), or None."""
+    return next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
+
+
+def crop_batches(corpus: Path, o, codec, rng: np.random.Generator, device):
+    """(batch() -> (B, 1, T) training crops, T): `o.batch` random `o.segment_seconds` crops of
+    the corpus's training split (whole codec frames), `o.answer_fraction` of them cut from
+    the world's replies (`reply_waves`)."""
+    import torch
+    train_w, train_t = load_split(corpus, "train")
+    answer_w = reply_waves(corpus, train_w, train_t)
+    n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
+    length = max(1, round(o.segment_seconds * codec.sample_rate / codec.hop_length)) \
+        * codec.hop_length
+
+    def batch():                                                           # (B, 1, T)
+        x = random_batch(rng, train_w, o.batch - n_answer, length)
+        if n_answer:
+            x = np.concatenate([random_batch(rng, answer_w, n_answer, length), x])
+        return torch.from_numpy(x)[:, None].to(device)
+    return batch, length
 
 
 # --- model pieces ----------------------------------------------------------------------------
@@ -473,10 +505,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
     torch.set_num_threads(o.threads)
     try:
         device = torch.device(o.device)
-        train_w, train_t = load_split(corpus, "train")
-        answer_w = reply_waves(corpus, train_w, train_t)
-        n_answer = round(o.batch * o.answer_fraction) if answer_w else 0
-        held = next((d for d in HELDOUT_DIRS if (corpus / d).is_dir()), None)
+        held = heldout_dir(corpus)
         held_w, held_t = load_split(corpus, held) if held else ([], [])
         torch.manual_seed(o.seed)
         rng = np.random.default_rng(o.seed)
@@ -484,13 +513,7 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
         model = codec.model.to(device)
         opt = torch.optim.Adam(model.parameters(), lr=o.lr, betas=o.betas)
         mel = MultiScaleMel(o.stft_sizes, codec.sample_rate, device)
-        length = max(1, round(o.segment_seconds * codec.sample_rate / codec.hop_length)) \
-            * codec.hop_length
-        def batch():                                                       # (B, 1, T)
-            x = random_batch(rng, train_w, o.batch - n_answer, length)
-            if n_answer:
-                x = np.concatenate([random_batch(rng, answer_w, n_answer, length), x])
-            return torch.from_numpy(x)[:, None].to(device)
+        batch, length = crop_batches(corpus, o, codec, rng, device)
         step, history, evals, elapsed = 0, [], [], 0.0
         usage = np.zeros((codec.n_q, codec.bins))
         ckpt = out / CHECKPOINT
