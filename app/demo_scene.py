@@ -47,6 +47,8 @@ class DemoSceneOptions:
     split: str = "train"
     seed: int | None = None
     n_examples: int = 4
+    version: str = "v2"              # the page's wording of the example questions and replies
+                                     # (the shipped model's: demo.world.REPLY_VERSIONS)
 
     def __post_init__(self):
         if not 0 < self.fps <= 60:
@@ -67,7 +69,7 @@ class DemoSceneOptions:
         if self.sample_rate <= 0 or self.n_examples < 1:
             raise ValueError(f"sample_rate and n_examples must be positive, got "
                              f"{self.sample_rate} and {self.n_examples}")
-        W.SplitRules(self.split)                    # raises for an unknown split
+        W.SplitRules(self.split, version=self.version)   # raises for an unknown split/version
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ class DemoScene:
     def _add(self, t: float) -> ShownScene:
         o = self.options
         scene = W.sample_scene(self._rng, t + o.beeps_after, self._rules)
-        examples = tuple(W.example_questions(scene, o.n_examples, self._rng))
+        examples = tuple(W.worded(q, o.version)
+                         for q in W.example_questions(scene, o.n_examples, self._rng))
         index = self._shown[-1].index + 1 if self._shown else 0
         self._shown.append(ShownScene(index, round(t, 6), scene, examples))
         del self._shown[:-KEPT_SCENES]

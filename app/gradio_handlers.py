@@ -206,7 +206,8 @@ class LiveController:
         shown = s.scene.shown(s.clock)
         every = s.scene.options.scene_seconds
         timer = f"a new one every {every:.0f} s" if every else "new ones on the button"
-        qs = "\n".join(f"- “{q.text}” — expect *{reply_text(q.qtype, q.text, q.answer, 'v2')}*"
+        version = s.scene.options.version
+        qs = "\n".join(f"- “{q.text}” — expect *{reply_text(q.qtype, q.text, q.answer, version)}*"
                        for q in shown.examples)
         return (f"**Scene {shown.index + 1}** ({timer}): {shown.description}\n\n"
                 f"Try asking:\n{qs}")

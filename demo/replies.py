@@ -116,8 +116,8 @@ def sentence(qtype: str, question: str, answer: str) -> str:
 
 
 # --- reply versions --------------------------------------------------------------------------
-# REPLY_VERSIONS (demo/world.py): DEMO_WORLD.md's phrases (the shipped model's) and sentences
-REPLY_HELP = "v1: short phrases ('green.'), the shipped model's; v2: sentences ('The square is green.')"
+# REPLY_VERSIONS (demo/world.py): DEMO_WORLD.md's phrases and sentences (the shipped model's)
+REPLY_HELP = "v1: short phrases ('green.'), rounds 1-11; v2: sentences ('The square is green.'), the shipped model's"
 
 
 def check_version(version: str) -> str:

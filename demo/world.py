@@ -236,13 +236,20 @@ QTYPES = {
     "did_make_sound": ("audio-visual", "Did the {c} {s} make a sound?", "yes. / no."),
 }
 QTYPE_IDS = tuple(QTYPES)
-# the page's versions: v1 phrases (the shipped model's), v2 sentences (demo/replies.py), whose
-# questions differ only here
+# the page's versions: v1 phrases (rounds 1-11), v2 sentences (demo/replies.py; the shipped
+# model's since round 12), whose questions differ only here
 REPLY_VERSIONS = ("v1", "v2")
 QUESTION_WORDING_V2 = {"What shape is on the middle?": "What shape is in the middle?"}
 SOUND_QTYPES = frozenset({"pitch", "which_object", "where_sound", "color_of_sound",
                           "did_make_sound"})        # need beeps; count_beeps does not
 YES_NO_QTYPES = ("is_there", "did_make_sound")
+
+
+def worded(question: Question, version: str) -> Question:
+    """The question as the page's `version` words it (v2: "What shape is in the middle?")."""
+    if version == "v2" and question.text in QUESTION_WORDING_V2:
+        return replace(question, text=QUESTION_WORDING_V2[question.text])
+    return question
 
 
 def _q(qtype: str, answer: str, **kw) -> Question:
@@ -413,9 +420,7 @@ def _sample_turn(rng, rules, voice, t_scene_ms, base_dbfs, synth, sample_rate,
             break
     else:
         raise AssertionError(f"no scene found for {qtype} -> {target}")
-    question = _pick_balanced(rng, cands)
-    if rules.version == "v2" and question.text in QUESTION_WORDING_V2:
-        question = replace(question, text=QUESTION_WORDING_V2[question.text])
+    question = worded(_pick_balanced(rng, cands), rules.version)
     pause = None                   # (words before it, ms); rng untouched when prob is 0
     if rules.hesitation_prob > 0 and rng.random() < rules.hesitation_prob:
         pause = (int(rng.integers(1, n_boundaries(question.text) + 1)),

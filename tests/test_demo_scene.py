@@ -118,12 +118,25 @@ def test_example_questions_have_answers_in_the_shown_scene():
         s = ds.shown(10.0 * k)
         assert 1 <= len(s.examples) <= 4
         for q in s.examples:
-            assert q in W.candidate_questions(s.scene, q.qtype)      # same text and answer
+            assert q in [W.worded(c, "v2") for c in W.candidate_questions(s.scene, q.qtype)]
             kinds.add(q.type_group)
         assert len({q.qtype for q in s.examples}) == len(s.examples)
         for o in s.scene.objects:
             assert f"{o.color} {o.shape}" in s.description
     assert kinds == {"visual", "audio", "audio-visual"}
+
+
+def test_examples_are_worded_in_the_pages_version():
+    """Version 2 (the shipped model's) asks "What shape is in the middle?"; version 1 "on"."""
+    def texts(version):
+        ds = DemoScene(DemoSceneOptions(seed=3, scene_seconds=10.0, n_examples=11, version=version))
+        return {q.text for k in range(40) for q in ds.shown(10.0 * k).examples}
+    v1, v2 = texts("v1"), texts("v2")
+    assert "What shape is on the middle?" in v1 and "What shape is in the middle?" not in v1
+    assert "What shape is in the middle?" in v2 and "What shape is on the middle?" not in v2
+    assert DemoSceneOptions().version == "v2"
+    with pytest.raises(ValueError, match="version must be one of"):
+        DemoSceneOptions(version="v3")
 
 
 def test_options_say_what_to_do():

@@ -543,7 +543,7 @@ def test_shipped_model_answers_about_the_demo_scene(tmp_path):
     from speech.tts import Voice, synthesize
     opts = DemoSceneOptions(seed=4, scene_seconds=0)
     examples = {q.text: q.answer for q in DemoScene(opts).shown(0.0).examples}
-    asked = ["Where did the sound come from?", "What shape is on the middle?"]
+    asked = ["Where did the sound come from?", "What shape is in the middle?"]   # version 2
     assert [examples[q] for q in asked] == ["the right.", "a circle."]
     x = np.zeros(16 * SAMPLE_RATE, np.float32)
     for text, t in zip(asked, (2.5, 11.0)):                       # beeps at 1 s and 9 s
