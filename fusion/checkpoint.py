@@ -178,12 +178,11 @@ def _codec_fingerprint(folder: Path) -> str | None:
 def same_codes(a, b) -> bool:
     """Whether codecs `a` and `b` turn any audio into the same codes: equal configs, encoders
     and codebooks (their decoders may differ)."""
+    from speech.codec import code_weights
     if a.config != b.config or a.n_q != b.n_q:
         return False
-    sa, sb = a.model.state_dict(), b.model.state_dict()
-    keys = [k for k in sa if k.startswith(("encoder.", "quantizer."))]
-    return set(keys) == {k for k in sb if k.startswith(("encoder.", "quantizer."))} and all(
-        torch.equal(sa[k].cpu(), sb[k].cpu()) for k in keys)
+    wa, wb = code_weights(a.model), code_weights(b.model)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k].cpu(), wb[k].cpu()) for k in wa)
 
 
 def rebind_codec(path: str | Path, new_codec, out: str | Path, old_codec=None) -> Path:

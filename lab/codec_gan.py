@@ -103,19 +103,13 @@ def generator_losses(fake_logits, real_fmaps, fake_fmaps):
     return adv, feat / max(n, 1)
 
 
-def tokens_state(codec) -> dict:
-    """The weights that decide a codec's codes: its encoder and quantizer."""
-    return {k: v for k, v in codec.model.state_dict().items()
-            if k.startswith(("encoder.", "quantizer."))}
-
-
 def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None = None,
                      progress: bool = True, resume: bool = False) -> GanResult:
     """Fine-tune the decoder of the codec in `init_dir` (see the module docstring) and save the
     codec to `out_dir`; with `resume`, continue from OUT/checkpoint.pt."""
     import torch
     from tqdm import tqdm
-    from speech.codec import load_codec, save_codec
+    from speech.codec import code_weights, load_codec, save_codec
     o = options or GanOptions()
     if not isinstance(o, GanOptions):
         raise TypeError(f"options must be a GanOptions, got {type(o).__name__}")
@@ -132,7 +126,7 @@ def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None =
         if codec.config is None:
             raise ValueError(f"{init_dir} is not a project codec: only a codec trained by "
                              f"`python run.py train codec` can be fine-tuned")
-        frozen = {k: v.clone() for k, v in tokens_state(codec).items()}
+        frozen = {k: v.clone() for k, v in code_weights(codec.model).items()}
         model = codec.model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -237,7 +231,7 @@ def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None =
         save_checkpoint()
         wall = time.time() - t0
         model.decoder.eval()
-        for k, v in tokens_state(codec).items():        # the codes must not have moved
+        for k, v in code_weights(codec.model).items():  # the codes must not have moved
             if not torch.equal(v, frozen[k]):
                 raise RuntimeError(f"codec weight {k} changed during decoder fine-tuning")
         codec.name = f"{codec.name}-gan"

@@ -165,6 +165,12 @@ def state_fingerprint(module: torch.nn.Module) -> str:
     return weights_fingerprint(module.state_dict())
 
 
+def code_weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The weights of an EncodecModel that decide which codes audio gets: its encoder and
+    quantizer (the decoder only says how codes sound)."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("encoder.", "quantizer."))}
+
+
 class Codec:
     """An `encodec.EncodecModel` used at a fixed number of codebooks `n_q`.
 
