@@ -95,7 +95,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("generator-text-from-stale-state", "fusion/generator.py",
            "            tok = self._sample(m.text_logits(H[0, pos - 1]), rng)",
            "            tok = self._sample(m.text_logits(H[0, max(pos - 2, 0)]), rng)",
-           (SHIPPED + "test_shipped_model_answers_the_example_sessions_right",),
+           (SHIPPED + "test_shipped_model_replies_in_sentences",
+            SHIPPED + "test_shipped_model_answers_the_example_sessions_right"),
            "each text token predicted from the state one step old (the shipped model's answers)"),
     # --- live playback (app/live.py) ----------------------------------------------------------
     Mutant("live-interrupt-keeps-queue", "app/live.py",
@@ -155,7 +156,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("eval-spoken-score-of-one-turn", "lab/eval.py",
            '"codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored)',
            '"codes_vs_reference": _mean(r.get("codes_vs_reference") for r in scored[:1])',
-           ("tests/test_eval.py::test_evaluate_end_to_end_writes_every_section",),
+           ("tests/test_eval.py::test_spoken_scores_compare_transcripts_with_the_replies_sentence",),
            "the spoken-answer summary is not the mean over the answers"),
     Mutant("eval-dnsmos-of-the-reference", "lab/eval.py",
            'judge_reply(r, r.get("transcript"), audio, refs.dnsmos)',

@@ -382,14 +382,20 @@ def test_spoken_scores_compare_transcripts_with_the_replies_sentence(tmp_path):
             self.recognizer = Heard(text)
 
         def get(self, reference):
-            return {"audio16k": np.zeros(8000, np.float32), "codes": None}
+            return {"audio16k": np.zeros(8000, np.float32), "codes": np.zeros((2, 4), int)}
 
     def record(text):
         return {"reference": "The square is green.", "expected": "green.", "qtype": "what_color",
-                "text": text, "audio": str(wav), "codes": None}
+                "text": text, "audio": str(wav), "codes": np.zeros((2, 4), int)}
     for heard, text, want in [("The square is green.", "The square is green.", (1, 1, 1)),
                               ("It's green.", "The square is green.", (0, 1, 0)),
                               ("The square is blue.", "The square is blue.", (0, 0, 1))]:
         r = record(text)
         score_spoken([r], Refs(heard))
         assert (r["recognised"], r["heard_slots"], r["heard_as_reply"]) == want, (heard, r)
+    # the summary is the mean over the replies: codes all equal to the reference's, then none
+    same, other = record("The square is green."), record("The square is green.")
+    other["codes"] = np.ones((2, 4), int)
+    summary = score_spoken([same, other], Refs("The square is green."))
+    assert (same["codes_vs_reference"], other["codes_vs_reference"]) == (1.0, 0.0)
+    assert summary["codes_vs_reference"] == 0.5 and summary["recognised"] == 1.0
