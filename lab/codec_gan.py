@@ -16,7 +16,6 @@ checkpoint.pt (decoder + discriminator + optimisers, for `resume`), loss.png and
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .train_codec import (CHECKPOINT, MultiScaleMel, check_options, corpus_replies, corpus_voice,
-                          crop_batches, heldout_dir, load_split, mel_distance, reconstruct,
-                          resolve_corpus, si_snr)
+                          crop_batches, heldout_dir, heldout_report, heldout_scores, load_split,
+                          lr_decay, resolve_corpus, run_summary)
 
 
 @dataclass(frozen=True)
@@ -166,23 +165,16 @@ def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None =
                         "elapsed": elapsed, "options": json.dumps(asdict(o))}, tmp)
             tmp.replace(ckpt)
 
-        def quick_eval():
-            pairs = [(w, reconstruct(codec, w)[0]) for w in held_w[:16]]
-            evals.append({"step": step,
-                          "si_snr_db": float(np.mean([si_snr(w, y) for w, y in pairs])),
-                          "mel_distance": float(np.mean([mel_distance(w, y) for w, y in pairs]))})
-
-        if not resume or not evals:
-            quick_eval() if held_w else None                  # step 0: the codec as it came
+        if held_w and not evals:                      # step 0: the codec as it came
+            evals.append(heldout_scores(codec, held_w, step))
         model.decoder.train()
         t0, start_step, start_elapsed = time.time(), step, elapsed
         limit = None if o.time_limit_minutes is None else o.time_limit_minutes * 60
         bar = tqdm(total=o.steps, initial=step, desc="decoder GAN", disable=not progress)
         while step < o.steps and (limit is None or elapsed < limit):
-            frac = max(step / o.steps, 0.0 if limit is None else elapsed / limit)
             for opt, lr in ((opt_g, o.lr), (opt_d, o.disc_lr)):
                 for g in opt.param_groups:
-                    g["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0))))
+                    g["lr"] = lr * lr_decay(o, step, elapsed)
             x = batch()
             with torch.no_grad():                                           # frozen tokens
                 codes = model.quantizer.vq.encode(model.encoder(x), n_q=codec.n_q)  # (n_q, B, F)
@@ -223,7 +215,7 @@ def finetune_decoder(init_dir, corpus_dir, out_dir, options: GanOptions | None =
                             disc=f"{l_d.item():.2f}")
             if held_w and step % o.eval_every == 0:
                 model.decoder.eval()
-                quick_eval()
+                evals.append(heldout_scores(codec, held_w, step))
                 model.decoder.train()
             if step % o.checkpoint_every == 0:
                 save_checkpoint()
@@ -269,16 +261,11 @@ def plot_history(history: list[dict], evals: list[dict], path: Path) -> None:
 
 def _report(codec, o, init_dir, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
             progress, corpus) -> dict:
-    from .train_codec import CodecTrainOptions, _final_report
-    base = CodecTrainOptions(threads=o.threads, recognize=o.recognize, asr_heldout=o.asr_heldout)
-    hist = [dict(h, commit=0.0, revived=0) for h in history]
-    report = _final_report(codec, base, held_w, held_t, hist, evals, step, elapsed, new_steps,
-                           wall, progress, np.zeros((codec.n_q, codec.bins)), corpus_voice(corpus),
-                           corpus_replies(corpus))
-    report["options"] = asdict(o)
+    voice, replies = corpus_voice(corpus), corpus_replies(corpus)
+    report = run_summary(codec, o, history, evals, step, elapsed, new_steps, wall, voice, replies)
     report["adversarial"] = {"init": str(init_dir), "steps": step,
                              "final": {k: round(float(np.mean([h[k] for h in history[-50:]])), 4)
                                        for k in ("logmel", "adv", "feat", "disc")}
                              if history else {}}
-    report.pop("codebooks_train_recent", None)
+    report["heldout"] = heldout_report(codec, o, held_w, held_t, voice, replies, progress)
     return report

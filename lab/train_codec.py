@@ -480,14 +480,26 @@ def plot_history(history: list[dict], evals: list[dict], path: Path) -> None:
 
 
 # --- training --------------------------------------------------------------------------------
-def learning_rate(o: CodecTrainOptions, step: int, elapsed: float) -> float:
-    """50-step linear warm-up, then cosine decay to 10% over `steps` (or over the time limit,
-    whichever runs out first)."""
+def lr_decay(o, step: int, elapsed: float) -> float:
+    """Cosine decay from 1 to 0.1 over `o.steps` (or over `o.time_limit_minutes`, whichever
+    runs out first)."""
     frac = step / o.steps
     if o.time_limit_minutes is not None:
         frac = max(frac, elapsed / (60 * o.time_limit_minutes))
-    cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0)))
-    return o.lr * min(1.0, (step + 1) / 50) * cosine
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def learning_rate(o: CodecTrainOptions, step: int, elapsed: float) -> float:
+    """50-step linear warm-up, then `lr_decay`."""
+    return o.lr * min(1.0, (step + 1) / 50) * lr_decay(o, step, elapsed)
+
+
+def heldout_scores(codec, held_w: list[np.ndarray], step: int) -> dict:
+    """The quick held-out check during training: mean SI-SNR and mel distance of the first 16
+    held-out utterances through the codec."""
+    pairs = [(w, reconstruct(codec, w)[0]) for w in held_w[:16]]
+    return {"step": step, "si_snr_db": float(np.mean([si_snr(w, y) for w, y in pairs])),
+            "mel_distance": float(np.mean([mel_distance(w, y) for w, y in pairs]))}
 
 
 def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions | None = None,
@@ -549,11 +561,8 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 
         def quick_eval():
             model.eval()
-            pairs = [(w, reconstruct(codec, w)[0]) for w in held_w[:16]]
+            evals.append(heldout_scores(codec, held_w, step))
             model.train()
-            evals.append({"step": step,
-                          "si_snr_db": float(np.mean([si_snr(w, y) for w, y in pairs])),
-                          "mel_distance": float(np.mean([mel_distance(w, y) for w, y in pairs]))})
 
         model.train()
         t0, start_step, start_elapsed = time.time(), step, elapsed
@@ -612,21 +621,34 @@ def train_codec(corpus_dir, out_dir="assets/codec", options: CodecTrainOptions |
 
 def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_steps, wall,
                   progress, usage, voice, replies: str = "v1") -> dict:
+    report = run_summary(codec, o, history, evals, step, elapsed, new_steps, wall, voice, replies)
+    report["codebooks_train_recent"] = codebook_stats(usage)
+    report["heldout"] = heldout_report(codec, o, held_w, held_t, voice, replies, progress)
+    return report
+
+
+def run_summary(codec, o, history, evals, step, elapsed, new_steps, wall, voice,
+                replies: str) -> dict:
+    """What a codec run's report.json says about the run itself (codec, options, times,
+    machine, final loss, quick held-out checks, the corpus's voice and reply version)."""
     import torch
     from .bench import cpu_name
     final = float(np.mean([h["loss"] for h in history[-50:]])) if history else math.nan
-    report = {"codec": codec.spec.to_dict(), "config": codec.config.to_dict(),
-              "options": asdict(o), "steps": step, "train_seconds_total": round(elapsed, 1),
-              "train_seconds_this_run": round(wall, 1), "steps_this_run": new_steps,
-              "threads": o.threads, "device": o.device, "cpu": f"{cpu_name()} x {os.cpu_count()}",
-              "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-              "torch": torch.__version__, "final_loss": round(final, 5),
-              "codebooks_train_recent": codebook_stats(usage), "evals": evals,
-              "voice": voice.to_dict(), "replies": replies}
+    return {"codec": codec.spec.to_dict(), "config": codec.config.to_dict(),
+            "options": asdict(o), "steps": step, "train_seconds_total": round(elapsed, 1),
+            "train_seconds_this_run": round(wall, 1), "steps_this_run": new_steps,
+            "threads": o.threads, "device": o.device, "cpu": f"{cpu_name()} x {os.cpu_count()}",
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+            "torch": torch.__version__, "final_loss": round(final, 5), "evals": evals,
+            "voice": voice.to_dict(), "replies": replies}
+
+
+def heldout_report(codec, o, held_w, held_t, voice, replies: str, progress: bool) -> dict:
+    """`evaluate_codec` on the held-out split, with the independent recogniser and DNSMOS when
+    installed and `o.recognize` (o: CodecTrainOptions or GanOptions)."""
     if not held_w:
-        report["heldout"] = {"skipped": "the corpus has no eval/ (or heldout/) split"}
-        return report
-    recognizer, why = None, "disabled (CodecTrainOptions.recognize=False)"
+        return {"skipped": "the corpus has no eval/ (or heldout/) split"}
+    recognizer, why = None, f"disabled ({type(o).__name__}.recognize=False)"
     try:
         if not o.recognize:
             raise ImportError(why)
@@ -645,9 +667,9 @@ def _final_report(codec, o, held_w, held_t, history, evals, step, elapsed, new_s
     if progress:
         print("evaluating on held-out speech" + (" (+ recogniser)" if recognizer else ""))
     t = time.time()
-    report["heldout"] = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout,
-                                       answer_voice=voice, replies=replies, dnsmos=dnsmos)
-    report["heldout"]["eval_seconds"] = round(time.time() - t, 1)
+    out = evaluate_codec(codec, held_w, held_t, recognizer, True, o.asr_heldout,
+                         answer_voice=voice, replies=replies, dnsmos=dnsmos)
+    out["eval_seconds"] = round(time.time() - t, 1)
     if why:
-        report["heldout"]["recognizer"] = {"skipped": why}
-    return report
+        out["recognizer"] = {"skipped": why}
+    return out
