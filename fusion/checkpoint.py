@@ -50,7 +50,6 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def save_model(model: FusionModel, path: str | Path, half: bool = False, extra: dict | None = None,
                int8: tuple[str, ...] = ()) -> Path:
-    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -61,6 +60,11 @@ def save_model(model: FusionModel, path: str | Path, half: bool = False, extra: 
             state[k] = (v.half() if half and v.is_floating_point() else v).contiguous()
     meta = {"format": FORMAT, "version": str(VERSION if int8 else 1), "config": model.config.to_json(),
             "extra": json.dumps(extra or {})}
+    return _write(state, path, meta)
+
+
+def _write(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)  # atomic: a crash mid-save never leaves a half checkpoint
@@ -193,7 +197,6 @@ def rebind_codec(path: str | Path, new_codec, out: str | Path, old_codec=None) -
     import dataclasses
 
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from speech.codec import load_codec
     config, _ = read_header(path)
     old = old_codec if old_codec is not None else load_codec(codec_location(path))
@@ -210,7 +213,4 @@ def rebind_codec(path: str | Path, new_codec, out: str | Path, old_codec=None) -
     meta["config"] = dataclasses.replace(config, codec=new_codec.spec).to_json()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(out)
-    return out
+    return _write(state, out, meta)

@@ -183,15 +183,16 @@ def _run_adversarial(args, data) -> None:
                        disc_filters=args.disc_filters, eval_every=args.eval_every,
                        time_limit_minutes=args.time_limit, threads=args.threads or 2,
                        device=args.device or "cpu", recognize=not args.no_recognizer)
-        if args.model and not Path(args.model).is_file():
-            raise FileNotFoundError(f"--model {args.model}: no such fusion checkpoint")
+        if args.model:   # before training: a model of another codec is refused at once
+            from fusion.checkpoint import check_compatible, read_header
+            from speech.codec import load_codec
+            check_compatible(read_header(args.model)[0], load_codec(args.init))
         result = finetune_decoder(args.init, data, args.out, o, progress=True, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:   # CheckpointError is a ValueError
         sys.exit(f"train codec: {e}")
     _summary(result, args.out)
     if args.model:
         from fusion.checkpoint import CheckpointError, rebind_codec
-        from speech.codec import load_codec
         try:
             out = rebind_codec(args.model, load_codec(result.codec_dir),
                                Path(args.out) / "fusion.safetensors",

@@ -120,6 +120,12 @@ def test_cli_finetunes_and_rebinds(corpus, init, tmp_path):
            "--disc-filters", "4", "--threads", "1", "--no-recognizer"]
     r = subprocess.run(cmd + ["--init", str(init)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "--adversarial" in r.stderr
+    torch.manual_seed(5)                          # a model of another codec: refused before training
+    alien = save_model(FusionModel(preset("tiny", build_codec("tiny").spec)), tmp_path / "a.safetensors")
+    r = subprocess.run(cmd + ["--adversarial", "--init", str(init), "--model", str(alien)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "codec mismatch" in r.stderr
+    assert not (tmp_path / "gan").exists()
     r = subprocess.run(cmd + ["--adversarial", "--init", str(init), "--model", str(src)],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
